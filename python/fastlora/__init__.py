@@ -1,0 +1,33 @@
+"""fastlora: LoRA and QLoRA kernels for torch.
+
+bitsandbytes-compatible 4-bit (NF4/FP4) quantization with Rust CPU kernels and Triton GPU
+kernels. The functional API mirrors `bitsandbytes.functional`:
+
+    >>> import torch, fastlora
+    >>> w = torch.randn(256, 512)
+    >>> packed, state = fastlora.quantize_4bit(w, quant_type="nf4")
+    >>> y = fastlora.matmul_4bit(torch.randn(3, 512), packed, state)
+"""
+
+from . import _native
+from ._threads import get_num_threads, set_num_threads
+from .functional import dequantize_4bit, matmul_4bit, quantize_4bit
+from .quant_state import QuantState
+
+__version__ = "0.1.0"
+
+
+def simd_level() -> str:
+    """The instruction set fastlora's CPU kernels use here: "avx2" or "scalar"."""
+    return _native.simd_level()
+
+
+__all__ = [
+    "QuantState",
+    "dequantize_4bit",
+    "get_num_threads",
+    "matmul_4bit",
+    "quantize_4bit",
+    "set_num_threads",
+    "simd_level",
+]

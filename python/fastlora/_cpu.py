@@ -1,0 +1,152 @@
+"""CPU implementations of fastlora's ops: the Rust kernels of `fastlora._native`.
+
+Tensors reach Rust as 1-D numpy views sharing their memory (bf16/fp16 as uint16, which
+numpy can represent). The callers (`fastlora.ops`) have validated shapes and dtypes; the Rust
+side checks lengths again. Large-M products dequantize one tile of weight rows at a time in
+Rust and hand the tile to torch's BLAS, so no call holds more than a tile of fp32 weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _native, _threads
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# Up to this many activation rows the fused Rust kernels win; above it dequantized tiles
+# through torch's BLAS do (measured with `fastlora bench`, see README).
+FUSED_MAX_ROWS = 16
+# Bytes of fp32 weight dequantized at once on the large-M path.
+TILE_BYTES = 4 << 20
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a contiguous CPU tensor (no copy)."""
+    flat = t.detach().reshape(-1)
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n = A.numel()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = torch.empty((-(-n // blocksize),), dtype=torch.float32)
+    _threads.sync()
+    _native.quantize_4bit(
+        as_numpy(A.contiguous()), dtype_name(A.dtype), blocksize, quant_type, as_numpy(packed), as_numpy(absmax)
+    )
+    return packed, absmax
+
+
+def dequantize_4bit_into(
+    packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int, quant_type: str, start: int, out: torch.Tensor
+) -> torch.Tensor:
+    """Writes elements `start .. start + out.numel()` of the weight into `out`."""
+    _threads.sync()
+    _native.dequantize_4bit(
+        as_numpy(packed), as_numpy(absmax), numel, blocksize, quant_type, start, as_numpy(out), dtype_name(out.dtype)
+    )
+    return out
+
+
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values = A.contiguous().float()
+    quantized = torch.empty(values.shape, dtype=torch.uint8)
+    absmax = torch.empty((-(-values.numel() // blocksize),), dtype=torch.float32)
+    _threads.sync()
+    _native.quantize_blockwise_8bit(
+        as_numpy(values), as_numpy(code.contiguous()), blocksize, as_numpy(quantized), as_numpy(absmax)
+    )
+    return quantized, absmax
+
+
+def dequantize_blockwise(
+    quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: float
+) -> torch.Tensor:
+    out = torch.empty(quantized.shape, dtype=torch.float32)
+    _native.dequantize_blockwise_8bit(
+        as_numpy(quantized.contiguous()), as_numpy(code.contiguous()), as_numpy(absmax.contiguous()),
+        blocksize, offset, as_numpy(out),
+    )
+    return out
+
+
+def _tile_rows(k: int) -> int:
+    return max(1, TILE_BYTES // (4 * k))
+
+
+def matmul_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    n: int,
+    k: int,
+    blocksize: int,
+    quant_type: str,
+    transposed: bool,
+) -> torch.Tensor:
+    """`x @ W.T` (or `x @ W` when `transposed`) for x of shape (..., k) (or (..., n))."""
+    inner, outer = (n, k) if transposed else (k, n)
+    x2d = x.reshape(-1, inner).contiguous()
+    m = x2d.shape[0]
+    if m <= FUSED_MAX_ROWS:
+        y = torch.empty((m, outer), dtype=x.dtype)
+        if m:
+            _threads.sync()
+            _native.matmul_4bit(
+                as_numpy(x2d), as_numpy(packed), as_numpy(absmax), n, k, blocksize, quant_type, transposed,
+                as_numpy(y), dtype_name(x.dtype),
+            )
+    else:
+        y = _matmul_tiled(x2d.float(), packed, absmax, n, k, blocksize, quant_type, transposed).to(x.dtype)
+    return y.reshape(*x.shape[:-1], outer)
+
+
+def _matmul_tiled(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    n: int,
+    k: int,
+    blocksize: int,
+    quant_type: str,
+    transposed: bool,
+) -> torch.Tensor:
+    rows = _tile_rows(k)
+    tile = torch.empty((min(rows, n), k), dtype=torch.float32)
+    y = torch.zeros((x.shape[0], k)) if transposed else torch.empty((x.shape[0], n))
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        w = dequantize_4bit_into(packed, absmax, n * k, blocksize, quant_type, r0 * k, tile[: r1 - r0])
+        if transposed:
+            y.addmm_(x[:, r0:r1], w)
+        else:
+            y[:, r0:r1] = x @ w.t()
+    return y
+
+
+def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """`x @ a.T` for x (..., k) and a (r, k)."""
+    r, k = a.shape
+    x2d = x.reshape(-1, k).contiguous()
+    u = torch.empty((x2d.shape[0], r), dtype=x.dtype)
+    _threads.sync()
+    _native.lora_down(as_numpy(x2d), as_numpy(a.contiguous()), k, r, as_numpy(u), dtype_name(x.dtype))
+    return u.reshape(*x.shape[:-1], r)
+
+
+def lora_up_add_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """`y += scale * u @ b.T` in place, for contiguous y (..., n), u (..., r), b (n, r)."""
+    n, r = b.shape
+    _threads.sync()
+    _native.lora_up_add(
+        as_numpy(u.contiguous()), as_numpy(b.contiguous()), r, n, float(scale), as_numpy(y), dtype_name(y.dtype)
+    )
+    return y

@@ -1,0 +1,74 @@
+"""Type stubs of the Rust extension (rust/fastlora-py). Private: use fastlora's public API.
+
+Arrays are 1-D contiguous numpy views of torch tensors; bf16/fp16 travel as uint16 views and
+`dtype` names the element type ("float32", "bfloat16", "float16"). Errors raise ValueError.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def simd_level() -> str: ...
+def quantize_4bit(
+    src: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    dtype: str,
+    blocksize: int,
+    quant_type: str,
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+) -> None: ...
+def dequantize_4bit(
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    numel: int,
+    blocksize: int,
+    quant_type: str,
+    start: int,
+    out: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    dtype: str,
+) -> None: ...
+def quantize_blockwise_8bit(
+    values: npt.NDArray[np.float32],
+    code: npt.NDArray[np.float32],
+    blocksize: int,
+    quantized: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+) -> None: ...
+def dequantize_blockwise_8bit(
+    quantized: npt.NDArray[np.uint8],
+    code: npt.NDArray[np.float32],
+    absmax: npt.NDArray[np.float32],
+    blocksize: int,
+    offset: float,
+    out: npt.NDArray[np.float32],
+) -> None: ...
+def matmul_4bit(
+    x: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    n: int,
+    k: int,
+    blocksize: int,
+    quant_type: str,
+    transposed: bool,
+    y: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    dtype: str,
+) -> None: ...
+def lora_down(
+    x: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    a: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    k: int,
+    r: int,
+    u: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    dtype: str,
+) -> None: ...
+def lora_up_add(
+    u: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    b: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    r: int,
+    n: int,
+    scale: float,
+    y: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    dtype: str,
+) -> None: ...

@@ -1,0 +1,103 @@
+"""Ops: 4-bit blockwise quantize/dequantize, and the 8-bit blockwise quantization of the
+scales that double quantization uses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _cpu, reference
+
+torch.library.define(
+    "fastlora::quantize_4bit", "(Tensor A, int blocksize, str quant_type) -> (Tensor packed, Tensor absmax)"
+)
+torch.library.define(
+    "fastlora::dequantize_4bit",
+    "(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor",
+)
+torch.library.define(
+    "fastlora::quantize_blockwise", "(Tensor A, Tensor code, int blocksize) -> (Tensor quantized, Tensor absmax)"
+)
+torch.library.define(
+    "fastlora::dequantize_blockwise",
+    "(Tensor quantized, Tensor absmax, Tensor code, int blocksize, Tensor offset) -> Tensor",
+)
+
+
+def _num_blocks(n: int, blocksize: int) -> int:
+    return -(-n // blocksize)
+
+
+@torch.library.register_fake("fastlora::quantize_4bit")
+def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n = A.numel()
+    return (
+        A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+        A.new_empty((_num_blocks(n, blocksize),), dtype=torch.float32),
+    )
+
+
+@torch.library.register_kernel("fastlora::quantize_4bit", "cpu")
+def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cpu.quantize_4bit(A, blocksize, quant_type)
+
+
+@torch.library.register_kernel("fastlora::quantize_4bit", "cuda")
+def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.quantize_4bit(A, blocksize, quant_type)
+
+
+@torch.library.register_fake("fastlora::dequantize_4bit")
+def _(
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_kernel("fastlora::dequantize_4bit", "cpu")
+def _(
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype)
+    return _cpu.dequantize_4bit_into(packed, absmax, out.numel(), blocksize, quant_type, 0, out)
+
+
+@torch.library.register_kernel("fastlora::dequantize_4bit", "cuda")
+def _(
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    return reference.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
+
+
+@torch.library.register_fake("fastlora::quantize_blockwise")
+def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        A.new_empty(A.shape, dtype=torch.uint8),
+        A.new_empty((_num_blocks(A.numel(), blocksize),), dtype=torch.float32),
+    )
+
+
+@torch.library.register_kernel("fastlora::quantize_blockwise", "cpu")
+def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cpu.quantize_blockwise(A, code, blocksize)
+
+
+@torch.library.register_kernel("fastlora::quantize_blockwise", "cuda")
+def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.quantize_blockwise(A, code, blocksize)
+
+
+@torch.library.register_fake("fastlora::dequantize_blockwise")
+def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor) -> torch.Tensor:
+    return quantized.new_empty(quantized.shape, dtype=torch.float32)
+
+
+@torch.library.register_kernel("fastlora::dequantize_blockwise", "cpu")
+def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor) -> torch.Tensor:
+    return _cpu.dequantize_blockwise(quantized, absmax, code, blocksize, float(offset))
+
+
+@torch.library.register_kernel("fastlora::dequantize_blockwise", "cuda")
+def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor) -> torch.Tensor:
+    return reference.dequantize_blockwise(quantized, absmax, code, blocksize) + offset

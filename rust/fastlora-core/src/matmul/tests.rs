@@ -1,0 +1,120 @@
+use super::*;
+use crate::codebook::QuantType;
+use crate::quantize::{dequantize_4bit, quantize_4bit};
+use crate::simd::available;
+use crate::testutil::{assert_close, Rng};
+use half::bf16;
+
+struct Fixture {
+    packed: Vec<u8>,
+    absmax: Vec<f32>,
+    dense: Vec<f32>,
+    n: usize,
+    k: usize,
+    blocksize: usize,
+    qt: QuantType,
+}
+
+impl Fixture {
+    fn new(rng: &mut Rng, n: usize, k: usize, blocksize: usize, qt: QuantType) -> Self {
+        let values = rng.floats(n * k, 1.0);
+        let mut packed = vec![0u8; (n * k).div_ceil(2)];
+        let mut absmax = vec![0.0f32; (n * k).div_ceil(blocksize)];
+        quantize_4bit(&values, blocksize, qt, &mut packed, &mut absmax).unwrap();
+        let mut dense = vec![0.0f32; n * k];
+        let weight = Packed4bit::new(&packed, &absmax, n * k, blocksize, qt).unwrap();
+        dequantize_4bit(Isa::Scalar, &weight, 0, &mut dense).unwrap();
+        Fixture { packed, absmax, dense, n, k, blocksize, qt }
+    }
+
+    fn weight(&self) -> Packed4bit<'_> {
+        Packed4bit::new(&self.packed, &self.absmax, self.n * self.k, self.blocksize, self.qt).unwrap()
+    }
+}
+
+fn dense_matmul(a: &[f32], b: &[f32], m: usize, inner: usize, cols: usize, b_transposed: bool) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * cols];
+    for i in 0..m {
+        for j in 0..cols {
+            let mut s = 0.0f64;
+            for t in 0..inner {
+                let bv = if b_transposed { b[j * inner + t] } else { b[t * cols + j] };
+                s += a[i * inner + t] as f64 * bv as f64;
+            }
+            out[i * cols + j] = s as f32;
+        }
+    }
+    out
+}
+
+const SHAPES: &[(usize, usize, usize, usize)] = &[
+    // (m, n, k, blocksize): aligned rows, then rows that straddle blocks and bytes.
+    (1, 5, 64, 32),
+    (3, 7, 128, 64),
+    (4, 9, 256, 128),
+    (6, 13, 64, 32),
+    (9, 3, 4096, 4096),
+    (2, 5, 33, 32),
+    (5, 7, 70, 64),
+    (1, 1, 1, 32),
+];
+
+#[test]
+fn forward_matches_dense_product_of_the_dequantized_weight() {
+    let mut rng = Rng::new(20);
+    for &(m, n, k, blocksize) in SHAPES {
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            let fx = Fixture::new(&mut rng, n, k, blocksize, qt);
+            let x = rng.floats(m * k, 1.0);
+            let expected = dense_matmul(&x, &fx.dense, m, k, n, true);
+            for isa in available() {
+                let mut y = vec![f32::NAN; m * n];
+                matmul_4bit(isa, &x, &fx.weight(), n, k, &mut y).unwrap();
+                assert_close(&y, &expected, 1e-4, 1e-4 * k as f32, &format!("{} {m}x{n}x{k}", isa.name()));
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_matches_dense_product_of_the_dequantized_weight() {
+    let mut rng = Rng::new(21);
+    for &(m, n, k, blocksize) in SHAPES.iter().chain(&[(3usize, 4usize, 1536usize, 512usize)]) {
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            let fx = Fixture::new(&mut rng, n, k, blocksize, qt);
+            let dy = rng.floats(m * n, 1.0);
+            let expected = dense_matmul(&dy, &fx.dense, m, n, k, false);
+            for isa in available() {
+                let mut dx = vec![f32::NAN; m * k];
+                matmul_4bit_t(isa, &dy, &fx.weight(), n, k, &mut dx).unwrap();
+                assert_close(&dx, &expected, 1e-4, 1e-4 * n as f32, &format!("{} {m}x{n}x{k}", isa.name()));
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_activations_compute_in_fp32_and_round_once() {
+    let mut rng = Rng::new(22);
+    let (m, n, k) = (2, 6, 128);
+    let fx = Fixture::new(&mut rng, n, k, 64, QuantType::Nf4);
+    let x: Vec<bf16> = rng.floats(m * k, 1.0).into_iter().map(bf16::from_f32).collect();
+    let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let expected = dense_matmul(&x32, &fx.dense, m, k, n, true);
+    let mut y = vec![bf16::NAN; m * n];
+    matmul_4bit(crate::simd::active(), &x, &fx.weight(), n, k, &mut y).unwrap();
+    let y32: Vec<f32> = y.iter().map(|v| v.to_f32()).collect();
+    assert_close(&y32, &expected, 1e-2, 1e-2, "bf16");
+}
+
+#[test]
+fn mismatched_shapes_are_errors() {
+    let mut rng = Rng::new(23);
+    let fx = Fixture::new(&mut rng, 4, 64, 64, QuantType::Nf4);
+    let w = fx.weight();
+    let mut y = vec![0.0f32; 8];
+    assert!(matmul_4bit(Isa::Scalar, &[0.0f32; 128], &w, 4, 63, &mut y).is_err());
+    assert!(matmul_4bit(Isa::Scalar, &[0.0f32; 127], &w, 4, 64, &mut y).is_err());
+    assert!(matmul_4bit(Isa::Scalar, &[0.0f32; 128], &w, 4, 64, &mut y[..7]).is_err());
+    assert!(matmul_4bit_t(Isa::Scalar, &[0.0f32; 8], &w, 4, 64, &mut vec![0.0f32; 127]).is_err());
+}

@@ -1,0 +1,172 @@
+//! AVX2+FMA kernels. A byte's two codes become fp32 values through two 8-entry
+//! `vpermps` table lookups and a blend on the code's top bit: exact code-book values,
+//! accumulated in fp32, so results agree with the scalar kernels to float rounding.
+//!
+//! Callers (`simd::*`) check slice lengths and that the CPU has AVX2 and FMA.
+
+use std::arch::x86_64::*;
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load_tables(table: &[f32; 16]) -> (__m256, __m256) {
+    (_mm256_loadu_ps(table.as_ptr()), _mm256_loadu_ps(table.as_ptr().add(8)))
+}
+
+/// Decodes 8 packed bytes into the code values of their high nibbles (elements 2j) and
+/// of their low nibbles (elements 2j+1).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode8(ptr: *const u8, low_table: __m256, high_table: __m256) -> (__m256, __m256) {
+    let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ptr as *const __m128i));
+    // vpermps reads the low 3 bits of each index; the code's bit 3 picks the table half.
+    let high_codes = _mm256_srli_epi32::<4>(bytes);
+    let high = _mm256_blendv_ps(
+        _mm256_permutevar8x32_ps(low_table, high_codes),
+        _mm256_permutevar8x32_ps(high_table, high_codes),
+        _mm256_castsi256_ps(_mm256_slli_epi32::<24>(bytes)),
+    );
+    let low = _mm256_blendv_ps(
+        _mm256_permutevar8x32_ps(low_table, bytes),
+        _mm256_permutevar8x32_ps(high_table, bytes),
+        _mm256_castsi256_ps(_mm256_slli_epi32::<28>(bytes)),
+    );
+    (high, low)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn horizontal_sum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn decode_pairs(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32]) {
+    let (low_table, high_table) = load_tables(table);
+    let scale_v = _mm256_set1_ps(scale);
+    let whole = bytes.len() / 8 * 8;
+    let src = bytes.as_ptr();
+    let dst = out.as_mut_ptr();
+    let mut j = 0;
+    while j < whole {
+        let (high, low) = decode8(src.add(j), low_table, high_table);
+        let high = _mm256_mul_ps(high, scale_v);
+        let low = _mm256_mul_ps(low, scale_v);
+        // Interleave back to element order: h0 l0 h1 l1 ... h7 l7.
+        let a = _mm256_unpacklo_ps(high, low);
+        let b = _mm256_unpackhi_ps(high, low);
+        _mm256_storeu_ps(dst.add(2 * j), _mm256_permute2f128_ps::<0x20>(a, b));
+        _mm256_storeu_ps(dst.add(2 * j + 8), _mm256_permute2f128_ps::<0x31>(a, b));
+        j += 8;
+    }
+    super::scalar::decode_pairs(table, &bytes[whole..], scale, &mut out[2 * whole..]);
+}
+
+pub unsafe fn fused_row_dot(
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    x_even: &[&[f32]],
+    x_odd: &[&[f32]],
+    out: &mut [f32],
+) {
+    match out.len() {
+        1 => row_dot::<1>(table, bytes, scales, block_bytes, x_even, x_odd, out),
+        2 => row_dot::<2>(table, bytes, scales, block_bytes, x_even, x_odd, out),
+        3 => row_dot::<3>(table, bytes, scales, block_bytes, x_even, x_odd, out),
+        _ => row_dot::<4>(table, bytes, scales, block_bytes, x_even, x_odd, out),
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_dot<const ROWS: usize>(
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    x_even: &[&[f32]],
+    x_odd: &[&[f32]],
+    out: &mut [f32],
+) {
+    let (low_table, high_table) = load_tables(table);
+    let even: [*const f32; ROWS] = std::array::from_fn(|m| x_even[m].as_ptr());
+    let odd: [*const f32; ROWS] = std::array::from_fn(|m| x_odd[m].as_ptr());
+    let src = bytes.as_ptr();
+    let mut total = [_mm256_setzero_ps(); ROWS];
+    for (b, &scale) in scales.iter().enumerate() {
+        // Two chains per row (high and low nibbles) hide the FMA latency.
+        let mut acc_high = [_mm256_setzero_ps(); ROWS];
+        let mut acc_low = [_mm256_setzero_ps(); ROWS];
+        let start = b * block_bytes;
+        let mut j = start;
+        while j < start + block_bytes {
+            let (high, low) = decode8(src.add(j), low_table, high_table);
+            for m in 0..ROWS {
+                acc_high[m] = _mm256_fmadd_ps(high, _mm256_loadu_ps(even[m].add(j)), acc_high[m]);
+                acc_low[m] = _mm256_fmadd_ps(low, _mm256_loadu_ps(odd[m].add(j)), acc_low[m]);
+            }
+            j += 8;
+        }
+        let scale_v = _mm256_set1_ps(scale);
+        for m in 0..ROWS {
+            total[m] = _mm256_fmadd_ps(_mm256_add_ps(acc_high[m], acc_low[m]), scale_v, total[m]);
+        }
+    }
+    for m in 0..ROWS {
+        out[m] = horizontal_sum(total[m]);
+    }
+}
+
+pub unsafe fn fused_row_axpy(
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    coef: &[f32],
+    acc_even: &mut [&mut [f32]],
+    acc_odd: &mut [&mut [f32]],
+) {
+    match coef.len() {
+        1 => row_axpy::<1>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
+        2 => row_axpy::<2>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
+        3 => row_axpy::<3>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
+        _ => row_axpy::<4>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_axpy<const ROWS: usize>(
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    coef: &[f32],
+    acc_even: &mut [&mut [f32]],
+    acc_odd: &mut [&mut [f32]],
+) {
+    let (low_table, high_table) = load_tables(table);
+    let even: [*mut f32; ROWS] = std::array::from_fn(|m| acc_even[m].as_mut_ptr());
+    let odd: [*mut f32; ROWS] = std::array::from_fn(|m| acc_odd[m].as_mut_ptr());
+    let coef_v: [__m256; ROWS] = std::array::from_fn(|m| _mm256_set1_ps(coef[m]));
+    let src = bytes.as_ptr();
+    for (b, &scale) in scales.iter().enumerate() {
+        let scale_v = _mm256_set1_ps(scale);
+        let start = b * block_bytes;
+        let mut j = start;
+        while j < start + block_bytes {
+            let (high, low) = decode8(src.add(j), low_table, high_table);
+            let high = _mm256_mul_ps(high, scale_v);
+            let low = _mm256_mul_ps(low, scale_v);
+            for m in 0..ROWS {
+                let e = even[m].add(j);
+                _mm256_storeu_ps(e, _mm256_fmadd_ps(coef_v[m], high, _mm256_loadu_ps(e)));
+                let o = odd[m].add(j);
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(coef_v[m], low, _mm256_loadu_ps(o)));
+            }
+            j += 8;
+        }
+    }
+}

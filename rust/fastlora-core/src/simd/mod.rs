@@ -1,0 +1,151 @@
+//! Run-time choice of the instruction set for the hot loops.
+//!
+//! Every kernel here has a scalar version (`scalar`) that is the definition, and an AVX2+FMA
+//! version (`avx2`) that the tests compare against it. [`active`] picks the widest set the
+//! CPU has once per process; `FASTLORA_FORCE_SCALAR=1` forces the scalar path (CI runs the
+//! test suite both ways). Callers pass the [`Isa`] explicitly so tests can run both.
+
+use std::sync::OnceLock;
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+
+/// The largest number of activation rows one fused kernel call handles at once.
+pub const MAX_ROWS: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+        }
+    }
+}
+
+/// The widest instruction set this CPU supports, ignoring `FASTLORA_FORCE_SCALAR`.
+pub fn detected() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        return Isa::Avx2;
+    }
+    Isa::Scalar
+}
+
+/// The instruction set the kernels use in this process.
+pub fn active() -> Isa {
+    static ACTIVE: OnceLock<Isa> = OnceLock::new();
+    *ACTIVE.get_or_init(|| {
+        let forced = std::env::var("FASTLORA_FORCE_SCALAR").is_ok_and(|v| !v.is_empty() && v != "0");
+        if forced {
+            Isa::Scalar
+        } else {
+            detected()
+        }
+    })
+}
+
+/// Every instruction set usable on this CPU (for tests that compare them).
+pub fn available() -> Vec<Isa> {
+    let mut isas = vec![Isa::Scalar];
+    if detected() != Isa::Scalar {
+        isas.push(detected());
+    }
+    isas
+}
+
+/// Decodes `bytes` (two codes each, high nibble first) into `2 * bytes.len()` values
+/// `table[code] * scale`.
+pub fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32]) {
+    assert_eq!(out.len(), 2 * bytes.len());
+    match isa {
+        Isa::Scalar => scalar::decode_pairs(table, bytes, scale, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx2` is only constructed by `detected()` after checking the CPU.
+        Isa::Avx2 => unsafe { avx2::decode_pairs(table, bytes, scale, out) },
+    }
+}
+
+/// One packed weight row against up to [`MAX_ROWS`] activation rows:
+/// `out[m] = sum_b scales[b] * sum_{i in block b} table[code_i] * x_m[i]`.
+///
+/// `x_even[m]` / `x_odd[m]` hold the even and odd elements of activation row `m`, so the
+/// high and low nibbles of a byte meet their activations without shuffles.
+/// `block_bytes` is bytes per block (blocksize / 2); `bytes.len()` is a multiple of it.
+pub fn fused_row_dot(
+    isa: Isa,
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    x_even: &[&[f32]],
+    x_odd: &[&[f32]],
+    out: &mut [f32],
+) {
+    let rows = out.len();
+    assert!(rows >= 1 && rows <= MAX_ROWS && x_even.len() == rows && x_odd.len() == rows);
+    assert_eq!(bytes.len(), scales.len() * block_bytes);
+    assert!(x_even.iter().chain(x_odd).all(|x| x.len() >= bytes.len()));
+    match isa {
+        Isa::Scalar => scalar::fused_row_dot(table, bytes, scales, block_bytes, x_even, x_odd, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `decode_pairs`; slice lengths were checked above.
+        Isa::Avx2 => unsafe {
+            avx2::fused_row_dot(table, bytes, scales, block_bytes, x_even, x_odd, out)
+        },
+    }
+}
+
+/// Adds one packed weight row, scaled, into up to [`MAX_ROWS`] accumulators:
+/// `acc_even[m][j] += coef[m] * w[2j]`, `acc_odd[m][j] += coef[m] * w[2j + 1]` where
+/// `w = table[code] * scales[block]`. The transpose of [`fused_row_dot`].
+pub fn fused_row_axpy(
+    isa: Isa,
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    coef: &[f32],
+    acc_even: &mut [&mut [f32]],
+    acc_odd: &mut [&mut [f32]],
+) {
+    let rows = coef.len();
+    assert!(rows >= 1 && rows <= MAX_ROWS && acc_even.len() == rows && acc_odd.len() == rows);
+    assert_eq!(bytes.len(), scales.len() * block_bytes);
+    assert!(acc_even.iter().chain(acc_odd.iter()).all(|a| a.len() >= bytes.len()));
+    match isa {
+        Isa::Scalar => {
+            scalar::fused_row_axpy(table, bytes, scales, block_bytes, coef, acc_even, acc_odd)
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `decode_pairs`; slice lengths were checked above.
+        Isa::Avx2 => unsafe {
+            avx2::fused_row_axpy(table, bytes, scales, block_bytes, coef, acc_even, acc_odd)
+        },
+    }
+}
+
+/// fp32 dot product of two equal-length slices (the fallback paths' inner loop).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums let the compiler vectorize without reassociating.
+    let mut acc = [0.0f32; 8];
+    let whole = a.len() / 8 * 8;
+    for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,223 @@
+"""The Rust CPU kernels behind the functional API, against bitsandbytes (byte for byte),
+the plain-PyTorch reference, and a float64 dense computation."""
+
+import math
+
+import bitsandbytes
+import bitsandbytes.functional as bnbF
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastlora
+from fastlora import _cpu, _native, reference
+from fastlora.functional import block_scales
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+QUANT_TYPES = ["nf4", "fp4"]
+
+
+def random_weight(shape, dtype=torch.float32):
+    return (torch.randn(shape) * 0.7 + 0.1).to(dtype)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((33, 65), 32), ((7,), 4096), ((3, 5, 129), 128), ((1,), 32)])
+def test_quantize_and_dequantize_match_bitsandbytes_byte_for_byte(quant_type, dtype, shape, blocksize):
+    w = random_weight(shape, dtype)
+    packed, state = fastlora.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
+    bnb_packed, bnb_state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
+    assert torch.equal(packed, bnb_packed)
+    assert torch.equal(state.absmax, bnb_state.absmax)
+    out = fastlora.dequantize_4bit(packed, state)
+    expected = bnbF.dequantize_4bit(bnb_packed, bnb_state)
+    assert out.dtype == dtype and out.shape == w.shape
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_double_quantization_matches_bitsandbytes(quant_type, dtype):
+    w = random_weight((300, 256), dtype)
+    packed, state = fastlora.quantize_4bit(w, quant_type=quant_type, compress_statistics=True)
+    bnb_packed, bnb_state = bnbF.quantize_4bit(w, quant_type=quant_type, compress_statistics=True)
+    assert torch.equal(packed, bnb_packed)
+    assert torch.equal(state.absmax, bnb_state.absmax)
+    assert torch.equal(state.state2.absmax, bnb_state.state2.absmax)
+    assert torch.equal(torch.as_tensor(state.offset), torch.as_tensor(bnb_state.offset))
+    assert torch.equal(fastlora.dequantize_4bit(packed, state), bnbF.dequantize_4bit(bnb_packed, bnb_state))
+
+
+def test_dequantize_accepts_a_state_quantized_by_bitsandbytes():
+    w = random_weight((128, 192), torch.bfloat16)
+    bnb_packed, bnb_state = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    state = fastlora.QuantState.from_dict(bnb_state.as_dict(packed=True), device="cpu")
+    assert torch.equal(fastlora.dequantize_4bit(bnb_packed, state), bnbF.dequantize_4bit(bnb_packed, bnb_state))
+
+
+def test_native_kernels_write_every_element_of_a_poisoned_output():
+    w = random_weight((37, 70))
+    packed, state = fastlora.quantize_4bit(w, blocksize=32)
+    for dtype in DTYPES:
+        out = torch.full((37 * 70,), float("nan"), dtype=dtype)
+        _cpu.dequantize_4bit_into(packed, state.absmax, 37 * 70, 32, "nf4", 0, out)
+        assert torch.isfinite(out).all()
+    x = torch.randn(3, 70)
+    y = torch.full((3, 37), float("nan"))
+    _native.matmul_4bit(_cpu.as_numpy(x), _cpu.as_numpy(packed), _cpu.as_numpy(state.absmax), 37, 70, 32, "nf4",
+                        False, _cpu.as_numpy(y), "float32")
+    assert torch.isfinite(y).all()
+
+
+def dense_fp32(packed, state):
+    return reference.dequantize_4bit(packed, block_scales(state), state.blocksize, state.quant_type, state.shape,
+                                     torch.float32)
+
+
+def assert_matmul_close(y, x, w_dense, transposed=False):
+    """y against a float64 product, within fp32 accumulation error plus y's own rounding."""
+    expected = x.double() @ (w_dense.double() if transposed else w_dense.double().t())
+    bound = x.double().abs() @ (w_dense.double().abs() if transposed else w_dense.double().abs().t())
+    eps = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[y.dtype]
+    tol = 1e-5 * bound + eps * expected.abs() + 1e-6
+    err = (y.double() - expected).abs()
+    assert (err <= tol).all(), f"max error {err.max().item()} vs tolerance {tol[err > tol].min().item()}"
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 70])
+@pytest.mark.parametrize("n,k,blocksize", [(48, 256, 64), (19, 130, 32), (5, 4096, 4096)])
+def test_matmul_forward_and_backward_against_float64(quant_type, dtype, m, n, k, blocksize):
+    w = random_weight((n, k), dtype)
+    packed, state = fastlora.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
+    # The kernels use the exact fp32 values code * absmax, not values rounded to W's dtype.
+    w_dense = dense_fp32(packed, state)
+    x = torch.randn(m, k, dtype=dtype, requires_grad=True)
+    y = fastlora.matmul_4bit(x, packed, state)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert_matmul_close(y, x.detach(), w_dense)
+    grad = torch.randn(m, n, dtype=dtype)
+    y.backward(grad)
+    assert_matmul_close(x.grad, grad, w_dense, transposed=True)
+
+
+def test_matmul_matches_bitsandbytes_with_bias_and_batch_dims():
+    w = random_weight((64, 96))
+    bias = torch.randn(64)
+    x = torch.randn(2, 5, 96)
+    packed, state = fastlora.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    bnb_packed, bnb_state = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    expected = bitsandbytes.matmul_4bit(x, bnb_packed.t(), bnb_state, bias=bias)
+    torch.testing.assert_close(fastlora.matmul_4bit(x, packed, state, bias=bias), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_agrees_with_the_reference():
+    w = random_weight((40, 128))
+    x = torch.randn(9, 128)
+    packed, state = fastlora.quantize_4bit(w, quant_type="fp4", blocksize=32)
+    expected = reference.matmul_4bit(x, packed, state.absmax, 32, "fp4", (40, 128))
+    torch.testing.assert_close(fastlora.matmul_4bit(x, packed, state), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_pieces_against_float64():
+    x, a, b = torch.randn(7, 33), torch.randn(4, 33), torch.randn(10, 4)
+    u = _cpu.lora_down(x, a)
+    torch.testing.assert_close(u.double(), x.double() @ a.double().t(), rtol=1e-5, atol=1e-5)
+    y = torch.randn(7, 10)
+    expected = y.double() + 0.25 * u.double() @ b.double().t()
+    _cpu.lora_up_add_(y, u, b, 0.25)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_thread_count_does_not_change_results():
+    w = random_weight((64, 512))
+    x = torch.randn(4, 512)
+    packed, state = fastlora.quantize_4bit(w)
+    results = []
+    for threads in (1, 2, 3):
+        fastlora.set_num_threads(threads)
+        results.append(fastlora.matmul_4bit(x, packed, state))
+    fastlora.set_num_threads(None)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    with pytest.raises(ValueError, match="n must be"):
+        fastlora.set_num_threads(0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 24),
+    cols=st.integers(1, 300),
+    blocksize=st.sampled_from([32, 64, 128, 256, 4096]),
+    dtype=st.sampled_from(DTYPES),
+    quant_type=st.sampled_from(QUANT_TYPES),
+    m=st.integers(1, 20),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_kernels_agree_with_bitsandbytes_and_float64(rows, cols, blocksize, dtype, quant_type, m, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=gen) * 2).to(dtype)
+    packed, state = fastlora.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
+    bnb_packed, bnb_state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
+    assert torch.equal(packed, bnb_packed) and torch.equal(state.absmax, bnb_state.absmax)
+    assert torch.equal(fastlora.dequantize_4bit(packed, state), bnbF.dequantize_4bit(bnb_packed, bnb_state))
+    x = torch.randn(m, cols, generator=gen).to(dtype)
+    assert_matmul_close(fastlora.matmul_4bit(x, packed, state), x, dense_fp32(packed, state))
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.w = random_weight((16, 64))
+        self.packed, self.state = fastlora.quantize_4bit(self.w)
+
+    def test_quantize_rejects_bad_arguments(self):
+        with pytest.raises(TypeError, match="A must be"):
+            fastlora.quantize_4bit(self.w.to(torch.int32))
+        with pytest.raises(TypeError, match="A must be a torch.Tensor"):
+            fastlora.quantize_4bit(np.ones(4))
+        with pytest.raises(ValueError, match="blocksize"):
+            fastlora.quantize_4bit(self.w, blocksize=48)
+        with pytest.raises(ValueError, match="quant_type"):
+            fastlora.quantize_4bit(self.w, quant_type="int4")
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            fastlora.quantize_4bit(torch.tensor([1.0, float("nan")]))
+        with pytest.raises(ValueError, match="at least one element"):
+            fastlora.quantize_4bit(torch.empty(0))
+        with pytest.raises(ValueError, match="device"):
+            fastlora.quantize_4bit(self.w.to("meta"))
+
+    def test_dequantize_rejects_a_state_that_does_not_fit(self):
+        with pytest.raises(ValueError, match="packed holds"):
+            fastlora.dequantize_4bit(self.packed[:-1], self.state)
+        with pytest.raises(ValueError, match="contiguous"):
+            fastlora.dequantize_4bit(torch.stack([self.packed, self.packed], 1)[:, 0], self.state)
+        with pytest.raises(TypeError, match="quant_state"):
+            fastlora.dequantize_4bit(self.packed, {"absmax": self.state.absmax})
+        _, other = fastlora.quantize_4bit(random_weight((16, 128)))
+        with pytest.raises(ValueError):
+            fastlora.dequantize_4bit(self.packed, other)
+
+    def test_matmul_rejects_mismatched_shapes_and_dtypes(self):
+        with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 64\)"):
+            fastlora.matmul_4bit(torch.randn(2, 63), self.packed, self.state)
+        with pytest.raises(TypeError, match="x must be"):
+            fastlora.matmul_4bit(torch.ones(2, 64, dtype=torch.int64), self.packed, self.state)
+        with pytest.raises(ValueError, match="bias must have shape"):
+            fastlora.matmul_4bit(torch.randn(2, 64), self.packed, self.state, bias=torch.randn(15))
+        with pytest.raises(ValueError, match="device"):
+            fastlora.matmul_4bit(torch.randn(2, 64, device="meta"), self.packed, self.state)
+
+    def test_native_layer_rejects_wrong_lengths_without_crashing(self):
+        bad_out = torch.empty(10)
+        with pytest.raises(ValueError, match="out of range"):
+            _cpu.dequantize_4bit_into(self.packed, self.state.absmax, 16 * 64, 64, "nf4", 16 * 64 - 5, bad_out)
+        with pytest.raises(ValueError):
+            _native.matmul_4bit(_cpu.as_numpy(torch.randn(3)), _cpu.as_numpy(self.packed), _cpu.as_numpy(self.state.absmax),
+                                16, 64, 64, "nf4", False, _cpu.as_numpy(torch.empty(16)), "float32")
+        with pytest.raises(ValueError, match="dtype"):
+            _native.matmul_4bit(_cpu.as_numpy(torch.randn(64)), _cpu.as_numpy(self.packed),
+                                _cpu.as_numpy(self.state.absmax), 16, 64, 64, "nf4", False,
+                                _cpu.as_numpy(torch.empty(16)), "float64")
