@@ -56,15 +56,20 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def bnb_dequantize(packed: torch.Tensor, state: bnbF.QuantState) -> torch.Tensor:
+    """bitsandbytes' dequantization, in the original shape.
+
+    Two quirks of bitsandbytes are undone here: its CPU kernel returns a 1-D
+    shape of even length as ``(1, n)``, and its functional wrapper transposes
+    the result when the packed tensor has a single row (a legacy layout), which
+    raises for a 3-D tensor of 1 or 2 elements; that case calls the kernel.
+    """
     if packed.shape[0] > 1:
-        return bnbF.dequantize_4bit(packed, state)
-    # bitsandbytes' functional wrapper transposes the result when the packed
-    # tensor has one row (a legacy layout), which fails for a 3-D tensor of 1 or
-    # 2 elements: call the kernel under it instead (it returns 1-D shapes as 2-D).
-    absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
-    dense = torch.ops.bitsandbytes.dequantize_4bit(
-        packed, absmax, state.blocksize, state.quant_type, state.shape, state.dtype
-    )
+        dense = bnbF.dequantize_4bit(packed, state)
+    else:
+        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+        dense = torch.ops.bitsandbytes.dequantize_4bit(
+            packed, absmax, state.blocksize, state.quant_type, state.shape, state.dtype
+        )
     return dense.reshape(state.shape)
 
 

@@ -12,6 +12,9 @@ kernels. The functional API mirrors `bitsandbytes.functional`:
 from . import _native
 from ._threads import get_num_threads, set_num_threads
 from .functional import dequantize_4bit, matmul_4bit, quantize_4bit
+from .adapter import load_adapter, save_adapter
+from .model import merge_and_unload, prepare_model
+from .nn import Linear4bit, LoraLinear
 from .quant_state import QuantState
 
 __version__ = "0.1.0"
@@ -23,7 +26,13 @@ def simd_level() -> str:
 
 
 __all__ = [
+    "Linear4bit",
+    "LoraLinear",
     "QuantState",
+    "load_adapter",
+    "merge_and_unload",
+    "prepare_model",
+    "save_adapter",
     "dequantize_4bit",
     "get_num_threads",
     "matmul_4bit",

@@ -6,6 +6,6 @@ kernels on CPU, the plain-PyTorch reference on CUDA until the Triton kernels rep
 Arguments are validated by the public API (`fastlora.functional`) before they get here.
 """
 
-from . import matmul, quantize
+from . import lora, matmul, quantize
 
-__all__ = ["matmul", "quantize"]
+__all__ = ["lora", "matmul", "quantize"]

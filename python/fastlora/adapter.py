@@ -1,0 +1,166 @@
+"""LoRA adapters on disk in PEFT's format: `adapter_config.json` plus
+`adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`.
+
+`peft.PeftModel.from_pretrained` loads what `save_adapter` writes, and `load_adapter` reads
+what peft writes. fastlora's own settings (quantization) go to `fastlora_config.json` beside
+them, since older peft versions reject unknown config keys. Files are read with safetensors
+(never pickle) and written to a temporary file, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .model import lora_layers, prepare_model
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FASTLORA_CONFIG_NAME = "fastlora_config.json"
+KEY_PREFIX = "base_model.model."
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _target_names(model: nn.Module, names: list[str]) -> list[str]:
+    """PEFT's usual form, the leaf names, when they select exactly these modules in the
+    original model; else the full module names (which PEFT matches exactly)."""
+    leaves = sorted({n.split(".")[-1] for n in names})
+    inside_lora = tuple(n + "." for n in names)
+    selected = {
+        n for n, _ in model.named_modules()
+        if not n.startswith(inside_lora) and any(n == leaf or n.endswith("." + leaf) for leaf in leaves)
+    }
+    return leaves if selected == set(names) else sorted(names)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return "CAUSAL_LM" if name.endswith("ForCausalLM") else None
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Writes the model's LoRA weights and config in PEFT's format; returns the directory."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers; call fastlora.prepare_model first")
+    first = next(iter(layers.values()))
+    if any((l.r, l.lora_alpha, l.use_rslora) != (first.r, first.lora_alpha, first.use_rslora) for l in layers.values()):
+        raise ValueError("save_adapter needs one r, lora_alpha and use_rslora across layers (PEFT's config has one)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+    settings = getattr(model, "fastlora_config", {})
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": first.r,
+        "lora_alpha": first.lora_alpha,
+        "lora_dropout": dropout,
+        "target_modules": _target_names(model, list(layers)),
+        "bias": "none",
+        "use_rslora": first.use_rslora,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    quant = {k: settings[k] for k in ("quant_type", "compress_statistics", "blocksize", "quantize") if k in settings}
+    _atomic_write(directory / FASTLORA_CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(quant, indent=2)))
+    return directory
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no adapter config here") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: not a LoRA adapter config (peft_type={config.get('peft_type')!r})")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key, 8)  # peft's defaults
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{path}: {key} must be a positive number, got {value!r}")
+    if config.get("use_dora"):
+        raise ValueError(f"{path}: DoRA adapters are not supported")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, **prepare_kwargs) -> nn.Module:
+    """Loads a PEFT-format LoRA adapter (fastlora's or peft's) into the model. A model
+    without LoRA layers is first prepared from the adapter's config (`prepare_kwargs` go
+    to `prepare_model`, e.g. `quant_type`). Every key and shape is checked before any weight
+    changes; a mismatch raises `ValueError` naming the key."""
+    directory = Path(directory)
+    config = _read_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    try:
+        state = load_file(weights_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{weights_path}: no adapter weights here") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({exc})") from None
+
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if not lora_layers(model):
+        fast = directory / FASTLORA_CONFIG_NAME
+        quant = json.loads(fast.read_text()) if fast.exists() else {}
+        options = {k: v for k, v in quant.items() if k in ("quant_type", "compress_statistics", "blocksize", "quantize")}
+        options.update(prepare_kwargs)
+        prepare_model(
+            model, r=r, lora_alpha=alpha, target_modules=config.get("target_modules") or "all-linear",
+            lora_dropout=config.get("lora_dropout", 0.0) or 0.0, use_rslora=bool(config.get("use_rslora", False)),
+            **options,
+        )
+    layers = lora_layers(model)
+
+    updates: list[tuple[torch.Tensor, torch.Tensor]] = []
+    expected = set()
+    for name, layer in layers.items():
+        if (layer.r, layer.use_rslora) != (r, bool(config.get("use_rslora", False))) or layer.lora_alpha != alpha:
+            raise ValueError(f"{name}: layer has r={layer.r}, lora_alpha={layer.lora_alpha}; the adapter has r={r}, "
+                             f"lora_alpha={alpha}")
+        for part in ("lora_A", "lora_B"):
+            key = f"{KEY_PREFIX}{name}.{part}.weight"
+            expected.add(key)
+            if key not in state:
+                raise ValueError(f"{weights_path}: missing key {key}")
+            target = getattr(layer, part).weight
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise ValueError(f"{weights_path}: {key} has shape {tuple(state[key].shape)}, the model needs "
+                                 f"{tuple(target.shape)}")
+            updates.append((target, state[key]))
+    extra = sorted(set(state) - expected)
+    if extra:
+        raise ValueError(f"{weights_path}: unexpected key {extra[0]} (no such LoRA layer in the model)")
+    with torch.no_grad():
+        for target, value in updates:
+            target.copy_(value)
+    return model

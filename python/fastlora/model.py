@@ -1,0 +1,114 @@
+"""Model-level API: turn the linear layers of any torch model (Hugging Face transformers
+models in particular) into frozen 4-bit bases with trainable LoRA adapters, and back into
+dense merged layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .nn import Linear4bit, LoraLinear
+
+ALL_LINEAR = "all-linear"
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def find_target_modules(model: nn.Module, target_modules: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Names of the `nn.Linear` modules that `target_modules` selects, PEFT's way:
+    `"all-linear"` is every linear layer but the output head (`get_output_embeddings()`,
+    else a module named `lm_head`); a list matches names equal to or ending in `.<entry>`."""
+    if isinstance(target_modules, str):
+        if target_modules != ALL_LINEAR:
+            target_modules = [target_modules]
+    elif not isinstance(target_modules, (list, tuple)) or not all(isinstance(t, str) and t for t in target_modules):
+        raise ValueError(f"target_modules must be 'all-linear' or a list of module names, got {target_modules!r}")
+    head = _output_head(model)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not name:
+            continue
+        if target_modules == ALL_LINEAR:
+            if module is head or (head is None and name.split(".")[-1] == "lm_head"):
+                continue
+            names.append(name)
+        elif any(name == t or name.endswith("." + t) for t in target_modules):
+            names.append(name)
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear layer of this model")
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def prepare_model(
+    model: nn.Module,
+    r: int = 16,
+    lora_alpha: float = 32,
+    target_modules: str | list[str] = ALL_LINEAR,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    quant_type: str = "nf4",
+    compress_statistics: bool = True,
+    blocksize: int = 64,
+    compute_dtype: torch.dtype | None = None,
+    init_lora_weights: bool | str = True,
+    quantize: bool = True,
+) -> nn.Module:
+    """Replaces the selected `nn.Linear` layers with `LoraLinear(Linear4bit)` (or
+    `LoraLinear(nn.Linear)` when `quantize=False`), freezes every other parameter, and
+    returns the model (changed in place). The settings are kept on the model for
+    `save_adapter`."""
+    if lora_layers(model):
+        raise ValueError("model already has LoRA layers; prepare_model applies once")
+    names = find_target_modules(model, target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        linear = model.get_submodule(name)
+        base = (
+            Linear4bit.from_linear(
+                linear, quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics,
+                compute_dtype=compute_dtype,
+            )
+            if quantize
+            else linear
+        )
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        layer = LoraLinear(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                           init_lora_weights=init_lora_weights)
+        _set_submodule(model, name, layer)
+    model.fastlora_config = {
+        "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "use_rslora": use_rslora,
+        "target_modules": names, "quant_type": quant_type, "compress_statistics": compress_statistics,
+        "blocksize": blocksize, "quantize": quantize,
+    }
+    return model
+
+
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replaces every `LoraLinear` by a dense `nn.Linear` holding `W + scaling * B @ A`
+    (in `dtype`, default the layer's compute dtype or the weight's original dtype) and
+    returns the model. Merging into 16 bits and quantizing again, not into 4 bits, is
+    the lossless order."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers to merge")
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer.merged_linear(dtype))
+    if hasattr(model, "fastlora_config"):
+        del model.fastlora_config
+    return model

@@ -1,0 +1,240 @@
+"""`Linear4bit`: a linear layer whose weight is frozen in bitsandbytes' 4-bit format.
+
+The packed bytes are the `weight` parameter (frozen, as in bitsandbytes); the quantization
+statistics are plain buffers, so `.to()`, DDP and FSDP move and shard them like any tensor
+and nothing lives in parameter attributes. `state_dict()` uses bitsandbytes' keys
+(`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
+`weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`), so a state dict saved
+from a `bitsandbytes.nn.Linear4bit` (or a Hugging Face 4-bit checkpoint) loads here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import _checks
+from ..functional import quantize_4bit
+from ..quant_state import QuantState
+
+# Buffers that hold quantization statistics: never cast by `.to(dtype)`/`.half()`.
+_STAT_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
+_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class Linear4bit(nn.Module):
+    """`y = x @ dequantize(W).T + bias` with W stored in 4 bits (NF4 by default).
+
+    `compute_dtype` is the dtype the product runs in (default: the input's); the output is
+    cast back to the input's dtype. The weight is quantized once, at construction or by
+    `from_linear`, and stays frozen.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        quant_storage: torch.dtype = torch.uint8,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        if compute_dtype is not None and compute_dtype not in _checks.FLOAT_DTYPES:
+            raise ValueError(f"compute_dtype must be float32, bfloat16, float16 or None, got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
+        self.quant_type = _checks.quant_type(quant_type)
+        self.blocksize = _checks.blocksize(blocksize)
+        self.compress_statistics = bool(compress_statistics)
+        self.quant_storage = quant_storage
+        # Initialized as nn.Linear would be, then quantized.
+        dense = torch.empty((out_features, in_features), device=device)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        self._quantize_from(dense)
+        if bias:
+            bound = 1 / math.sqrt(in_features)
+            self.bias = nn.Parameter(torch.empty(out_features, device=device).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> Linear4bit:
+        """Quantizes an `nn.Linear`'s weight (keeping its dtype as the state's dtype) and
+        copies its bias. `kwargs` are `Linear4bit`'s options (not the feature sizes)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        for reserved in ("in_features", "out_features", "bias", "device"):
+            if reserved in kwargs:
+                raise TypeError(f"from_linear takes {reserved} from the linear layer, not as an argument")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.compute_dtype = kwargs.pop("compute_dtype", None)
+        if layer.compute_dtype is not None and layer.compute_dtype not in _checks.FLOAT_DTYPES:
+            raise ValueError(f"compute_dtype must be float32, bfloat16, float16 or None, got {layer.compute_dtype!r}")
+        layer.quant_type = _checks.quant_type(kwargs.pop("quant_type", "nf4"))
+        layer.blocksize = _checks.blocksize(kwargs.pop("blocksize", 64))
+        layer.compress_statistics = bool(kwargs.pop("compress_statistics", True))
+        layer.quant_storage = kwargs.pop("quant_storage", torch.uint8)
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        layer._quantize_from(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        else:
+            layer.register_parameter("bias", None)
+        return layer
+
+    def _quantize_from(self, dense: torch.Tensor) -> None:
+        packed, state = quantize_4bit(
+            dense, blocksize=self.blocksize, quant_type=self.quant_type,
+            compress_statistics=self.compress_statistics, quant_storage=self.quant_storage,
+        )
+        self._set_state(packed, state)
+
+    def _set_state(self, packed: torch.Tensor, state: QuantState) -> None:
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight_dtype = state.dtype
+        self.blocksize = state.blocksize
+        self.quant_type = state.quant_type
+        self.compress_statistics = state.nested
+        for name in _STAT_BUFFERS:
+            self._buffers.pop(name, None)
+        self.register_buffer("absmax", state.absmax, persistent=False)
+        self.register_buffer("quant_map", state.code, persistent=False)
+        if state.nested:
+            self.register_buffer("nested_absmax", state.state2.absmax, persistent=False)
+            self.register_buffer("nested_quant_map", state.state2.code, persistent=False)
+            self.register_buffer("nested_offset", torch.as_tensor(state.offset, dtype=torch.float32), persistent=False)
+
+    @property
+    def quant_state(self) -> QuantState:
+        """The weight's bitsandbytes-style `QuantState`, built from the layer's buffers."""
+        state2 = None
+        if self.compress_statistics:
+            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_quant_map, blocksize=256, dtype=torch.float32)
+        return QuantState(
+            absmax=self.absmax, shape=(self.out_features, self.in_features), code=self.quant_map,
+            blocksize=self.blocksize, quant_type=self.quant_type, dtype=self.weight_dtype,
+            offset=self.nested_offset if self.compress_statistics else None, state2=state2,
+        )
+
+    def packed_bytes(self) -> torch.Tensor:
+        return self.weight.view(torch.uint8).reshape(-1)
+
+    def block_scales(self) -> torch.Tensor:
+        """The fp32 scale of every block (decoded per call when double-quantized)."""
+        if not self.compress_statistics:
+            return self.absmax
+        return torch.ops.fastlora.dequantize_blockwise(
+            self.absmax, self.nested_absmax, self.nested_quant_map, 256, self.nested_offset
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense weight in its original dtype (for merging and inspection)."""
+        return torch.ops.fastlora.dequantize_4bit(
+            self.packed_bytes(), self.block_scales(), self.blocksize, self.quant_type,
+            [self.out_features, self.in_features], self.weight_dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        y = torch.ops.fastlora.matmul_4bit(
+            x.to(dtype), self.packed_bytes(), self.block_scales(), self.out_features, self.in_features,
+            self.blocksize, self.quant_type, False,
+        )
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, compress_statistics={self.compress_statistics}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)`, `.half()` and friends must move the 4-bit data, never cast it.
+        before = {name: t.data for name, t in self._quant_tensors().items()}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                restored = old.to(new.device)
+                if name == "weight":
+                    self.weight = nn.Parameter(restored, requires_grad=False)
+                else:
+                    self._buffers[name] = restored
+        return self
+
+    def _quant_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"weight": self.weight}
+        tensors.update({name: self._buffers[name] for name in _STAT_BUFFERS if name in self._buffers})
+        return tensors
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for key, value in self.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Loads bitsandbytes-format keys. Everything is checked before anything changes;
+        a state that does not fit raises `ValueError` naming the key."""
+        weight_key = prefix + "weight"
+        if weight_key not in state_dict:
+            missing_keys.append(weight_key)
+            return
+        sub = {k[len(weight_key) + 1:]: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
+        known = {k for k in sub if k in _STATE_KEYS or k.startswith("quant_state.")}
+        unexpected_keys.extend(weight_key + "." + k for k in sub if k not in known)
+        if not any(k.startswith("quant_state.bitsandbytes__") for k in known):
+            raise ValueError(f"{weight_key}.quant_state.bitsandbytes__{self.quant_type}: missing; not a 4-bit state dict")
+        try:
+            state = QuantState.from_dict({k: sub[k] for k in known}, device=self.weight.device)
+        except ValueError as exc:
+            raise ValueError(f"{weight_key}.{exc}") from None
+        if state.quant_type != self.quant_type:
+            raise ValueError(f"{weight_key}.quant_state: holds {state.quant_type}, this layer is {self.quant_type}")
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{weight_key}: shape {tuple(state.shape)} does not fit a layer of shape "
+                f"({self.out_features}, {self.in_features})"
+            )
+        packed = state_dict[weight_key]
+        if not isinstance(packed, torch.Tensor) or packed.dtype == torch.bool or not packed.is_contiguous():
+            raise ValueError(f"{weight_key}: expected a contiguous packed tensor")
+        needed = (self.out_features * self.in_features + 1) // 2
+        if packed.numel() * packed.element_size() != needed:
+            raise ValueError(f"{weight_key}: holds {packed.numel() * packed.element_size()} bytes, needs {needed}")
+        bias_key = prefix + "bias"
+        bias = state_dict.get(bias_key)
+        if self.bias is None:
+            if bias is not None:
+                unexpected_keys.append(bias_key)
+        elif bias is None:
+            missing_keys.append(bias_key)
+        elif not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"{bias_key}: expected shape ({self.out_features},), got {tuple(getattr(bias, 'shape', ()))}")
+        storage = packed.reshape(-1).view(torch.uint8).reshape(-1, 1).to(self.weight.device)
+        if self.quant_storage != torch.uint8 and needed % torch.empty((), dtype=self.quant_storage).element_size() == 0:
+            storage = storage.reshape(-1).view(self.quant_storage).unsqueeze(1)
+        self._set_state(storage.clone(), state)
+        if self.bias is not None and bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(bias)

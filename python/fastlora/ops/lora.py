@@ -1,0 +1,73 @@
+"""Op: the fused QLoRA linear
+`y = x @ dequant(W).T + bias + scaling * (x_drop @ A.T) @ B.T`, differentiable in x,
+x_drop (dropout's output, which autograd carries back to x), bias, A and B.
+
+Backward forms the rank-r products first (`g @ B`, then `@ A`), never `B @ A`, and gets
+`dx` from the fused transposed 4-bit product, so W is never dequantized whole. The LoRA term
+runs in the adapter's dtype (fp32 adapters over a bf16 base, as PEFT does) and is added to
+y in y's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+torch.library.define(
+    "fastlora::lora_linear_4bit",
+    "(Tensor x, Tensor x_drop, Tensor packed, Tensor absmax, Tensor? bias, Tensor A, Tensor B, float scaling, "
+    "int blocksize, str quant_type) -> Tensor",
+)
+
+
+def _forward(
+    x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None,
+    A: torch.Tensor, B: torch.Tensor, scaling: float, blocksize: int, quant_type: str,
+) -> torch.Tensor:
+    n, k = B.shape[0], A.shape[1]
+    y = torch.ops.fastlora.matmul_4bit(x, packed, absmax, n, k, blocksize, quant_type, False)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    lora = (x_drop.to(A.dtype) @ A.t()) @ B.t()
+    return y.add_(lora.to(y.dtype), alpha=scaling)
+
+
+@torch.library.register_fake("fastlora::lora_linear_4bit")
+def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type):
+    return x.new_empty((*x.shape[:-1], B.shape[0]))
+
+
+for _device in ("cpu", "cuda"):
+    torch.library.register_kernel("fastlora::lora_linear_4bit", _device)(_forward)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type = inputs
+    ctx.save_for_backward(x_drop, packed, absmax, A, B)
+    ctx.args = (scaling, blocksize, quant_type, x.dtype, None if bias is None else bias.dtype)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x_drop, packed, absmax, A, B = ctx.saved_tensors
+    scaling, blocksize, quant_type, x_dtype, bias_dtype = ctx.args
+    needs_x, needs_x_drop, _, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:7]
+    n, k = B.shape[0], A.shape[1]
+    g = grad.reshape(-1, n)
+    grad_x = grad_x_drop = grad_bias = grad_A = grad_B = None
+    if needs_x:
+        grad_x = torch.ops.fastlora.matmul_4bit(grad, packed, absmax, n, k, blocksize, quant_type, True)
+    if needs_bias:
+        grad_bias = g.sum(0).to(bias_dtype)
+    if needs_x_drop or needs_A or needs_B:
+        xd = x_drop.reshape(-1, k).to(A.dtype)
+        g_lora = g.to(A.dtype)
+        g_u = (g_lora @ B) * scaling  # (m, r)
+        if needs_B:
+            grad_B = (g_lora.t() @ (xd @ A.t())) * scaling
+        if needs_A:
+            grad_A = g_u.t() @ xd
+        if needs_x_drop:
+            grad_x_drop = (g_u @ A).to(x_drop.dtype).reshape(x_drop.shape)
+    return grad_x, grad_x_drop, None, None, grad_bias, grad_A, grad_B, None, None, None
+
+
+torch.library.register_autograd("fastlora::lora_linear_4bit", _backward, setup_context=_setup_context)
