@@ -312,7 +312,8 @@ def test_json_entry(gen):
     _, plain = fastlora_state(random_tensor((32, 64), torch.bfloat16, gen), 64, "nf4", nested=False)
     entry = plain.as_dict(packed=True)["quant_state.bitsandbytes__nf4"]
     assert entry.dtype == torch.uint8 and entry.dim() == 1
-    assert json.loads(bytes(entry.tolist())) == {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [32, 64]}
+    expected = {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [32, 64]}
+    assert json.loads(bytes(entry.tolist())) == expected
 
     A = random_tensor((32, 64), torch.float32, gen)
     _, nested = fastlora_state(A, 128, "fp4", nested=True)

@@ -32,7 +32,9 @@ NF4_CODE: tuple[float, ...] = (
 
 # FP4 as bitsandbytes defines it (not OCP E2M1): bit 3 is the sign, the magnitude
 # bits 000..111 decode to 0, 0.0625, 8, 12, 4, 6, 2, 3, divided by 12 in float32.
-# Code 8 ("negative zero") is +0.0, as in bitsandbytes' torch table.
+# Code 8 ("negative zero") is +0.0, as in bitsandbytes' torch table; small positive
+# values (up to half of code 1) quantize to it. bitsandbytes' C dequantizer decodes
+# it as -0.0 instead: equal as a value, different as bits.
 FP4_CODE: tuple[float, ...] = (
     0.0,
     0.0052083334885537624,
