@@ -2,11 +2,13 @@
 
 Tensors reach Rust as 1-D numpy views sharing their memory (bf16/fp16 as uint16, which
 numpy can represent). The callers (`fastlora.ops`) have validated shapes and dtypes; the Rust
-side checks lengths again. Large-M products dequantize one tile of weight rows at a time in
-Rust and hand the tile to torch's BLAS, so no call holds more than a tile of fp32 weight.
+side checks lengths again.
 """
 
 from __future__ import annotations
+
+import mmap
+import math
 
 import numpy as np
 import torch
@@ -14,12 +16,6 @@ import torch
 from . import _native, _threads
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-# Up to this many activation rows the fused Rust kernels win; above it dequantized tiles
-# through torch's BLAS do (measured with `fastlora bench`, see README).
-FUSED_MAX_ROWS = 16
-# Bytes of fp32 weight dequantized at once on the large-M path.
-TILE_BYTES = 4 << 20
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -32,6 +28,27 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype in (torch.bfloat16, torch.float16):
         return flat.view(torch.int16).numpy().view(np.uint16)
     return flat.numpy()
+
+
+# Outputs at least this large get their own huge-page mapping (see `empty_output`).
+_HUGE_PAGE_MIN_BYTES = 4 << 20
+
+
+def empty_output(shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor. Large ones are backed by an anonymous mapping advised to
+    use transparent huge pages: a fresh 64 MiB output then costs 32 page faults instead of
+    16384, which otherwise take longer than the dequantization itself."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if nbytes < _HUGE_PAGE_MIN_BYTES or advise is None:
+        return torch.empty(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mapping.madvise(advise)
+    except OSError:
+        pass  # THP unavailable: still a valid (4 KiB-paged) buffer
+    # The tensor keeps `mapping` alive; it is unmapped when the tensor is freed.
+    return torch.frombuffer(mapping, dtype=dtype).view(shape)
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,10 +95,6 @@ def dequantize_blockwise(
     return out
 
 
-def _tile_rows(k: int) -> int:
-    return max(1, TILE_BYTES // (4 * k))
-
-
 def matmul_4bit(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -95,41 +108,14 @@ def matmul_4bit(
     """`x @ W.T` (or `x @ W` when `transposed`) for x of shape (..., k) (or (..., n))."""
     inner, outer = (n, k) if transposed else (k, n)
     x2d = x.reshape(-1, inner).contiguous()
-    m = x2d.shape[0]
-    if m <= FUSED_MAX_ROWS:
-        y = torch.empty((m, outer), dtype=x.dtype)
-        if m:
-            _threads.sync()
-            _native.matmul_4bit(
-                as_numpy(x2d), as_numpy(packed), as_numpy(absmax), n, k, blocksize, quant_type, transposed,
-                as_numpy(y), dtype_name(x.dtype),
-            )
-    else:
-        y = _matmul_tiled(x2d.float(), packed, absmax, n, k, blocksize, quant_type, transposed).to(x.dtype)
+    y = torch.empty((x2d.shape[0], outer), dtype=x.dtype)
+    if x2d.shape[0]:
+        _threads.sync()
+        _native.matmul_4bit(
+            as_numpy(x2d), as_numpy(packed), as_numpy(absmax), n, k, blocksize, quant_type, transposed,
+            as_numpy(y), dtype_name(x.dtype),
+        )
     return y.reshape(*x.shape[:-1], outer)
-
-
-def _matmul_tiled(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    n: int,
-    k: int,
-    blocksize: int,
-    quant_type: str,
-    transposed: bool,
-) -> torch.Tensor:
-    rows = _tile_rows(k)
-    tile = torch.empty((min(rows, n), k), dtype=torch.float32)
-    y = torch.zeros((x.shape[0], k)) if transposed else torch.empty((x.shape[0], n))
-    for r0 in range(0, n, rows):
-        r1 = min(r0 + rows, n)
-        w = dequantize_4bit_into(packed, absmax, n * k, blocksize, quant_type, r0 * k, tile[: r1 - r0])
-        if transposed:
-            y.addmm_(x[:, r0:r1], w)
-        else:
-            y[:, r0:r1] = x @ w.t()
-    return y
 
 
 def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ def _(
 def _(
     packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
 ) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype)
+    out = _cpu.empty_output(list(shape), dtype)
     return _cpu.dequantize_4bit_into(packed, absmax, out.numel(), blocksize, quant_type, 0, out)
 
 

@@ -14,6 +14,11 @@ pub trait Element: Copy + Send + Sync + 'static {
         }
     }
 
+    /// The slice itself when this type is fp32, so fp32 inputs are used without a copy.
+    fn as_f32(_values: &[Self]) -> Option<&[f32]> {
+        None
+    }
+
     /// The slice itself when this type is fp32, so fp32 outputs are written in place.
     fn as_f32_mut(_values: &mut [Self]) -> Option<&mut [f32]> {
         None
@@ -38,6 +43,9 @@ impl Element for f32 {
     }
     fn widen_into(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
+    }
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        Some(values)
     }
     fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]> {
         Some(values)

@@ -64,20 +64,58 @@ pub unsafe fn decode_pairs(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mu
     super::scalar::decode_pairs(table, &bytes[whole..], scale, &mut out[2 * whole..]);
 }
 
+/// The four byte planes of the code book's fp32 bit patterns, each a 16-entry
+/// `vpshufb` table repeated in both 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn byte_plane_tables(table: &[f32; 16]) -> [__m256i; 4] {
+    std::array::from_fn(|plane| {
+        let bytes: [u8; 16] = std::array::from_fn(|c| table[c].to_bits().to_le_bytes()[plane]);
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(bytes.as_ptr() as *const __m128i))
+    })
+}
+
+/// Decodes 16 packed bytes (32 weights) into four vectors of exact code values, in
+/// [`super::dot_layout`] order: each 128-bit lane of a vector holds 4 weights, low lane
+/// the low nibbles (odd elements), high lane the high nibbles (even elements).
+/// Byte shuffles (two per cycle) replace the lane-crossing permutes of `decode8`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode32(ptr: *const u8, planes: &[__m256i; 4]) -> [__m256; 4] {
+    let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(ptr as *const __m128i));
+    let codes = _mm256_and_si256(
+        _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+        _mm256_set1_epi8(0x0f),
+    );
+    let b0 = _mm256_shuffle_epi8(planes[0], codes);
+    let b1 = _mm256_shuffle_epi8(planes[1], codes);
+    let b2 = _mm256_shuffle_epi8(planes[2], codes);
+    let b3 = _mm256_shuffle_epi8(planes[3], codes);
+    let low01 = _mm256_unpacklo_epi8(b0, b1);
+    let high01 = _mm256_unpackhi_epi8(b0, b1);
+    let low23 = _mm256_unpacklo_epi8(b2, b3);
+    let high23 = _mm256_unpackhi_epi8(b2, b3);
+    [
+        _mm256_castsi256_ps(_mm256_unpacklo_epi16(low01, low23)),
+        _mm256_castsi256_ps(_mm256_unpackhi_epi16(low01, low23)),
+        _mm256_castsi256_ps(_mm256_unpacklo_epi16(high01, high23)),
+        _mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23)),
+    ]
+}
+
 pub unsafe fn fused_row_dot(
     table: &[f32; 16],
     bytes: &[u8],
     scales: &[f32],
     block_bytes: usize,
-    x_even: &[&[f32]],
-    x_odd: &[&[f32]],
+    xs: &[&[f32]],
     out: &mut [f32],
 ) {
     match out.len() {
-        1 => row_dot::<1>(table, bytes, scales, block_bytes, x_even, x_odd, out),
-        2 => row_dot::<2>(table, bytes, scales, block_bytes, x_even, x_odd, out),
-        3 => row_dot::<3>(table, bytes, scales, block_bytes, x_even, x_odd, out),
-        _ => row_dot::<4>(table, bytes, scales, block_bytes, x_even, x_odd, out),
+        1 => row_dot::<1>(table, bytes, scales, block_bytes, xs, out),
+        2 => row_dot::<2>(table, bytes, scales, block_bytes, xs, out),
+        3 => row_dot::<3>(table, bytes, scales, block_bytes, xs, out),
+        _ => row_dot::<4>(table, bytes, scales, block_bytes, xs, out),
     }
 }
 
@@ -87,32 +125,33 @@ unsafe fn row_dot<const ROWS: usize>(
     bytes: &[u8],
     scales: &[f32],
     block_bytes: usize,
-    x_even: &[&[f32]],
-    x_odd: &[&[f32]],
+    xs: &[&[f32]],
     out: &mut [f32],
 ) {
-    let (low_table, high_table) = load_tables(table);
-    let even: [*const f32; ROWS] = std::array::from_fn(|m| x_even[m].as_ptr());
-    let odd: [*const f32; ROWS] = std::array::from_fn(|m| x_odd[m].as_ptr());
+    let planes = byte_plane_tables(table);
+    let x: [*const f32; ROWS] = std::array::from_fn(|m| xs[m].as_ptr());
     let src = bytes.as_ptr();
     let mut total = [_mm256_setzero_ps(); ROWS];
     for (b, &scale) in scales.iter().enumerate() {
-        // Two chains per row (high and low nibbles) hide the FMA latency.
-        let mut acc_high = [_mm256_setzero_ps(); ROWS];
-        let mut acc_low = [_mm256_setzero_ps(); ROWS];
+        // Two chains per row hide the FMA latency.
+        let mut acc_a = [_mm256_setzero_ps(); ROWS];
+        let mut acc_b = [_mm256_setzero_ps(); ROWS];
         let start = b * block_bytes;
         let mut j = start;
         while j < start + block_bytes {
-            let (high, low) = decode8(src.add(j), low_table, high_table);
+            let w = decode32(src.add(j), &planes);
             for m in 0..ROWS {
-                acc_high[m] = _mm256_fmadd_ps(high, _mm256_loadu_ps(even[m].add(j)), acc_high[m]);
-                acc_low[m] = _mm256_fmadd_ps(low, _mm256_loadu_ps(odd[m].add(j)), acc_low[m]);
+                let xm = x[m].add(2 * j);
+                acc_a[m] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xm), acc_a[m]);
+                acc_b[m] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xm.add(8)), acc_b[m]);
+                acc_a[m] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xm.add(16)), acc_a[m]);
+                acc_b[m] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm.add(24)), acc_b[m]);
             }
-            j += 8;
+            j += super::CHUNK_BYTES;
         }
         let scale_v = _mm256_set1_ps(scale);
         for m in 0..ROWS {
-            total[m] = _mm256_fmadd_ps(_mm256_add_ps(acc_high[m], acc_low[m]), scale_v, total[m]);
+            total[m] = _mm256_fmadd_ps(_mm256_add_ps(acc_a[m], acc_b[m]), scale_v, total[m]);
         }
     }
     for m in 0..ROWS {

@@ -74,33 +74,54 @@ pub fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: 
     }
 }
 
+/// Packed bytes per chunk of the fused dot kernels (32 weights).
+pub const CHUNK_BYTES: usize = 16;
+
+/// Lays out an activation row (length a multiple of 32) for [`fused_row_dot`]: in each
+/// chunk of 32 elements, groups of 8 holding 4 odd elements then 4 even ones, which is the
+/// order in which the AVX2 kernel's byte-shuffle decode produces weights.
+pub fn dot_layout(x: &[f32]) -> Vec<f32> {
+    assert_eq!(x.len() % (2 * CHUNK_BYTES), 0);
+    let mut out = vec![0.0f32; x.len()];
+    for (chunk_out, chunk) in out.chunks_exact_mut(2 * CHUNK_BYTES).zip(x.chunks_exact(2 * CHUNK_BYTES)) {
+        for j in 0..CHUNK_BYTES {
+            chunk_out[dot_slot(j, false)] = chunk[2 * j];
+            chunk_out[dot_slot(j, true)] = chunk[2 * j + 1];
+        }
+    }
+    out
+}
+
+/// Where [`dot_layout`] puts the element of byte `j` of a chunk: its low nibble (odd
+/// element) when `low`, else its high nibble (even element).
+#[inline(always)]
+pub fn dot_slot(j: usize, low: bool) -> usize {
+    8 * (j / 4) + j % 4 + if low { 0 } else { 4 }
+}
+
 /// One packed weight row against up to [`MAX_ROWS`] activation rows:
-/// `out[m] = sum_b scales[b] * sum_{i in block b} table[code_i] * x_m[i]`.
-///
-/// `x_even[m]` / `x_odd[m]` hold the even and odd elements of activation row `m`, so the
-/// high and low nibbles of a byte meet their activations without shuffles.
-/// `block_bytes` is bytes per block (blocksize / 2); `bytes.len()` is a multiple of it.
+/// `out[m] = sum_b scales[b] * sum_{i in block b} table[code_i] * x_m[i]`, with each `x_m`
+/// in [`dot_layout`]. `block_bytes` (blocksize / 2) is a multiple of [`CHUNK_BYTES`] and
+/// `bytes.len()` a multiple of it.
+#[allow(clippy::too_many_arguments)]
 pub fn fused_row_dot(
     isa: Isa,
     table: &[f32; 16],
     bytes: &[u8],
     scales: &[f32],
     block_bytes: usize,
-    x_even: &[&[f32]],
-    x_odd: &[&[f32]],
+    xs: &[&[f32]],
     out: &mut [f32],
 ) {
     let rows = out.len();
-    assert!(rows >= 1 && rows <= MAX_ROWS && x_even.len() == rows && x_odd.len() == rows);
-    assert_eq!(bytes.len(), scales.len() * block_bytes);
-    assert!(x_even.iter().chain(x_odd).all(|x| x.len() >= bytes.len()));
+    assert!(rows >= 1 && rows <= MAX_ROWS && xs.len() == rows);
+    assert!(block_bytes % CHUNK_BYTES == 0 && bytes.len() == scales.len() * block_bytes);
+    assert!(xs.iter().all(|x| x.len() >= 2 * bytes.len()));
     match isa {
-        Isa::Scalar => scalar::fused_row_dot(table, bytes, scales, block_bytes, x_even, x_odd, out),
+        Isa::Scalar => scalar::fused_row_dot(table, bytes, scales, block_bytes, xs, out),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `decode_pairs`; slice lengths were checked above.
-        Isa::Avx2 => unsafe {
-            avx2::fused_row_dot(table, bytes, scales, block_bytes, x_even, x_odd, out)
-        },
+        Isa::Avx2 => unsafe { avx2::fused_row_dot(table, bytes, scales, block_bytes, xs, out) },
     }
 }
 

@@ -1,5 +1,7 @@
 //! The scalar kernels: the definition every SIMD kernel is tested against.
 
+use super::{dot_slot, CHUNK_BYTES};
+
 pub fn decode_pairs(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32]) {
     for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
         pair[0] = table[(b >> 4) as usize] * scale;
@@ -12,18 +14,19 @@ pub fn fused_row_dot(
     bytes: &[u8],
     scales: &[f32],
     block_bytes: usize,
-    x_even: &[&[f32]],
-    x_odd: &[&[f32]],
+    xs: &[&[f32]],
     out: &mut [f32],
 ) {
-    for (m, o) in out.iter_mut().enumerate() {
+    for (x, o) in xs.iter().zip(out.iter_mut()) {
         let mut total = 0.0f32;
         for (b, (block, &scale)) in bytes.chunks_exact(block_bytes).zip(scales).enumerate() {
-            let base = b * block_bytes;
             let mut sum = 0.0f32;
-            for (j, &byte) in block.iter().enumerate() {
-                sum += table[(byte >> 4) as usize] * x_even[m][base + j];
-                sum += table[(byte & 0x0f) as usize] * x_odd[m][base + j];
+            for (c, chunk) in block.chunks_exact(CHUNK_BYTES).enumerate() {
+                let xc = &x[2 * (b * block_bytes + c * CHUNK_BYTES)..];
+                for (j, &byte) in chunk.iter().enumerate() {
+                    sum += table[(byte >> 4) as usize] * xc[dot_slot(j, false)];
+                    sum += table[(byte & 0x0f) as usize] * xc[dot_slot(j, true)];
+                }
             }
             total += scale * sum;
         }

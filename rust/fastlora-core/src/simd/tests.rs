@@ -25,7 +25,7 @@ fn every_isa_decodes_like_scalar_bit_for_bit() {
 }
 
 #[test]
-fn every_isa_fused_dot_matches_scalar() {
+fn every_isa_fused_dot_matches_scalar_and_the_plain_definition() {
     let mut rng = Rng::new(2);
     for table in [&NF4_CODE, &FP4_CODE] {
         for (block_bytes, blocks) in [(16usize, 1usize), (32, 3), (64, 2), (2048, 1)] {
@@ -33,15 +33,18 @@ fn every_isa_fused_dot_matches_scalar() {
             let bytes = rng.bytes(len);
             let scales = rng.floats(blocks, 2.0);
             for rows in 1..=MAX_ROWS {
-                let even: Vec<Vec<f32>> = (0..rows).map(|_| rng.floats(len, 1.0)).collect();
-                let odd: Vec<Vec<f32>> = (0..rows).map(|_| rng.floats(len, 1.0)).collect();
-                let xe: Vec<&[f32]> = even.iter().map(|v| v.as_slice()).collect();
-                let xo: Vec<&[f32]> = odd.iter().map(|v| v.as_slice()).collect();
-                let mut expected = vec![f32::NAN; rows];
-                scalar::fused_row_dot(table, &bytes, &scales, block_bytes, &xe, &xo, &mut expected);
+                let plain: Vec<Vec<f32>> = (0..rows).map(|_| rng.floats(2 * len, 1.0)).collect();
+                let laid: Vec<Vec<f32>> = plain.iter().map(|x| dot_layout(x)).collect();
+                let xs: Vec<&[f32]> = laid.iter().map(|v| v.as_slice()).collect();
+                let mut weights = vec![0.0f32; 2 * len];
+                for (b, &scale) in scales.iter().enumerate() {
+                    let range = b * block_bytes..(b + 1) * block_bytes;
+                    scalar::decode_pairs(table, &bytes[range.clone()], scale, &mut weights[2 * range.start..2 * range.end]);
+                }
+                let expected: Vec<f32> = plain.iter().map(|x| dot(x, &weights)).collect();
                 for isa in available() {
                     let mut out = vec![f32::NAN; rows];
-                    fused_row_dot(isa, table, &bytes, &scales, block_bytes, &xe, &xo, &mut out);
+                    fused_row_dot(isa, table, &bytes, &scales, block_bytes, &xs, &mut out);
                     assert_close(&out, &expected, 1e-4, 1e-3, isa.name());
                 }
             }
