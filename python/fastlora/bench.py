@@ -1,25 +1,29 @@
 """`fastlora bench`: fastlora, bitsandbytes and dense torch side by side, in one process.
 
 Each case times every implementation round-robin (so machine noise hits them alike) and
-reports medians and the ratios to the other implementations. Memory is the growth of the
-process's peak resident set during one call (Linux `VmHWM`, reset before each call), which
-counts Rust, torch and bitsandbytes allocations alike.
+reports medians and ratios. Memory is the growth of the peak resident set during one call,
+measured in a fresh subprocess per implementation (Linux `VmHWM`), so it counts Rust, torch
+and bitsandbytes allocations alike and no allocator cache from earlier calls hides any.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 
-from . import functional
+import fastlora
+
+Impl = Callable[[], object]
 
 
 @dataclass
@@ -29,40 +33,7 @@ class Case:
     peak_mib: dict[str, float] = field(default_factory=dict)
 
 
-def _median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up: first-call allocation and dispatch costs are not the steady state
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def _peak_growth_mib(fn: Callable[[], object]) -> float | None:
-    """Peak RSS growth of one call, or None where /proc cannot reset the peak."""
-    try:
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss_kib("VmHWM")
-        fn()
-        return (_rss_kib("VmHWM") - before) / 1024
-    except OSError:
-        return None
-
-
-def _rss_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{key} not in /proc/self/status")
-
-
-def _bnb():
+def _bnb_functional():
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError:
@@ -70,90 +41,224 @@ def _bnb():
     return bnb_functional
 
 
-def bench_dequantize(n: int, k: int, repeats: int) -> Case:
+def dequantize_case(n: int, k: int) -> dict[str, Impl]:
     w = torch.randn(n, k)
-    packed, state = functional.quantize_4bit(w, quant_type="nf4")
-    fns: dict[str, Callable[[], object]] = {
-        "fastlora": lambda: functional.dequantize_4bit(packed, state),
-    }
-    bnb = _bnb()
+    packed, state = fastlora.quantize_4bit(w, quant_type="nf4")
+    impls: dict[str, Impl] = {"fastlora": lambda: fastlora.dequantize_4bit(packed, state)}
+    bnb = _bnb_functional()
     if bnb is not None:
         bnb_packed, bnb_state = bnb.quantize_4bit(w, quant_type="nf4")
-        fns["bitsandbytes"] = lambda: bnb.dequantize_4bit(bnb_packed, bnb_state)
-    fns["dense copy"] = lambda: w.clone()
-    return Case(f"dequantize nf4 {n}x{k} -> fp32", _median_ms(fns, repeats))
+        impls["bitsandbytes"] = lambda: bnb.dequantize_4bit(bnb_packed, bnb_state)
+    impls["dense copy"] = lambda: w.clone()
+    return impls
 
 
-def bench_matmul(m: int, n: int, k: int, repeats: int) -> Case:
+def matmul_case(m: int, n: int, k: int) -> dict[str, Impl]:
     w = torch.randn(n, k) * 0.02
     x = torch.randn(m, k)
-    packed, state = functional.quantize_4bit(w, quant_type="nf4")
-    fns: dict[str, Callable[[], object]] = {
-        "fastlora": lambda: functional.matmul_4bit(x, packed, state),
-    }
-    bnb = _bnb()
+    packed, state = fastlora.quantize_4bit(w, quant_type="nf4")
+    impls: dict[str, Impl] = {"fastlora": lambda: fastlora.matmul_4bit(x, packed, state)}
+    bnb = _bnb_functional()
     if bnb is not None:
         import bitsandbytes
 
         bnb_packed, bnb_state = bnb.quantize_4bit(w, quant_type="nf4")
-        fns["bitsandbytes"] = lambda: bitsandbytes.matmul_4bit(x, bnb_packed.t(), bnb_state)
-    fns["dense"] = lambda: torch.nn.functional.linear(x, w)
-    case = Case(f"matmul_4bit fp32 M={m} {n}x{k}", _median_ms(fns, repeats))
-    for name in ("fastlora", "bitsandbytes"):
-        if name in fns:
-            peak = _peak_growth_mib(fns[name])
+        impls["bitsandbytes"] = lambda: bitsandbytes.matmul_4bit(x, bnb_packed.t(), bnb_state)
+    impls["dense"] = lambda: torch.nn.functional.linear(x, w)
+    return impls
+
+
+class _PlainLora(nn.Module):
+    """Any frozen base layer plus a LoRA adapter in plain torch, as PEFT computes it."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, r: int) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.01)
+        self.scaling = 2.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def layer_case(m: int, n: int, k: int, r: int) -> dict[str, Impl]:
+    """Forward + backward of a frozen base + LoRA r, gradients for x and the adapter."""
+    dense = nn.Linear(k, n, bias=False)
+    dense.weight.requires_grad_(False)
+    x = torch.randn(m, k, requires_grad=True)
+    grad = torch.randn(m, n)
+
+    def step(layer: nn.Module) -> Impl:
+        def run() -> None:
+            layer(x).backward(grad)
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+
+        return run
+
+    ours = fastlora.LoraLinear(fastlora.Linear4bit.from_linear(dense), r=r, init_lora_weights=False)
+    impls: dict[str, Impl] = {"fastlora": step(ours)}
+    try:
+        import bitsandbytes as bnb
+
+        base = bnb.nn.Linear4bit(k, n, bias=False, quant_type="nf4", compress_statistics=True)
+        base.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        base = base.to("cpu")
+        impls["bitsandbytes"] = step(_PlainLora(base, k, n, r))
+    except ImportError:
+        pass
+    impls["dense"] = step(_PlainLora(dense, k, n, r))
+    return impls
+
+
+# key: (builder of the implementations, measure memory); shapes are (m, n, k[, r]).
+FULL_SHAPES = {"dequantize": (4096, 4096), "matmul_m1": (1, 11008, 4096), "matmul_m512": (512, 4096, 4096),
+               "layer": (512, 4096, 4096, 16)}
+QUICK_SHAPES = {"dequantize": (1024, 1024), "matmul_m1": (1, 2752, 1024), "matmul_m512": (64, 1024, 1024),
+                "layer": (64, 1024, 1024, 16)}
+CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
+    "dequantize": (dequantize_case, False),
+    "matmul_m1": (matmul_case, True),
+    "matmul_m512": (matmul_case, True),
+    "layer": (layer_case, True),
+}
+
+
+def title(key: str, quick: bool) -> str:
+    shape = (QUICK_SHAPES if quick else FULL_SHAPES)[key]
+    if key == "dequantize":
+        return f"dequantize nf4 {shape[0]}x{shape[1]} -> fp32"
+    if key == "layer":
+        m, n, k, r = shape
+        return f"Linear4bit + LoRA r={r} fwd+bwd fp32 M={m} {n}x{k}"
+    m, n, k = shape
+    return f"matmul_4bit fp32 M={m} {n}x{k}"
+
+
+def build(key: str, quick: bool) -> dict[str, Impl]:
+    return CASES[key][0](*(QUICK_SHAPES if quick else FULL_SHAPES)[key])
+
+
+def _median_ms(impls: dict[str, Impl], repeats: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in impls}
+    for fn in impls.values():
+        fn()  # warm-up: first-call costs are not the steady state
+    for _ in range(repeats):
+        for name, fn in impls.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def memory_probe(case: str, impl: str, quick: bool) -> float:
+    """Peak RSS growth (MiB) of one call of `impl` in `case`, in this (fresh) process."""
+    fn = build(case, quick)[impl]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def _peak_mib(case: str, impl: str, quick: bool) -> float | None:
+    code = (
+        "import sys, fastlora.bench as b; "
+        f"print(b.memory_probe({case!r}, {impl!r}, {quick!r}))"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        return None
+
+
+def run_case(key: str, quick: bool, repeats: int) -> Case:
+    measure_memory = CASES[key][1]
+    impls = build(key, quick)
+    case = Case(title(key, quick), _median_ms(impls, repeats))
+    del impls
+    if measure_memory and sys.platform == "linux":
+        for impl in case.times_ms:
+            peak = _peak_mib(key, impl, quick)
             if peak is not None:
-                case.peak_mib[name] = peak
-    case.peak_mib["dense fp32 weight"] = w.numel() * 4 / 2**20
+                case.peak_mib[impl] = peak
     return case
 
 
-def _format(cases: list[Case]) -> str:
-    lines = []
+def format_table(cases: list[Case]) -> str:
+    lines = [
+        "| case | fastlora ms | bitsandbytes ms | dense ms | vs bitsandbytes | vs dense | peak MiB fastlora / bnb / dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for case in cases:
-        base = case.times_ms.get("fastlora")
-        parts = []
-        for name, ms in case.times_ms.items():
-            ratio = "" if name == "fastlora" or not base else f" (fastlora {ms / base:.2f}x faster)"
-            parts.append(f"{name} {ms:8.2f} ms{ratio}")
-        lines.append(f"{case.name}\n    " + "\n    ".join(parts))
-        if case.peak_mib:
-            mem = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in case.peak_mib.items())
-            lines.append(f"    peak memory growth: {mem}")
+        t = case.times_ms
+        ours = t["fastlora"]
+        bnb = t.get("bitsandbytes")
+        dense = t.get("dense", t.get("dense copy"))
+        mem = " / ".join(f"{case.peak_mib[k]:.0f}" if k in case.peak_mib else "-" for k in ("fastlora", "bitsandbytes", "dense"))
+        lines.append(
+            f"| {case.name} | {ours:.2f} | {bnb:.2f} | {dense:.2f} | {bnb / ours:.2f}x faster | "
+            f"{ours / dense:.2f}x the time | {mem} |"
+            if bnb is not None
+            else f"| {case.name} | {ours:.2f} | - | {dense:.2f} | - | {ours / dense:.2f}x the time | {mem} |"
+        )
     return "\n".join(lines)
 
 
-def run(quick: bool = False, repeats: int | None = None, json_path: str | None = None) -> list[Case]:
-    """Runs the benchmark suite, prints the table, optionally writes JSON; returns the cases."""
-    repeats = repeats or (3 if quick else 9)
-    big, ffn = (1024, 2752) if quick else (4096, 11008)
-    cases = [
-        bench_dequantize(big, big, repeats),
-        bench_matmul(1, ffn, big, repeats),
-        bench_matmul(512 if not quick else 64, big, big, repeats),
-    ]
-    print(_header())
-    print(_format(cases))
-    if json_path:
-        tmp = json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"machine": _machine(), "cases": [asdict(c) for c in cases]}, f, indent=2)
-        os.replace(tmp, json_path)
-    return cases
-
-
-def _machine() -> dict[str, object]:
-    from . import get_num_threads, simd_level
-
+def machine() -> dict[str, object]:
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": get_num_threads(),
-        "simd": simd_level(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": fastlora.get_num_threads(),
+        "simd": fastlora.simd_level(),
         "torch": torch.__version__,
+        "python": platform.python_version(),
     }
 
 
-def _header() -> str:
-    m = _machine()
-    return f"fastlora bench  {m['date']}  {m['cpu']}  threads={m['threads']}  simd={m['simd']}  torch {m['torch']}"
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(quick: bool = False, repeats: int | None = None, json_path: str | None = None,
+        cases: list[str] | None = None) -> list[Case]:
+    """Runs the suite, prints a markdown table, optionally writes JSON; returns the cases."""
+    repeats = repeats or (3 if quick else 9)
+    keys = cases or list(CASES)
+    unknown = [k for k in keys if k not in CASES]
+    if unknown:
+        raise ValueError(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
+    info = machine()
+    print(f"fastlora bench {info['date']}: {info['cpu']}, {info['threads']} threads, simd={info['simd']}, "
+          f"torch {info['torch']}, median of {repeats}")
+    results = []
+    for key in keys:
+        results.append(run_case(key, quick, repeats))
+        print(format_table(results[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(results))
+    if json_path:
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"machine": info, "repeats": repeats, "cases": [asdict(c) for c in results]}, f, indent=2)
+        os.replace(tmp, json_path)
+    return results

@@ -17,6 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
     bench.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 9, quick 3)")
     bench.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
+    bench.add_argument("--case", dest="cases", action="append", default=None,
+                       help="run only this case (repeatable): dequantize, matmul_m1, matmul_m512, layer")
     return parser
 
 
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from . import bench
 
-            bench.run(quick=args.quick, repeats=args.repeats, json_path=args.json_path)
+            bench.run(quick=args.quick, repeats=args.repeats, json_path=args.json_path, cases=args.cases)
     except (ValueError, OSError) as exc:
         print(f"fastlora {args.command}: error: {exc}", file=sys.stderr)
         return 2
