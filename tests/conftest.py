@@ -1,7 +1,14 @@
 import os
+import shutil
 
-import pytest
-import torch
+# Without a GPU, Triton's kernels run on CPU tensors under its interpreter, which must be
+# chosen before triton is first imported (torch may import it): so here, before torch, and
+# by a check that does not import torch.
+if not os.path.exists("/dev/nvidia0") and shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 QUANT_TYPES = ["nf4", "fp4"]
 
 
+def bnb_dequantize(packed, state):
+    """bitsandbytes' dequantize, reshaped: it returns 1-D and single-row shapes transposed."""
+    return bnbF.dequantize_4bit(packed, state).reshape(state.shape)
+
+
 def random_weight(shape, dtype=torch.float32):
     return (torch.randn(shape) * 0.7 + 0.1).to(dtype)
 
@@ -33,7 +38,7 @@ def test_quantize_and_dequantize_match_bitsandbytes_byte_for_byte(quant_type, dt
     assert torch.equal(packed, bnb_packed)
     assert torch.equal(state.absmax, bnb_state.absmax)
     out = fastlora.dequantize_4bit(packed, state)
-    expected = bnbF.dequantize_4bit(bnb_packed, bnb_state)
+    expected = bnb_dequantize(bnb_packed, bnb_state)
     assert out.dtype == dtype and out.shape == w.shape
     assert torch.equal(out, expected)
 
@@ -48,14 +53,14 @@ def test_double_quantization_matches_bitsandbytes(quant_type, dtype):
     assert torch.equal(state.absmax, bnb_state.absmax)
     assert torch.equal(state.state2.absmax, bnb_state.state2.absmax)
     assert torch.equal(torch.as_tensor(state.offset), torch.as_tensor(bnb_state.offset))
-    assert torch.equal(fastlora.dequantize_4bit(packed, state), bnbF.dequantize_4bit(bnb_packed, bnb_state))
+    assert torch.equal(fastlora.dequantize_4bit(packed, state), bnb_dequantize(bnb_packed, bnb_state))
 
 
 def test_dequantize_accepts_a_state_quantized_by_bitsandbytes():
     w = random_weight((128, 192), torch.bfloat16)
     bnb_packed, bnb_state = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     state = fastlora.QuantState.from_dict(bnb_state.as_dict(packed=True), device="cpu")
-    assert torch.equal(fastlora.dequantize_4bit(bnb_packed, state), bnbF.dequantize_4bit(bnb_packed, bnb_state))
+    assert torch.equal(fastlora.dequantize_4bit(bnb_packed, state), bnb_dequantize(bnb_packed, bnb_state))
 
 
 def test_native_kernels_write_every_element_of_a_poisoned_output():
@@ -163,7 +168,7 @@ def test_property_kernels_agree_with_bitsandbytes_and_float64(rows, cols, blocks
     packed, state = fastlora.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
     bnb_packed, bnb_state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
     assert torch.equal(packed, bnb_packed) and torch.equal(state.absmax, bnb_state.absmax)
-    assert torch.equal(fastlora.dequantize_4bit(packed, state), bnbF.dequantize_4bit(bnb_packed, bnb_state))
+    assert torch.equal(fastlora.dequantize_4bit(packed, state), bnb_dequantize(bnb_packed, bnb_state))
     x = torch.randn(m, cols, generator=gen).to(dtype)
     assert_matmul_close(fastlora.matmul_4bit(x, packed, state), x, dense_fp32(packed, state))
 

@@ -16,6 +16,7 @@ from .adapter import load_adapter, save_adapter
 from .model import merge_and_unload, prepare_model
 from .nn import Linear4bit, LoraLinear
 from .quant_state import QuantState
+from . import train  # fastlora.train(...) trains (the package is callable)
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,5 @@ __all__ = [
     "quantize_4bit",
     "set_num_threads",
     "simd_level",
+    "train",
 ]

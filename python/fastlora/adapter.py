@@ -19,22 +19,30 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model import lora_layers, prepare_model
+from .model import find_target_modules, lora_layers, prepare_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FASTLORA_CONFIG_NAME = "fastlora_config.json"
 KEY_PREFIX = "base_model.model."
+_QUANT_KEYS = ("quant_type", "compress_statistics", "blocksize", "quantize")
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _atomic_write(files: dict[Path, object]) -> None:
+    """Writes every file to a temporary name (`{path: write(tmp_path)}`), then renames them all:
+    a failure while writing leaves no temporary file and the previous files untouched."""
+    temps: dict[Path, str] = {}
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in files.items():
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            temps[path] = tmp
+            write(tmp)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -87,10 +95,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-    quant = {k: settings[k] for k in ("quant_type", "compress_statistics", "blocksize", "quantize") if k in settings}
-    _atomic_write(directory / FASTLORA_CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(quant, indent=2)))
+    quant = {k: settings[k] for k in _QUANT_KEYS if k in settings}
+    _atomic_write({
+        directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)),
+        directory / FASTLORA_CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(quant, indent=2)),
+    })
     return directory
 
 
@@ -102,7 +112,9 @@ def _read_config(directory: Path) -> dict:
         raise FileNotFoundError(f"{path}: no adapter config here") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: not a LoRA adapter config (peft_type={config.get('peft_type')!r})")
     for key in ("r", "lora_alpha"):
         value = config.get(key, 8)  # peft's defaults
@@ -110,7 +122,26 @@ def _read_config(directory: Path) -> dict:
             raise ValueError(f"{path}: {key} must be a positive number, got {value!r}")
     if config.get("use_dora"):
         raise ValueError(f"{path}: DoRA adapters are not supported")
+    for key in ("rank_pattern", "alpha_pattern"):  # per-layer r/alpha would silently get the wrong scaling
+        if config.get(key):
+            raise ValueError(f"{path}: {key} (per-layer settings) is not supported")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, (str, list)):
+        raise ValueError(f"{path}: target_modules must be a string or a list, got {targets!r}")
     return config
+
+
+def _read_quant_settings(directory: Path) -> dict:
+    path = directory / FASTLORA_CONFIG_NAME
+    if not path.exists():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(settings).__name__}")
+    return {k: v for k, v in settings.items() if k in _QUANT_KEYS}
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, **prepare_kwargs) -> nn.Module:
@@ -129,37 +160,49 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, **prepare_kwarg
         raise ValueError(f"{weights_path}: unreadable safetensors file ({exc})") from None
 
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    if not lora_layers(model):
-        fast = directory / FASTLORA_CONFIG_NAME
-        quant = json.loads(fast.read_text()) if fast.exists() else {}
-        options = {k: v for k, v in quant.items() if k in ("quant_type", "compress_statistics", "blocksize", "quantize")}
-        options.update(prepare_kwargs)
-        prepare_model(
-            model, r=r, lora_alpha=alpha, target_modules=config.get("target_modules") or "all-linear",
-            lora_dropout=config.get("lora_dropout", 0.0) or 0.0, use_rslora=bool(config.get("use_rslora", False)),
-            **options,
-        )
+    use_rslora = bool(config.get("use_rslora", False))
+    # Every key and shape is checked against the model (or, for a model still to be prepared,
+    # against the layers the config targets) before anything changes.
     layers = lora_layers(model)
+    options = None
+    if layers:
+        for name, layer in layers.items():
+            if (layer.r, layer.lora_alpha, layer.use_rslora) != (r, alpha, use_rslora):
+                raise ValueError(f"{name}: layer has r={layer.r}, lora_alpha={layer.lora_alpha}, use_rslora="
+                                 f"{layer.use_rslora}; the adapter has r={r}, lora_alpha={alpha}, use_rslora={use_rslora}")
+        features = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+    else:
+        options = {
+            "r": r, "lora_alpha": alpha, "target_modules": config.get("target_modules") or "all-linear",
+            "lora_dropout": config.get("lora_dropout", 0.0) or 0.0, "use_rslora": use_rslora,
+            **_read_quant_settings(directory), **prepare_kwargs,
+        }
+        names = find_target_modules(model, options["target_modules"])
+        features = {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features)
+                    for name in names}
 
-    updates: list[tuple[torch.Tensor, torch.Tensor]] = []
-    expected = set()
-    for name, layer in layers.items():
-        if (layer.r, layer.use_rslora) != (r, bool(config.get("use_rslora", False))) or layer.lora_alpha != alpha:
-            raise ValueError(f"{name}: layer has r={layer.r}, lora_alpha={layer.lora_alpha}; the adapter has r={r}, "
-                             f"lora_alpha={alpha}")
-        for part in ("lora_A", "lora_B"):
-            key = f"{KEY_PREFIX}{name}.{part}.weight"
-            expected.add(key)
-            if key not in state:
-                raise ValueError(f"{weights_path}: missing key {key}")
-            target = getattr(layer, part).weight
-            if tuple(state[key].shape) != tuple(target.shape):
-                raise ValueError(f"{weights_path}: {key} has shape {tuple(state[key].shape)}, the model needs "
-                                 f"{tuple(target.shape)}")
-            updates.append((target, state[key]))
-    extra = sorted(set(state) - expected)
+    expected = {}
+    for name, (in_features, out_features) in features.items():
+        expected[f"{KEY_PREFIX}{name}.lora_A.weight"] = (r, in_features)
+        expected[f"{KEY_PREFIX}{name}.lora_B.weight"] = (out_features, r)
+    for key, shape in expected.items():
+        if key not in state:
+            raise ValueError(f"{weights_path}: missing key {key}")
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"{weights_path}: {key} has shape {tuple(state[key].shape)}, the model needs {shape}")
+        if not state[key].is_floating_point():
+            raise ValueError(f"{weights_path}: {key} has dtype {state[key].dtype}, expected a float dtype")
+    extra = sorted(set(state) - set(expected))
     if extra:
         raise ValueError(f"{weights_path}: unexpected key {extra[0]} (no such LoRA layer in the model)")
+
+    if options is not None:
+        prepare_model(model, **options)
+        layers = lora_layers(model)
+    updates = [
+        (getattr(layer, part).weight, state[f"{KEY_PREFIX}{name}.{part}.weight"])
+        for name, layer in layers.items() for part in ("lora_A", "lora_B")
+    ]
     with torch.no_grad():
         for target, value in updates:
             target.copy_(value)

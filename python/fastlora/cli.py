@@ -6,6 +6,131 @@ import argparse
 import sys
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, but not `None` (those say what they mean in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is argparse.SUPPRESS or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _add_train(commands) -> None:
+    from .train.trainer import TrainConfig
+
+    d = TrainConfig()
+    p = commands.add_parser(
+        "train",
+        help="QLoRA fine-tune a causal LM (no arguments: a tiny Llama on a shipped task set, on CPU in minutes)",
+        description="QLoRA fine-tuning: the model's linear layers become frozen 4-bit layers with trainable LoRA "
+                    "adapters. Under torchrun (torchrun --nproc-per-node N -m fastlora train ...) it trains on N "
+                    "processes with DDP or FSDP2.",
+        formatter_class=_Defaults,
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None,
+                   help="a local Hugging Face model directory (also one written by `fastlora quantize`) or a Hub id "
+                        "(default: the tiny Llama shipped with fastlora, randomly initialized with a fixed seed)")
+    g.add_argument("--data", default=None,
+                   help='a JSONL file of {"text": ...} or {"prompt": ..., "response": ...} records (loss on the '
+                        "response only), or a plain text file (documents separated by blank lines) "
+                        "(default: a small task set shipped with fastlora)")
+    g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per row")
+    g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=d.packing,
+                   help="concatenate examples into full rows (else pad each example)")
+    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
+                   help="fraction of examples held out for evaluation (0: none)")
+    g = p.add_argument_group("LoRA and quantization")
+    g.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (scaling alpha / r)")
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA input")
+    g.add_argument("--target-modules", default=d.target_modules,
+                   help="'all-linear' (every linear layer but the output head) or names separated by commas, "
+                        "e.g. q_proj,v_proj")
+    g.add_argument("--quant-type", choices=("nf4", "fp4"), default=d.quant_type, help="4-bit data type")
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=d.double_quant,
+                   help="quantize the block scales too (bitsandbytes' compress_statistics)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per micro-batch and process")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
+                   help="fraction of --max-steps of linear warmup before the cosine decay")
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: none)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=d.gradient_checkpointing, help="recompute activations in backward to save memory")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the LoRA init, data order and dropout")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default=d.output_dir,
+                   help="checkpoints, metrics.jsonl, the final adapter (adapter/) and merged model (merged/)")
+    g.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint every N steps (0: never)")
+    g.add_argument("--save-total-limit", type=int, default=d.save_total_limit,
+                   help="checkpoints to keep (0: all)")
+    g.add_argument("--eval-steps", type=int, default=d.eval_steps,
+                   help="evaluate every N steps (0: only after the last step)")
+    g.add_argument("--resume", nargs="?", const=True, default=d.resume, metavar="CHECKPOINT",
+                   help="continue from the last checkpoint in --output-dir (or from CHECKPOINT); starts fresh "
+                        "when there is none")
+    g.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
+    g.add_argument("--merge", action="store_true", help="also write the merged dense model (save_pretrained)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="progress bar")
+    g = p.add_argument_group("devices")
+    g.add_argument("--device", default=d.device, help="auto: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    g.add_argument("--distributed", choices=("auto", "none", "ddp", "fsdp"), default=d.distributed,
+                   help="under torchrun: auto is DDP when WORLD_SIZE > 1; fsdp shards the 4-bit model (FSDP2)")
+
+
+def _add_quantize(commands) -> None:
+    p = commands.add_parser(
+        "quantize",
+        help="write a model's weights as bitsandbytes-format 4-bit safetensors",
+        description="Quantizes a model's linear layers to 4 bits and writes model.safetensors with bitsandbytes' "
+                    "Linear4bit keys (weight, weight.absmax, weight.quant_map, weight.nested_*, "
+                    "weight.quant_state.bitsandbytes__nf4), every other tensor as it is, config.json (with a "
+                    "bitsandbytes quantization_config) and the tokenizer.",
+        formatter_class=_Defaults,
+    )
+    p.add_argument("--model", default=None,
+                   help="a local Hugging Face model directory or a Hub id (default: the tiny Llama shipped with "
+                        "fastlora)")
+    p.add_argument("--output-dir", required=True, help="where to write (must not exist or be empty)")
+    p.add_argument("--target-modules", default="all-linear",
+                   help="'all-linear' (every linear layer but the output head) or names separated by commas")
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit data type")
+    p.add_argument("--blocksize", type=int, default=64, help="values per scale")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize the block scales too (bitsandbytes' compress_statistics)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype the model is loaded in (the dequantized weights' dtype)")
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines) or type(exc).__name__
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    options = {k: v for k, v in vars(args).items() if k != "command"}
+    train(**options)
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    import torch
+
+    from .train.quantize import quantize_to_dir
+
+    out = quantize_to_dir(args.model, args.output_dir, target_modules=args.target_modules, quant_type=args.quant_type,
+                          blocksize=args.blocksize, compress_statistics=args.double_quant,
+                          dtype=getattr(torch, args.dtype))
+    print(f"fastlora quantize: wrote {out}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastlora", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -19,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
     bench.add_argument("--case", dest="cases", action="append", default=None,
                        help="run only this case (repeatable): dequantize, matmul_m1, matmul_m512, layer")
+    _add_train(commands)
+    _add_quantize(commands)
     return parser
 
 
@@ -29,7 +156,14 @@ def main(argv: list[str] | None = None) -> int:
             from . import bench
 
             bench.run(quick=args.quick, repeats=args.repeats, json_path=args.json_path, cases=args.cases)
+        elif args.command == "train":
+            _train(args)
+        elif args.command == "quantize":
+            _quantize(args)
     except (ValueError, OSError) as exc:
-        print(f"fastlora {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fastlora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fastlora {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0

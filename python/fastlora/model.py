@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _checks
 from .nn import Linear4bit, LoraLinear
+from .nn.lora import check_lora_args
 
 ALL_LINEAR = "all-linear"
 
@@ -28,15 +30,25 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str] | tupl
     elif not isinstance(target_modules, (list, tuple)) or not all(isinstance(t, str) and t for t in target_modules):
         raise ValueError(f"target_modules must be 'all-linear' or a list of module names, got {target_modules!r}")
     head = _output_head(model)
+    # nn.MultiheadAttention reads its out_proj's weight directly instead of calling it: a LoRA
+    # layer in its place would break the attention (AttributeError on .weight).
+    in_attention = {
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_children()
+    }
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not name:
             continue
         if target_modules == ALL_LINEAR:
-            if module is head or (head is None and name.split(".")[-1] == "lm_head"):
+            if module is head or (head is None and name.split(".")[-1] == "lm_head") or name in in_attention:
                 continue
             names.append(name)
         elif any(name == t or name.endswith("." + t) for t in target_modules):
+            if name in in_attention:
+                raise ValueError(f"{name} belongs to an nn.MultiheadAttention, which reads its weight directly; "
+                                 "fastlora cannot put a LoRA layer there")
             names.append(name)
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear layer of this model")
@@ -73,7 +85,17 @@ def prepare_model(
     `save_adapter`."""
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; prepare_model applies once")
+    # Everything that can fail is checked before the model changes: a bad call leaves it as it was.
+    check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
     names = find_target_modules(model, target_modules)
+    if quantize:
+        _checks.quant_type(quant_type)
+        _checks.blocksize(blocksize)
+        if compute_dtype is not None and compute_dtype not in _checks.FLOAT_DTYPES:
+            raise ValueError(f"compute_dtype must be float32, bfloat16, float16 or None, got {compute_dtype!r}")
+        for name in names:
+            weight = _checks.float_tensor(f"{name}.weight", model.get_submodule(name).weight.detach())
+            _checks.finite(f"{name}.weight", weight)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:

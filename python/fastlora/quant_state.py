@@ -135,7 +135,8 @@ class QuantState:
         if not torch.equal(quant_map, code_tensor(quant_type, quant_map.device)):
             raise ValueError(f"quant_map: does not match the standard {quant_type} code table")
 
-        nested = "nested_absmax" in entries
+        # Any nested entry makes the state nested, so a missing nested_absmax is named as such.
+        nested = any(name in entries for name in _NESTED_KEYS)
         n_blocks = -(-prod(shape) // blocksize)
         absmax = _tensor(entries, "absmax", torch.uint8 if nested else torch.float32, numel=n_blocks)
         offset: torch.Tensor | None = None

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import _checks
+from ..formats import NESTED_BLOCKSIZE
 from ..functional import quantize_4bit
 from ..quant_state import QuantState
 
@@ -30,7 +31,30 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-class Linear4bit(nn.Module):
+def check_input(x: object, in_features: int, compute_dtype: torch.dtype | None) -> None:
+    """Raises before the kernels see an input that does not fit (they would fail obscurely)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if (compute_dtype or x.dtype) not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}: without a compute_dtype it must be float32, bfloat16 or float16")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+
+
+class AtomicLoad:
+    """`load_state_dict` all or nothing: torch loads what fits and only then raises for missing
+    or unexpected keys (a submodule is never told `strict`), so a failed load is rolled back."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        backup = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            super().load_state_dict(backup)
+            raise
+
+
+class Linear4bit(AtomicLoad, nn.Module):
     """`y = x @ dequantize(W).T + bias` with W stored in 4 bits (NF4 by default).
 
     `compute_dtype` is the dtype the product runs in (default: the input's); the output is
@@ -119,13 +143,15 @@ class Linear4bit(nn.Module):
             self.register_buffer("nested_absmax", state.state2.absmax, persistent=False)
             self.register_buffer("nested_quant_map", state.state2.code, persistent=False)
             self.register_buffer("nested_offset", torch.as_tensor(state.offset, dtype=torch.float32), persistent=False)
+        self.nested_blocksize = state.state2.blocksize if state.nested else NESTED_BLOCKSIZE
 
     @property
     def quant_state(self) -> QuantState:
         """The weight's bitsandbytes-style `QuantState`, built from the layer's buffers."""
         state2 = None
         if self.compress_statistics:
-            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_quant_map, blocksize=256, dtype=torch.float32)
+            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_quant_map, blocksize=self.nested_blocksize,
+                                dtype=torch.float32)
         return QuantState(
             absmax=self.absmax, shape=(self.out_features, self.in_features), code=self.quant_map,
             blocksize=self.blocksize, quant_type=self.quant_type, dtype=self.weight_dtype,
@@ -140,7 +166,7 @@ class Linear4bit(nn.Module):
         if not self.compress_statistics:
             return self.absmax
         return torch.ops.fastlora.dequantize_blockwise(
-            self.absmax, self.nested_absmax, self.nested_quant_map, 256, self.nested_offset
+            self.absmax, self.nested_absmax, self.nested_quant_map, self.nested_blocksize, self.nested_offset
         )
 
     def dequantize(self) -> torch.Tensor:
@@ -151,6 +177,7 @@ class Linear4bit(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features, self.compute_dtype)
         dtype = self.compute_dtype or x.dtype
         y = torch.ops.fastlora.matmul_4bit(
             x.to(dtype), self.packed_bytes(), self.block_scales(), self.out_features, self.in_features,
@@ -196,17 +223,26 @@ class Linear4bit(nn.Module):
                               error_msgs):
         """Loads bitsandbytes-format keys. Everything is checked before anything changes;
         a state that does not fit raises `ValueError` naming the key."""
-        weight_key = prefix + "weight"
+        weight_key, bias_key = prefix + "weight", prefix + "bias"
+        sub = {k[len(weight_key) + 1:]: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
+        known = {k for k in sub if k in _STATE_KEYS or k.startswith("quant_state.")}
+        # nn.Module's own strict check (this override replaces it): every other key under the
+        # prefix is unexpected. The layer has no children, so all of them are its keys.
+        expected = {weight_key, bias_key} | {weight_key + "." + k for k in known}
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in expected)
+        if self.bias is None and bias_key in state_dict:
+            unexpected_keys.append(bias_key)
+        elif self.bias is not None and bias_key not in state_dict:
+            missing_keys.append(bias_key)
         if weight_key not in state_dict:
             missing_keys.append(weight_key)
             return
-        sub = {k[len(weight_key) + 1:]: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
-        known = {k for k in sub if k in _STATE_KEYS or k.startswith("quant_state.")}
-        unexpected_keys.extend(weight_key + "." + k for k in sub if k not in known)
         if not any(k.startswith("quant_state.bitsandbytes__") for k in known):
             raise ValueError(f"{weight_key}.quant_state.bitsandbytes__{self.quant_type}: missing; not a 4-bit state dict")
         try:
-            state = QuantState.from_dict({k: sub[k] for k in known}, device=self.weight.device)
+            # Copies: the layer must not alias the caller's state dict tensors.
+            copies = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sub.items() if k in known}
+            state = QuantState.from_dict(copies, device=self.weight.device)
         except ValueError as exc:
             raise ValueError(f"{weight_key}.{exc}") from None
         if state.quant_type != self.quant_type:
@@ -222,14 +258,10 @@ class Linear4bit(nn.Module):
         needed = (self.out_features * self.in_features + 1) // 2
         if packed.numel() * packed.element_size() != needed:
             raise ValueError(f"{weight_key}: holds {packed.numel() * packed.element_size()} bytes, needs {needed}")
-        bias_key = prefix + "bias"
         bias = state_dict.get(bias_key)
-        if self.bias is None:
-            if bias is not None:
-                unexpected_keys.append(bias_key)
-        elif bias is None:
-            missing_keys.append(bias_key)
-        elif not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,):
+        if self.bias is not None and bias is not None and (
+            not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,)
+        ):
             raise ValueError(f"{bias_key}: expected shape ({self.out_features},), got {tuple(getattr(bias, 'shape', ()))}")
         storage = packed.reshape(-1).view(torch.uint8).reshape(-1, 1).to(self.weight.device)
         if self.quant_storage != torch.uint8 and needed % torch.empty((), dtype=self.quant_storage).element_size() == 0:

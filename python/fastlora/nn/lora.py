@@ -13,12 +13,25 @@ import math
 import torch
 from torch import nn
 
-from .linear4bit import Linear4bit
+from .linear4bit import AtomicLoad, Linear4bit, check_input
 
 INIT_CHOICES = (True, False, "gaussian")
 
 
-class LoraLinear(nn.Module):
+def check_lora_args(r: object, lora_alpha: object, lora_dropout: object, init_lora_weights: object) -> None:
+    """Raises `ValueError` naming the first LoRA setting that is out of range."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha)
+            or lora_alpha <= 0):
+        raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if not (isinstance(init_lora_weights, bool) or init_lora_weights == "gaussian"):  # `1 in INIT_CHOICES` holds
+        raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
+
+
+class LoraLinear(AtomicLoad, nn.Module):
     def __init__(
         self,
         base_layer: nn.Linear | Linear4bit,
@@ -31,14 +44,7 @@ class LoraLinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, (nn.Linear, Linear4bit)):
             raise TypeError(f"base_layer must be an nn.Linear or fastlora.Linear4bit, got {type(base_layer).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
-        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        if init_lora_weights not in INIT_CHOICES:
-            raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
+        check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, bool(use_rslora)
@@ -89,9 +95,10 @@ class LoraLinear(nn.Module):
         (default: the base weight's dtype)."""
         base = self.base_layer
         dense = base.dequantize() if isinstance(base, Linear4bit) else base.weight.detach()
+        # Taken before unmerging below turns `dense` into fp32.
+        dtype = dtype or (base.compute_dtype or base.weight_dtype if isinstance(base, Linear4bit) else dense.dtype)
         if self.merged:
             dense = dense.float() - self.delta_weight()  # the base already holds the delta
-        dtype = dtype or (base.compute_dtype or base.weight_dtype if isinstance(base, Linear4bit) else dense.dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device=dense.device,
                            dtype=dtype)
         with torch.no_grad():
@@ -105,6 +112,7 @@ class LoraLinear(nn.Module):
         if self.merged:
             return base(x)
         if isinstance(base, Linear4bit):
+            check_input(x, self.in_features, base.compute_dtype)
             dtype = base.compute_dtype or x.dtype
             xc = x.to(dtype)
             y = torch.ops.fastlora.lora_linear_4bit(

@@ -1,8 +1,9 @@
 """fastlora's torch custom ops (namespace `torch.ops.fastlora`).
 
 Each op is declared once with `torch.library`, with a fake implementation (shapes only, for
-`torch.compile` and meta tensors) and one implementation per device beside it: the Rust
-kernels on CPU, the plain-PyTorch reference on CUDA until the Triton kernels replace it.
+`torch.compile` and meta tensors) and the implementation beside it: the Triton kernels on
+CUDA, the Rust kernels on CPU (or the Triton ones there, under `FASTLORA_BACKEND=triton`; see
+`fastlora._backend`).
 Arguments are validated by the public API (`fastlora.functional`) before they get here.
 """
 

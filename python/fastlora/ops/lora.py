@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _backend
+
 torch.library.define(
     "fastlora::lora_linear_4bit",
     "(Tensor x, Tensor x_drop, Tensor packed, Tensor absmax, Tensor? bias, Tensor A, Tensor B, float scaling, "
@@ -36,8 +38,13 @@ def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type):
     return x.new_empty((*x.shape[:-1], B.shape[0]))
 
 
-for _device in ("cpu", "cuda"):
-    torch.library.register_kernel("fastlora::lora_linear_4bit", _device)(_forward)
+@torch.library.register_kernel("fastlora::lora_linear_4bit", ("cpu", "cuda"))
+def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type):
+    if _backend.uses_triton(x.device):  # bias and the LoRA term fused into the matmul's epilogue
+        return _backend.triton_kernels().lora.lora_linear_4bit(
+            x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type
+        )
+    return _forward(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -56,7 +63,8 @@ def _backward(ctx, grad: torch.Tensor):
     if needs_x:
         grad_x = torch.ops.fastlora.matmul_4bit(grad, packed, absmax, n, k, blocksize, quant_type, True)
     if needs_bias:
-        grad_bias = g.sum(0).to(bias_dtype)
+        # Summed in fp32: an fp32 bias under bf16/fp16 activations keeps an fp32-accurate grad.
+        grad_bias = g.sum(0, dtype=torch.float32).to(bias_dtype)
     if needs_x_drop or needs_A or needs_B:
         xd = x_drop.reshape(-1, k).to(A.dtype)
         g_lora = g.to(A.dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _cpu, reference
+from .. import _backend, _cpu
 
 torch.library.define(
     "fastlora::matmul_4bit",
@@ -24,21 +24,14 @@ def _(
     return x.new_empty((*x.shape[:-1], k if transposed else n))
 
 
-@torch.library.register_kernel("fastlora::matmul_4bit", "cpu")
+@torch.library.register_kernel("fastlora::matmul_4bit", ("cpu", "cuda"))
 def _(
     x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int, quant_type: str,
     transposed: bool,
 ) -> torch.Tensor:
+    if _backend.uses_triton(x.device):
+        return _backend.triton_kernels().matmul.matmul_4bit(x, packed, absmax, n, k, blocksize, quant_type, transposed)
     return _cpu.matmul_4bit(x, packed, absmax, n, k, blocksize, quant_type, transposed)
-
-
-@torch.library.register_kernel("fastlora::matmul_4bit", "cuda")
-def _(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int, quant_type: str,
-    transposed: bool,
-) -> torch.Tensor:
-    w = reference.dequantize_4bit(packed, absmax, blocksize, quant_type, (n, k), x.dtype)
-    return x @ w if transposed else x @ w.t()
 
 
 def _setup_context(ctx, inputs, output) -> None:

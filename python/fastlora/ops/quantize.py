@@ -1,5 +1,6 @@
 """Ops: 4-bit blockwise quantize/dequantize, and the 8-bit blockwise quantization of the
-scales that double quantization uses."""
+scales that double quantization uses. Each runs the Triton kernels on CUDA, and on CPU the
+Rust kernels or, with `FASTLORA_BACKEND=triton`, the Triton ones (`fastlora._backend`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _cpu, reference
+from .. import _backend, _cpu
 
 torch.library.define(
     "fastlora::quantize_4bit", "(Tensor A, int blocksize, str quant_type) -> (Tensor packed, Tensor absmax)"
@@ -38,14 +39,11 @@ def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, t
     )
 
 
-@torch.library.register_kernel("fastlora::quantize_4bit", "cpu")
+@torch.library.register_kernel("fastlora::quantize_4bit", ("cpu", "cuda"))
 def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if _backend.uses_triton(A.device):
+        return _backend.triton_kernels().dequantize.quantize_4bit(A, blocksize, quant_type)
     return _cpu.quantize_4bit(A, blocksize, quant_type)
-
-
-@torch.library.register_kernel("fastlora::quantize_4bit", "cuda")
-def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return reference.quantize_4bit(A, blocksize, quant_type)
 
 
 @torch.library.register_fake("fastlora::dequantize_4bit")
@@ -55,19 +53,14 @@ def _(
     return packed.new_empty(shape, dtype=dtype)
 
 
-@torch.library.register_kernel("fastlora::dequantize_4bit", "cpu")
+@torch.library.register_kernel("fastlora::dequantize_4bit", ("cpu", "cuda"))
 def _(
     packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
 ) -> torch.Tensor:
+    if _backend.uses_triton(packed.device):
+        return _backend.triton_kernels().dequantize.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
     out = _cpu.empty_output(list(shape), dtype)
     return _cpu.dequantize_4bit_into(packed, absmax, out.numel(), blocksize, quant_type, 0, out)
-
-
-@torch.library.register_kernel("fastlora::dequantize_4bit", "cuda")
-def _(
-    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
-) -> torch.Tensor:
-    return reference.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
 
 
 @torch.library.register_fake("fastlora::quantize_blockwise")
@@ -78,14 +71,11 @@ def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
     )
 
 
-@torch.library.register_kernel("fastlora::quantize_blockwise", "cpu")
+@torch.library.register_kernel("fastlora::quantize_blockwise", ("cpu", "cuda"))
 def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if _backend.uses_triton(A.device):
+        return _backend.triton_kernels().dequantize.quantize_blockwise(A, code, blocksize)
     return _cpu.quantize_blockwise(A, code, blocksize)
-
-
-@torch.library.register_kernel("fastlora::quantize_blockwise", "cuda")
-def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return reference.quantize_blockwise(A, code, blocksize)
 
 
 @torch.library.register_fake("fastlora::dequantize_blockwise")
@@ -93,11 +83,8 @@ def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksi
     return quantized.new_empty(quantized.shape, dtype=torch.float32)
 
 
-@torch.library.register_kernel("fastlora::dequantize_blockwise", "cpu")
+@torch.library.register_kernel("fastlora::dequantize_blockwise", ("cpu", "cuda"))
 def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor) -> torch.Tensor:
+    if _backend.uses_triton(quantized.device):
+        return _backend.triton_kernels().dequantize.dequantize_blockwise(quantized, absmax, code, blocksize, offset)
     return _cpu.dequantize_blockwise(quantized, absmax, code, blocksize, float(offset))
-
-
-@torch.library.register_kernel("fastlora::dequantize_blockwise", "cuda")
-def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor) -> torch.Tensor:
-    return reference.dequantize_blockwise(quantized, absmax, code, blocksize) + offset

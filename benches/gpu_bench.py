@@ -1,0 +1,425 @@
+"""fastlora's Triton kernels on a CUDA GPU: correctness at real sizes, then speed against
+bitsandbytes and dense cuBLAS bf16.
+
+    python benches/gpu_bench.py                 # on a CUDA machine
+    python benches/gpu_bench.py --dry-run       # tiny CPU shapes under Triton's interpreter
+
+Sections (each reports its own failure and the run goes on):
+
+1. checks: every kernel against `fastlora.reference` on random bf16 data, weights
+   4096x4096, 11008x4096 and 4096x14336, M = 1, 16, 4096: quantize bytes (and the nested
+   8-bit scales), dequantize values, x @ W.T, dy @ W and the fused LoRA forward within
+   bf16 tolerance of a float64 product.
+2. bandwidth: a device-to-device copy (read + write bytes per second), and from it the
+   M = 1 floor: the time to read the packed weight and its scales once.
+3. dequantize: fastlora vs `bitsandbytes.functional.dequantize_4bit`.
+4. matmul: for each weight and M: fastlora's default dispatch, the fused kernel forced, the
+   dequantize + cuBLAS path forced, the fused kernel with double-quantized scales decoded in
+   the kernel, `bitsandbytes.matmul_4bit`, dense bf16 cuBLAS; and dy @ W. From the fused
+   and the cuBLAS timings it prints the crossover row count for
+   `fastlora.kernels.matmul.DEQUANTIZE_CUBLAS_MIN_ROWS`.
+5. lora_layer: Linear4bit + LoRA r=16 forward + backward at M = 4096: fastlora's
+   `LoraLinear`, `bitsandbytes.nn.Linear4bit` with a PEFT-style LoRA in plain torch, and a
+   dense bf16 `nn.Linear` with the same LoRA; time and peak memory.
+
+Timings are `triton.testing.do_bench` medians in ms (CUDA events). Results, with the
+device name and versions, go to `benches/results/gpu-<device>-<date>.json`; a table is
+printed. Runs with python 3.12, torch 2.11, triton 3.6, bitsandbytes and fastlora wheels.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# The dry run runs the Triton kernels on CPU tensors: the interpreter must be chosen before
+# triton is imported, and the public API must be told to use it.
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["FASTLORA_BACKEND"] = "triton"
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fastlora  # noqa: E402
+from fastlora import reference  # noqa: E402
+from fastlora.formats import dynamic_map  # noqa: E402
+from fastlora.functional import block_scales  # noqa: E402
+from fastlora.kernels import dequantize as fl_dequantize  # noqa: E402
+from fastlora.kernels import lora as fl_lora  # noqa: E402
+from fastlora.kernels import matmul as fl_matmul  # noqa: E402
+
+WEIGHTS = [(4096, 4096), (11008, 4096), (4096, 14336)]  # (out_features, in_features)
+ROWS = [1, 16, 4096]
+DRY_WEIGHTS = [(40, 128)]
+DRY_ROWS = [1, 16, 40]
+LORA_RANK = 16
+DTYPE = torch.bfloat16
+# Allowed error of a bf16 result relative to sum(|a| * |b|) (W and y each rounded once).
+BF16_TOL = 2**-7
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class Report:
+    """Collects results; `section` runs a block and records its failure instead of raising."""
+
+    def __init__(self) -> None:
+        self.checks: list[dict] = []
+        self.timings: list[dict] = []
+        self.errors: list[dict] = []
+        self.notes: dict[str, object] = {}
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        print(f"== {name}", flush=True)
+        try:
+            yield
+        except Exception as exc:  # one failing section must not stop the others
+            self.errors.append({"section": name, "error": repr(exc), "traceback": traceback.format_exc()})
+            print(f"   FAILED: {exc!r}", flush=True)
+
+    def check(self, name: str, ok: bool, detail: str = "") -> None:
+        self.checks.append({"name": name, "ok": bool(ok), "detail": detail})
+        print(f"   {'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
+
+    def timing(self, section: str, case: str, impl: str, ms: float, **extra) -> None:
+        row = {"section": section, "case": case, "impl": impl, "ms": ms, **extra}
+        self.timings.append(row)
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
+        print(f"   {case:<28} {impl:<34} {ms:9.4f} ms {shown}", flush=True)
+
+
+def bench_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None) -> float:
+    """Median time of `fn` in ms: CUDA events via do_bench on a GPU, a wall clock otherwise."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median"))
+    fn()  # the dry run: only the code path matters, one timed call will do
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_weight(n: int, k: int, device: torch.device) -> torch.Tensor:
+    return (torch.randn(n, k, device=device) * 0.02).to(DTYPE)
+
+
+def worst_error_ratio(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, tol: float) -> float:
+    """max |actual - expected| / (tol * bound): at most 1 passes."""
+    return ((actual.double() - expected).abs() / (tol * bound + 1e-30)).max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. checks
+# ---------------------------------------------------------------------------------------------
+
+
+def run_checks(report: Report, weights, rows, device: torch.device) -> None:
+    compute_dtype = DTYPE if device.type == "cuda" else torch.float32  # bf16 is broken in the interpreter
+    tol = BF16_TOL if compute_dtype == DTYPE else 1e-5
+    for n, k in weights:
+        with report.section(f"checks {n}x{k}"):
+            w = random_weight(n, k, device)
+            w.view(-1)[:64] = 0  # an all-zero block
+            packed, absmax = fl_dequantize.quantize_4bit(w, 64, "nf4")
+            # The reference quantizers run on CPU (the oracle); the offset is the device's mean.
+            ref_packed, ref_absmax = reference.quantize_4bit(w.cpu(), 64, "nf4")
+            report.check(f"quantize_4bit bytes {n}x{k}",
+                         torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax))
+            offset = absmax.mean()
+            qabsmax, absmax2 = fl_dequantize.quantize_blockwise(absmax - offset, dynamic_map(device), 256)
+            ref_q, ref_absmax2 = reference.quantize_blockwise((absmax - offset).cpu(), dynamic_map(), 256)
+            report.check(f"nested scales bytes {n}x{k}",
+                         torch.equal(qabsmax.cpu(), ref_q) and torch.equal(absmax2.cpu(), ref_absmax2))
+            nested = fl_dequantize.NestedScales(absmax2, dynamic_map(device), offset)
+            scales = reference.dequantize_nested_absmax(qabsmax, absmax2, offset, dynamic_map(device))
+            dense = fl_dequantize.dequantize_4bit(packed, qabsmax, 64, "nf4", (n, k), DTYPE, nested=nested)
+            expected = reference.dequantize_4bit(packed, scales, 64, "nf4", (n, k), DTYPE)
+            if device.type == "cuda":
+                report.check(f"dequantize_4bit (nested, bf16) {n}x{k}", torch.equal(dense, expected))
+            weight = reference.dequantize_4bit(packed, scales, 64, "nf4", (n, k), torch.float32).double()
+            del dense, expected
+            for m in rows:
+                x = torch.randn(m, k, device=device).to(compute_dtype)
+                y = fl_matmul.matmul_4bit(x, packed, qabsmax, n, k, 64, "nf4", False, nested=nested)
+                ratio = worst_error_ratio(y, x.double() @ weight.t(), x.double().abs() @ weight.abs().t(), tol)
+                report.check(f"x @ W.T M={m} {n}x{k}", ratio <= 1, f"error/tolerance {ratio:.3g}")
+                g = torch.randn(m, n, device=device).to(compute_dtype)
+                dx = fl_matmul.matmul_4bit(g, packed, qabsmax, n, k, 64, "nf4", True, nested=nested)
+                ratio = worst_error_ratio(dx, g.double() @ weight, g.double().abs() @ weight.abs(), tol)
+                report.check(f"dy @ W M={m} {n}x{k}", ratio <= 1, f"error/tolerance {ratio:.3g}")
+                A = torch.randn(LORA_RANK, k, device=device) / math.sqrt(k)
+                B = torch.randn(n, LORA_RANK, device=device) / 4
+                y = fl_lora.lora_linear_4bit(x, x, packed, scales, None, A, B, 2.0, 64, "nf4")
+                u = x.double() @ A.double().t()
+                ratio = worst_error_ratio(
+                    y, x.double() @ weight.t() + 2.0 * u @ B.double().t(),
+                    x.double().abs() @ weight.abs().t() + 2.0 * u.abs() @ B.double().abs().t(), tol,
+                )
+                report.check(f"LoRA forward r={LORA_RANK} M={m} {n}x{k}", ratio <= 1, f"error/tolerance {ratio:.3g}")
+                del x, y, g, dx
+            del weight
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-4. bandwidth, dequantize, matmul
+# ---------------------------------------------------------------------------------------------
+
+
+def run_bandwidth(report: Report, device: torch.device) -> float:
+    """Device copy bandwidth in bytes per second (read + write)."""
+    numel = (1 << 28) if device.type == "cuda" else (1 << 20)
+    src = torch.empty(numel, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), device)
+    bandwidth = 2 * numel / (ms * 1e-3)
+    report.timing("bandwidth", f"copy {numel >> 20} MiB", "torch copy_", ms, TB_per_s=bandwidth / 1e12)
+    report.notes["copy_bandwidth_TB_per_s"] = bandwidth / 1e12
+    return bandwidth
+
+
+def bitsandbytes_modules():
+    import bitsandbytes
+    import bitsandbytes.functional
+
+    return bitsandbytes, bitsandbytes.functional
+
+
+def run_dequantize(report: Report, weights, device: torch.device) -> None:
+    for n, k in weights:
+        with report.section(f"dequantize {n}x{k}"):
+            w = random_weight(n, k, device)
+            packed, state = fastlora.quantize_4bit(w, compress_statistics=True)
+            moved = packed.numel() + state.absmax.numel() + n * k * w.element_size()
+            ms = bench_ms(lambda: fastlora.dequantize_4bit(packed, state), device)
+            report.timing("dequantize", f"{n}x{k}", "fastlora", ms, GB_per_s=moved / (ms * 1e6))
+            _, bnb_functional = bitsandbytes_modules()
+            bnb_packed, bnb_state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+            ms = bench_ms(lambda: bnb_functional.dequantize_4bit(bnb_packed, bnb_state), device)
+            report.timing("dequantize", f"{n}x{k}", "bitsandbytes", ms, GB_per_s=moved / (ms * 1e6))
+
+
+@contextlib.contextmanager
+def cublas_threshold(rows: float):
+    """Forces fastlora's dispatch: `math.inf` always fuses, 0 always dequantizes + cuBLAS."""
+    saved = fl_matmul.DEQUANTIZE_CUBLAS_MIN_ROWS
+    fl_matmul.DEQUANTIZE_CUBLAS_MIN_ROWS = rows
+    try:
+        yield
+    finally:
+        fl_matmul.DEQUANTIZE_CUBLAS_MIN_ROWS = saved
+
+
+def run_matmul(report: Report, weights, rows, device: torch.device, bandwidth: float | None) -> None:
+    compute_dtype = DTYPE if device.type == "cuda" else torch.float32
+    crossover: dict[str, int | None] = {}
+    for n, k in weights:
+        with report.section(f"matmul {n}x{k}"):
+            w = random_weight(n, k, device)
+            packed, state = fastlora.quantize_4bit(w, compress_statistics=True)
+            scales = block_scales(state)
+            nested = fl_dequantize.NestedScales(state.state2.absmax, state.state2.code, state.offset)
+            bnb, bnb_functional = bitsandbytes_modules()
+            bnb_packed, bnb_state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+            dense_w = w.to(compute_dtype)
+            packed_bytes = packed.numel() + state.absmax.numel() + 4 * state.state2.absmax.numel()
+            fused_faster_up_to = None
+            for m in rows:
+                case = f"M={m} {n}x{k}"
+                x = torch.randn(m, k, device=device).to(compute_dtype)
+                g = torch.randn(m, n, device=device).to(compute_dtype)
+                flops = 2 * m * n * k
+                times = {
+                    "fastlora": bench_ms(lambda: fastlora.matmul_4bit(x, packed, state), device),
+                    "fastlora fused, nested scales in-kernel": bench_ms(lambda: fl_matmul.matmul_4bit(
+                        x, packed, state.absmax, n, k, 64, "nf4", False, nested=nested), device),
+                    "bitsandbytes.matmul_4bit": bench_ms(lambda: bnb.matmul_4bit(x, bnb_packed.t(), bnb_state), device),
+                    "dense cuBLAS": bench_ms(lambda: x @ dense_w.t(), device),
+                }
+                backward = {"dense cuBLAS": bench_ms(lambda: g @ dense_w, device)}
+                for impl, threshold in (("fastlora fused forced", math.inf), ("fastlora dequantize+cuBLAS forced", 0)):
+                    with cublas_threshold(threshold):
+                        times[impl] = bench_ms(lambda: fastlora.matmul_4bit(x, packed, state), device)
+                        backward[impl] = bench_ms(
+                            lambda: fl_matmul.matmul_4bit(g, packed, scales, n, k, 64, "nf4", True), device)
+                for impl, ms in times.items():
+                    extra = {"TFLOP_per_s": flops / (ms * 1e9),
+                             "speedup_vs_bitsandbytes": times["bitsandbytes.matmul_4bit"] / ms}
+                    if m == 1 and bandwidth:  # the floor: reading the packed weight and scales once
+                        extra["floor_ms"] = packed_bytes / bandwidth * 1e3
+                        extra["over_floor"] = ms / extra["floor_ms"]
+                    report.timing("matmul x@W.T", case, impl, ms, **extra)
+                for impl, ms in backward.items():
+                    report.timing("matmul dy@W", case, impl, ms, TFLOP_per_s=flops / (ms * 1e9))
+                if times["fastlora fused forced"] <= times["fastlora dequantize+cuBLAS forced"]:
+                    fused_faster_up_to = m
+                del x, g
+            crossover[f"{n}x{k}"] = fused_faster_up_to
+            del dense_w, w
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report.notes["fused_faster_up_to_rows"] = crossover
+    print(f"   the fused kernel is faster up to these row counts (of {rows}): {crossover}; set "
+          "fastlora.kernels.matmul.DEQUANTIZE_CUBLAS_MIN_ROWS just above them", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Linear4bit + LoRA layer
+# ---------------------------------------------------------------------------------------------
+
+
+class PlainLora(nn.Module):
+    """PEFT's LoRA in plain torch over any base layer: `base(x) + B(A(x)) * scaling`, fp32 adapters."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, r: int, device) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device)
+        nn.init.normal_(self.lora_B.weight, std=0.01)
+        self.scaling = 2.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + (self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scaling).to(y.dtype)
+
+
+def run_lora_layer(report: Report, weights, m: int, device: torch.device) -> None:
+    compute_dtype = DTYPE if device.type == "cuda" else torch.float32
+    for n, k in weights:
+        with report.section(f"lora layer {n}x{k}"):
+            dense = nn.Linear(k, n, bias=False, device=device, dtype=compute_dtype).requires_grad_(False)
+            layers: dict[str, Callable[[], nn.Module]] = {
+                "fastlora": lambda: fastlora.LoraLinear(
+                    fastlora.Linear4bit.from_linear(dense, compute_dtype=compute_dtype), r=LORA_RANK, lora_alpha=32,
+                    init_lora_weights=False),
+                "bitsandbytes + torch LoRA": lambda: PlainLora(bnb_linear(dense, compute_dtype, device), k, n,
+                                                               LORA_RANK, device),
+                "dense bf16 + torch LoRA": lambda: PlainLora(dense, k, n, LORA_RANK, device),
+            }
+            for impl, build in layers.items():
+                with report.section(f"lora layer {n}x{k} {impl}"):
+                    layer = build()
+                    params = [p for p in layer.parameters() if p.requires_grad]  # the adapters
+                    x = torch.randn(m, k, device=device).to(compute_dtype).requires_grad_()
+
+                    def step() -> None:
+                        layer(x).float().square().mean().backward()
+
+                    step()  # compiles and autotunes outside the measurement
+                    synchronize(device)
+                    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    step()
+                    synchronize(device)
+                    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+                    ms = bench_ms(step, device, grad_to_none=[x, *params])
+                    report.timing("lora layer fwd+bwd", f"M={m} {n}x{k} r={LORA_RANK}", impl, ms,
+                                  peak_MiB=None if peak is None else peak / 2**20,
+                                  peak_over_start_MiB=None if peak is None else (peak - before) / 2**20)
+                    del layer, x
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+
+
+def bnb_linear(dense: nn.Linear, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
+    bnb, _ = bitsandbytes_modules()
+    layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=compute_dtype,
+                              compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    return layer.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__, "fastlora": fastlora.__version__}
+    for name in ("triton", "bitsandbytes"):
+        try:
+            found[name] = __import__(name).__version__
+        except Exception as exc:  # recorded, not fatal: the sections that need it report it
+            found[name] = f"unavailable: {exc!r}"
+    return found
+
+
+def print_table(report: Report) -> None:
+    print("\n| section | case | implementation | ms | |")
+    print("|---|---|---|---:|---|")
+    for row in report.timings:
+        extra = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                          if k not in ("section", "case", "impl", "ms"))
+        print(f"| {row['section']} | {row['case']} | {row['impl']} | {row['ms']:.4f} | {extra} |")
+    failed = [c["name"] for c in report.checks if not c["ok"]]
+    print(f"\nchecks: {len(report.checks) - len(failed)} passed, {len(failed)} failed {failed if failed else ''}")
+    print(f"sections failed: {[e['section'] for e in report.errors]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on CPU tensors under Triton's interpreter (exercises the code paths)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "dequantize", "matmul", "lora"])
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        device, weights, rows, lora_rows = torch.device("cpu"), DRY_WEIGHTS, DRY_ROWS, DRY_ROWS[-1]
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: run with --dry-run for the CPU smoke test", file=sys.stderr)
+            return 2
+        device, weights, rows, lora_rows = torch.device("cuda"), WEIGHTS, ROWS, 4096
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu dry run ({platform.machine()})"
+    print(f"fastlora GPU bench on {device_name}: {versions()}", flush=True)
+
+    report = Report()
+    bandwidth = None
+    if "checks" not in args.skip:
+        run_checks(report, weights, rows, device)
+    with report.section("bandwidth"):
+        bandwidth = run_bandwidth(report, device)
+    if "dequantize" not in args.skip:
+        run_dequantize(report, weights, device)
+    if "matmul" not in args.skip:
+        run_matmul(report, weights, rows, device, bandwidth)
+    if "lora" not in args.skip:
+        run_lora_layer(report, weights, lora_rows, device)
+
+    date = datetime.datetime.now(datetime.timezone.utc)
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    path = args.results_dir / f"gpu-{slug}-{date:%Y-%m-%d}.json"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "device": device_name, "date": date.isoformat(), "dry_run": args.dry_run, "versions": versions(),
+        "checks": report.checks, "timings": report.timings, "notes": report.notes, "errors": report.errors,
+    }, indent=1))
+    print_table(report)
+    print(f"\nresults: {path}")
+    return 1 if report.errors or not all(c["ok"] for c in report.checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""QLoRA training, fastlora against transformers + peft + bitsandbytes, on the same model,
+data, batches, LoRA initialization, optimizer and loop.
+
+    python benches/train_compare.py                      # the tiny model, a few minutes on CPU
+    python benches/train_compare.py --model-size 100m    # a ~100M-parameter Llama
+
+Both stacks start from one randomly initialized Llama (fixed seed). fastlora prepares it with
+`fastlora.prepare_model`; the other stack replaces its linear layers by
+`bitsandbytes.nn.Linear4bit` (NF4, double quantization, quantized on CPU) and wraps it with
+`peft.get_peft_model`, then copies fastlora's initial LoRA weights so both start identical.
+The training loop is fastlora's `Trainer.train_step` for both (same sampler, micro-batches,
+token-mean loss, AdamW, warmup + cosine, clipping, gradient checkpointing), so only the
+model's forward and backward differ. Each stack runs in a fresh process, so its peak
+resident memory (Linux VmHWM, reset when training starts) is its own.
+
+Prints step time, tokens per second, peak memory and both loss curves; writes
+`benches/results/train_compare-<size>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = {
+    # name: (hidden, intermediate, layers, heads)
+    "tiny": (256, 704, 4, 4),  # the embedded model's shape
+    "small": (512, 1408, 8, 8),
+    "100m": (768, 2304, 12, 12),
+}
+
+
+def _config(size: str):
+    from transformers import AutoConfig
+
+    from fastlora.train import modeling
+
+    config = AutoConfig.from_pretrained(str(modeling.embedded_model_dir()))
+    hidden, inter, layers, heads = SIZES[size]
+    config.hidden_size, config.intermediate_size = hidden, inter
+    config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads = layers, heads, heads
+    config.head_dim = hidden // heads
+    config.use_cache = False
+    return config
+
+
+def _base_model(size: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(_config(size), dtype=torch.float32)
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(key)
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _lora_init(model, r: int, alpha: float, seed: int) -> dict:
+    """fastlora's initial LoRA weights for this model and seed ({module: (A, B)})."""
+    import torch
+
+    import fastlora
+    from fastlora.model import lora_layers
+
+    torch.manual_seed(seed)
+    prepared = fastlora.prepare_model(model, r=r, lora_alpha=alpha, lora_dropout=0.0)
+    return prepared, {n: (l.lora_A.weight.detach().clone(), l.lora_B.weight.detach().clone())
+                      for n, l in lora_layers(prepared).items()}
+
+
+def _bnb_model(model, r: int, alpha: float, init: dict):
+    import bitsandbytes as bnb
+    import peft
+    import torch
+    from torch import nn
+
+    from fastlora.model import find_target_modules
+
+    names = find_target_modules(model, "all-linear")
+    for name in names:
+        linear = model.get_submodule(name)
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        layer = layer.to("cpu")  # quantizes
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=sorted({n.split(".")[-1] for n in names}),
+                             task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict):
+                key = name.removeprefix("base_model.model.")
+                a, b = init[key]
+                module.lora_A["default"].weight.copy_(a)
+                module.lora_B["default"].weight.copy_(b)
+    return model
+
+
+def run_stack(stack: str, args: argparse.Namespace) -> dict:
+    """Trains one stack in this process and returns its measurements."""
+    import torch
+
+    import fastlora  # noqa: F401  (the custom ops)
+    from fastlora.train import TrainConfig, Trainer, data, modeling
+    from fastlora.train.distributed import DistInfo
+    from fastlora.train.trainer import enable_gradient_checkpointing
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import gc
+
+    # Both processes first build fastlora's initial LoRA weights (then free that model), so
+    # both stacks start from the same adapters and the same process history.
+    throwaway, init = _lora_init(_base_model(args.model_size), args.lora_r, args.lora_alpha, args.seed)
+    del throwaway
+    gc.collect()
+    rss_start = _status_kib("VmRSS")
+    model = _base_model(args.model_size)
+    params = sum(p.numel() for p in model.parameters())
+    if stack == "fastlora":
+        model, again = _lora_init(model, args.lora_r, args.lora_alpha, args.seed)
+        assert all(torch.equal(again[k][0], init[k][0]) for k in init)
+    else:
+        model = _bnb_model(model, args.lora_r, args.lora_alpha, init)
+    tokenizer = modeling.load_tokenizer(modeling.embedded_model_dir())
+    dataset = data.load_dataset(modeling.default_data_path(), tokenizer, args.max_length, True, 0.0, args.seed)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r,
+                      lora_alpha=args.lora_alpha, lora_dropout=0.0, max_length=args.max_length, seed=args.seed)
+    trainer = Trainer(model, dataset, cfg, DistInfo("none"))
+    gc.collect()
+    rss_ready = _status_kib("VmRSS")
+    _reset_peak()
+    records = []
+    for step in range(args.steps):
+        records.append(trainer.train_step(step * trainer.global_batch))
+        print(f"{stack} step {step + 1}/{args.steps}: loss {records[-1]['loss']:.4f} "
+              f"{records[-1]['step_time_s']:.3f}s", file=sys.stderr, flush=True)
+    peak = _status_kib("VmHWM")
+    timed = [r["step_time_s"] for r in records[args.warmup:]] or [r["step_time_s"] for r in records]
+    tokens = [r["tokens"] for r in records[args.warmup:]] or [r["tokens"] for r in records]
+    return {
+        "stack": stack,
+        "parameters": params,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "step_time_s_median": statistics.median(timed),
+        "step_time_s": [r["step_time_s"] for r in records],
+        "tokens_per_sec": statistics.median(tokens) / statistics.median(timed),  # robust to a busy machine's outliers
+        "losses": [r["loss"] for r in records],
+        "grad_norms": [r["grad_norm"] for r in records],
+        "rss_after_setup_mib": (rss_ready - rss_start) / 1024,
+        "peak_rss_training_mib": peak / 1024,
+        "peak_growth_training_mib": (peak - rss_ready) / 1024,
+    }
+
+
+def _machine() -> dict:
+    import torch
+
+    import fastlora
+    from fastlora.bench import _cpu_name
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "simd": fastlora.simd_level(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average_start": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model-size", choices=sorted(SIZES), default="tiny", help="Llama shape (see SIZES)")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per stack")
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timings")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per row")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=float, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--json", default=None, help="output file (default: benches/results/train_compare-SIZE.json)")
+    parser.add_argument("--stack", choices=("fastlora", "bitsandbytes"), default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.stack:  # a child process: one stack, JSON on stdout
+        print(json.dumps(run_stack(args.stack, args)))
+        return 0
+    info = _machine()
+    print(f"train_compare {args.model_size}: {args.steps} steps of {args.batch_size}x{args.max_length} tokens, "
+          f"LoRA r={args.lora_r}, {info['cpu']}, {info['threads']} threads, load average {info['load_average_start']}",
+          flush=True)
+    results = {}
+    child = list(argv if argv is not None else sys.argv[1:])
+    for stack in ("fastlora", "bitsandbytes"):
+        proc = subprocess.run([sys.executable, __file__, *child, "--stack", stack], stdout=subprocess.PIPE,
+                              text=True)
+        if proc.returncode != 0:
+            print(f"{stack} failed (exit {proc.returncode})", file=sys.stderr)
+            return 1
+        results[stack] = json.loads(proc.stdout.strip().splitlines()[-1])
+    info["load_average_end"] = os.getloadavg()
+    ours, theirs = results["fastlora"], results["bitsandbytes"]
+    diffs = [abs(a - b) for a, b in zip(ours["losses"], theirs["losses"])]
+    summary = {
+        "speedup_step_time": theirs["step_time_s_median"] / ours["step_time_s_median"],
+        "peak_rss_training_ratio": ours["peak_rss_training_mib"] / theirs["peak_rss_training_mib"],
+        "max_abs_loss_diff": max(diffs),
+        "final_losses": [ours["losses"][-1], theirs["losses"][-1]],
+    }
+    print(f"\nmodel: {ours['parameters'] / 1e6:.1f}M parameters, {ours['trainable'] / 1e6:.2f}M trainable "
+          f"(bitsandbytes+peft: {theirs['trainable'] / 1e6:.2f}M)")
+    print("| stack | step time (median) | tokens/s (median) | RSS after setup | peak RSS while training | growth in training |")
+    print("|---|---|---|---|---|---|")
+    for r in (ours, theirs):
+        print(f"| {r['stack']} | {r['step_time_s_median'] * 1e3:.0f} ms | {r['tokens_per_sec']:.0f} | "
+              f"{r['rss_after_setup_mib']:.0f} MiB | {r['peak_rss_training_mib']:.0f} MiB | "
+              f"{r['peak_growth_training_mib']:.0f} MiB |")
+    print(f"\nfastlora: {summary['speedup_step_time']:.2f}x faster per step, "
+          f"{summary['peak_rss_training_ratio']:.2f}x the peak memory; losses differ by at most "
+          f"{summary['max_abs_loss_diff']:.2e}")
+    print("\n| step | fastlora loss | bitsandbytes+peft loss | difference |")
+    print("|---|---|---|---|")
+    for i, (a, b) in enumerate(zip(ours["losses"], theirs["losses"]), 1):
+        print(f"| {i} | {a:.5f} | {b:.5f} | {a - b:+.2e} |")
+    path = Path(args.json) if args.json else RESULTS / f"train_compare-{args.model_size}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"machine": info, "args": {k: v for k, v in vars(args).items() if k != "stack"},
+                               "summary": summary, "results": results}, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Training data: JSONL records or plain text, tokenized, split, packed or padded, batched.
+
+A JSONL line is `{"text": ...}` (loss on every token) or `{"prompt": ..., "response": ...}`
+(loss on the response and the end-of-sequence token only); a `.json` file may hold a list of
+such records. Any other file is plain text: documents separated by blank lines. Every example becomes `bos + tokens + eos` (where the
+tokenizer has those tokens); a text longer than `max_length` is cut into consecutive pieces,
+a prompt/response pair is truncated.
+
+Batches are drawn from a fixed order: epoch `e` visits the training rows in the permutation
+seeded by `seed + e`, and step `s` takes global samples `[s * G, (s + 1) * G)` of that endless
+sequence (`G`, the global batch, is `batch_size * grad_accum * world_size`). The data position
+is thus a function of the number of samples seen, which is all a checkpoint needs to resume,
+and a run on N processes sees the same samples per step as one process with N times the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import TrainError
+
+IGNORE_INDEX = -100
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+@dataclass
+class Record:
+    """One example before tokenization: `text`, or `prompt` and `response`."""
+
+    text: str | None = None
+    prompt: str | None = None
+    response: str | None = None
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where there is no loss
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Dataset:
+    train: list[Example]
+    eval: list[Example]
+    pad_id: int
+    source: str
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise TrainError(f"{path}: no such data file")
+    if path.is_dir():
+        raise TrainError(f"{path}: is a directory, not a data file (JSONL or plain text)")
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    """Records of a JSONL file; a line that is not a valid record raises `TrainError` naming
+    the file and line. Blank lines are skipped."""
+    path = Path(path)
+    _check_file(path)
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise TrainError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                records.append(_record(obj, f"{path}:{lineno}"))
+    except UnicodeDecodeError as exc:
+        raise TrainError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return records
+
+
+def _record(obj: object, where: str) -> Record:
+    if not isinstance(obj, dict):
+        raise TrainError(f'{where}: expected a JSON object with "text" or "prompt" and "response", '
+                         f"got {type(obj).__name__}")
+    if "text" in obj:
+        if not isinstance(obj["text"], str):
+            raise TrainError(f'{where}: "text" must be a string, got {type(obj["text"]).__name__}')
+        return Record(text=obj["text"])
+    if "prompt" in obj or "response" in obj:
+        for key in ("prompt", "response"):
+            if key not in obj:
+                raise TrainError(f'{where}: has "{"prompt" if key == "response" else "response"}" but no "{key}"')
+            if not isinstance(obj[key], str):
+                raise TrainError(f'{where}: "{key}" must be a string, got {type(obj[key]).__name__}')
+        return Record(prompt=obj["prompt"], response=obj["response"])
+    keys = ", ".join(sorted(obj)) or "none"
+    raise TrainError(f'{where}: expected "text" or "prompt" and "response" fields, got keys: {keys}')
+
+
+def read_text(path: str | Path) -> list[Record]:
+    """Documents of a plain text file, separated by blank lines."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrainError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return [Record(text=doc.strip("\n")) for doc in re.split(r"\n\s*\n", content) if doc.strip()]
+
+
+def read_json(path: str | Path) -> list[Record]:
+    """Records of a `.json` file holding a list of record objects."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TrainError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise TrainError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(content, list):
+        raise TrainError(f"{path}: expected a JSON list of records (or a JSONL file, one record per line)")
+    return [_record(obj, f"{path}: item {i}") for i, obj in enumerate(content)]
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """A `.jsonl`/`.ndjson` file (one record per line), a `.json` list of records, or plain text."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    records = read_jsonl(path) if suffix in JSONL_SUFFIXES else read_json(path) if suffix == ".json" else read_text(path)
+    if not records:
+        raise TrainError(f"{path}: holds no examples")
+    return records
+
+
+def _special_id(tokenizer, name: str) -> int | None:
+    value = getattr(tokenizer, f"{name}_token_id", None)
+    return value if isinstance(value, int) else None
+
+
+def tokenize(records: list[Record], tokenizer, max_length: int) -> tuple[list[Example], dict[str, int]]:
+    """Examples of at most `max_length` tokens; returns them and counts of what was cut."""
+    bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
+    head = [bos] if bos is not None else []
+    tail = [eos] if eos is not None else []
+    stats = {"records": len(records), "split": 0, "truncated": 0, "dropped": 0}
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    texts = [r.text for r in records if r.text is not None]
+    pairs = [r for r in records if r.text is None]
+    text_ids = iter(encode(texts))
+    prompt_ids = iter(encode([r.prompt for r in pairs]))
+    response_ids = iter(encode([r.response for r in pairs]))
+    examples = []
+    for record in records:
+        if record.text is not None:
+            ids = head + list(next(text_ids)) + tail
+            labels = [IGNORE_INDEX] * len(head) + ids[len(head):]
+            if len(ids) > max_length:
+                stats["split"] += 1
+            for start in range(0, len(ids), max_length):
+                piece = Example(ids[start:start + max_length], labels[start:start + max_length])
+                if len(piece) > 1:
+                    examples.append(piece)
+        else:
+            prompt = head + list(next(prompt_ids))
+            response = list(next(response_ids)) + tail
+            ids = prompt + response
+            labels = [IGNORE_INDEX] * len(prompt) + response
+            if len(ids) > max_length:
+                stats["truncated"] += 1
+                ids, labels = ids[:max_length], labels[:max_length]
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                stats["dropped"] += 1  # the prompt fills max_length: nothing left to learn
+                continue
+            examples.append(Example(ids, labels))
+    return examples, stats
+
+
+def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A held-out eval split of `round(eval_fraction * n)` examples (at least one when the
+    fraction is positive and there are two or more), drawn with `seed`."""
+    n = len(examples)
+    if eval_fraction <= 0 or n < 2:
+        return examples, []
+    n_eval = min(n - 1, max(1, round(eval_fraction * n)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenates the examples and cuts rows of `max_length` tokens (the last may be shorter)."""
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in e.labels]
+    rows = [Example(ids[i:i + max_length], labels[i:i + max_length]) for i in range(0, len(ids), max_length)]
+    return [r for r in rows if len(r) > 1]
+
+
+def load_dataset(path: str | Path, tokenizer, max_length: int, packing: bool, eval_fraction: float, seed: int,
+                 records: list[Record] | None = None) -> Dataset:
+    records = read_records(path) if records is None else records
+    examples, stats = tokenize(records, tokenizer, max_length)
+    if not examples:
+        raise TrainError(f"{path}: no example has a token to train on within --max-length {max_length}")
+    train, held = split(examples, eval_fraction, seed)
+    if packing:
+        train, held = pack(train, max_length), pack(held, max_length)
+    pad = _special_id(tokenizer, "pad")
+    if pad is None:
+        pad = _special_id(tokenizer, "eos") or 0  # padded positions are masked: any id does
+    stats.update(examples=len(examples), train_rows=len(train), eval_rows=len(held),
+                 train_tokens=sum(len(e) for e in train))
+    return Dataset(train=train, eval=held, pad_id=pad, source=str(path), stats=stats)
+
+
+def loss_tokens(examples: list[Example]) -> int:
+    """Tokens that carry a loss: labels after the causal shift that are not ignored."""
+    return sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in examples)
+
+
+def collate(examples: list[Example], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `labels` (padding: IGNORE_INDEX)."""
+    length = max(len(e) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, :len(e)] = torch.tensor(e.input_ids)
+        labels[i, :len(e)] = torch.tensor(e.labels)
+        mask[i, :len(e)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+class Sampler:
+    """The endless seeded order of training rows (see the module docstring)."""
+
+    def __init__(self, num_rows: int, seed: int) -> None:
+        if num_rows < 1:
+            raise TrainError("the training split is empty")
+        self.num_rows, self.seed = num_rows, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms[epoch] = torch.randperm(self.num_rows, generator=gen).tolist()
+        return self._perms[epoch]
+
+    def indices(self, start: int, count: int) -> list[int]:
+        """Row indices of global samples `start .. start + count`."""
+        return [self._perm(i // self.num_rows)[i % self.num_rows] for i in range(start, start + count)]
+
+    def epoch(self, samples_seen: int) -> float:
+        return samples_seen / self.num_rows
+
+
+def micro_batches(rows: list[int], batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's micro-batches of one global batch: micro-batch `m` of rank `r` is the
+    `m * world_size + r`-th run of `batch_size` rows."""
+    per_micro = batch_size * world_size
+    return [rows[m + rank * batch_size:m + (rank + 1) * batch_size] for m in range(0, len(rows), per_micro)]
+
+
+def eval_batches(num_rows: int, batch_size: int, rank: int, world_size: int) -> list[list[int | None]]:
+    """This rank's eval batches: rows `rank, rank + world_size, ...`; every rank gets the same
+    number of batches (a sharded model runs collectives in forward), `None` marks filler."""
+    mine = list(range(rank, num_rows, world_size))
+    per_rank = math.ceil(num_rows / world_size)
+    mine += [None] * (per_rank - len(mine))
+    return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]

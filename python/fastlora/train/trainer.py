@@ -1,0 +1,557 @@
+"""`fastlora.train`: a minimal but complete QLoRA fine-tuning loop.
+
+The base model's linear layers become frozen 4-bit `Linear4bit` layers with trainable LoRA
+adapters (`fastlora.prepare_model`); AdamW updates the adapters only, under a linear-warmup
+plus cosine learning-rate schedule, with gradient accumulation, gradient clipping, gradient
+checkpointing (Hugging Face's, non-reentrant), bf16 autocast on GPU and fp32 on CPU. The loss
+of a step is the mean over every loss-carrying token of the global batch, however it is
+split into micro-batches and processes, so `--grad-accum` and `torchrun` change the
+arithmetic's order but not the result.
+
+Every step appends a record to `<output-dir>/metrics.jsonl`; checkpoints (see
+`fastlora.train.checkpoint`) let `resume` continue a run to the same result; the final
+adapter goes to `<output-dir>/adapter` in PEFT's format, and with `merge` the merged dense
+model to `<output-dir>/merged`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import load_adapter, save_adapter
+from ..model import lora_layers, merge_and_unload, prepare_model
+from . import checkpoint, data, distributed, modeling
+from .distributed import DistInfo
+from .errors import TrainError
+
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "train_config.json"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+PRECISIONS = ("auto", "fp32", "bf16")
+QUANT_TYPES = ("nf4", "fp4")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `fastlora train` (the CLI's `--max-steps` is `max_steps` here)."""
+
+    model: str | None = None  # a local directory, a Hub id, or None: the embedded tiny Llama
+    data: str | None = None  # JSONL or plain text; None: the shipped tiny task set
+    output_dir: str = "fastlora-output"
+    max_steps: int = 100
+    batch_size: int = 8  # per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0  # 0: no clipping (the norm is still logged)
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    max_length: int = 128
+    packing: bool = True
+    eval_fraction: float = 0.05
+    eval_steps: int = 25  # 0: evaluate only after the last step
+    save_steps: int = 50  # 0: no intermediate checkpoints
+    save_total_limit: int = 2  # 0: keep all
+    seed: int = 42
+    resume: bool | str = False  # True: the last checkpoint in output_dir; a path: that checkpoint
+    overwrite: bool = False
+    merge: bool = False
+    gradient_checkpointing: bool = True
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    distributed: str = "auto"  # auto: DDP when WORLD_SIZE > 1
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the trained model (sharded under FSDP)
+    tokenizer: object
+    output_dir: Path
+    adapter_dir: Path
+    merged_dir: Path | None
+    step: int
+    metrics: list[dict] = field(default_factory=list)  # this run's records (rank 0; empty elsewhere)
+    loss: float | None = None
+    eval_loss: float | None = None
+    wrapped_model: nn.Module | None = None  # the model as trained: DDP's wrapper, FSDP's sharded model
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    def number(name: str, kind: type, low: float, high: float = math.inf, low_open: bool = False,
+               high_open: bool = False) -> None:
+        value = getattr(cfg, name)
+        ok = not isinstance(value, bool) and isinstance(value, (int,) if kind is int else (int, float))
+        ok = ok and math.isfinite(value) if ok and kind is float else ok
+        ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not ok:
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise TrainError(f"--{name.replace('_', '-')} must be {'an integer' if kind is int else 'a number'} "
+                             f"in {span}, got {value!r}")
+
+    for name in ("max_steps", "batch_size", "grad_accum", "lora_r"):
+        number(name, int, 1)
+    number("max_length", int, 2)
+    for name in ("eval_steps", "save_steps", "save_total_limit", "seed"):
+        number(name, int, 0)
+    number("lr", float, 0, low_open=True)
+    number("lora_alpha", float, 0, low_open=True)
+    number("weight_decay", float, 0)
+    number("max_grad_norm", float, 0)
+    number("warmup_ratio", float, 0, 1)
+    number("eval_fraction", float, 0, 0.5)
+    number("lora_dropout", float, 0, 1, high_open=True)
+    if cfg.quant_type not in QUANT_TYPES:
+        raise TrainError(f"--quant-type: expected one of {', '.join(QUANT_TYPES)}, got {cfg.quant_type!r}")
+    if cfg.precision not in PRECISIONS:
+        raise TrainError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.distributed not in distributed.MODES:
+        raise TrainError(f"--distributed: expected one of {', '.join(distributed.MODES)}, got {cfg.distributed!r}")
+
+
+def lr_lambda(max_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """Linear warmup from lr/(warmup+1) to lr over `round(warmup_ratio * max_steps)` steps,
+    then a cosine decay towards 0 at `max_steps`."""
+    warmup = round(warmup_ratio * max_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross entropy over the labels that are not ignored (fp32)."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=data.IGNORE_INDEX, reduction="sum")
+
+
+class Trainer:
+    """The step and evaluation of a prepared model: any causal LM taking `input_ids` and
+    `attention_mask` and returning `.logits` (a fastlora model, or another QLoRA stack for a
+    comparison). Optimizes the parameters that require grad."""
+
+    def __init__(self, model: nn.Module, dataset: data.Dataset, cfg: TrainConfig, info: DistInfo,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        self.model, self.dataset, self.cfg, self.info = model, dataset, cfg, info
+        self.autocast_dtype = autocast_dtype
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TrainError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=(0.9, 0.999), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.max_steps, cfg.warmup_ratio))
+        self.sampler = data.Sampler(len(dataset.train), cfg.seed)
+        self.global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
+
+    def _batch(self, examples: list[data.Example]) -> dict[str, torch.Tensor]:
+        batch = data.collate(examples, self.dataset.pad_id, self.info.device)
+        if bool(batch["attention_mask"].all()):
+            batch["attention_mask"] = None  # packed full rows: plain causal attention
+        return batch
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return token_loss_sum(out.logits, batch["labels"])
+
+    def train_step(self, samples_seen: int) -> dict[str, float]:
+        """One optimizer step on global samples `samples_seen .. + global_batch`."""
+        info, cfg = self.info, self.cfg
+        start = time.perf_counter()
+        rows = self.sampler.indices(samples_seen, self.global_batch)
+        train = self.dataset.train
+        n_loss = data.loss_tokens([train[i] for i in rows])  # the same on every rank
+        scale = info.world_size / max(n_loss, 1)  # DDP/FSDP average over ranks: make it a token mean
+        micro = data.micro_batches(rows, cfg.batch_size, info.rank, info.world_size)
+        loss_sum, tokens = 0.0, 0
+        self.model.train()
+        for j, mb in enumerate(micro):
+            batch = self._batch([train[i] for i in mb])
+            with distributed.sync_context(self.model, info, sync=j == len(micro) - 1):
+                loss = self._forward_loss(batch)
+                (loss * scale).backward()
+            loss_sum += loss.item()
+            tokens += int(batch["input_ids"].numel() if batch["attention_mask"] is None
+                          else batch["attention_mask"].sum())
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        norm = float(distributed.full_tensor(norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, tokens = distributed.all_reduce_sum(info, [loss_sum, float(tokens)])
+        if info.device.type == "cuda":
+            torch.cuda.synchronize(info.device)
+        elapsed = time.perf_counter() - start
+        return {"loss": loss_sum / max(n_loss, 1), "lr": lr, "grad_norm": norm, "tokens": int(tokens),
+                "loss_tokens": n_loss, "tokens_per_sec": tokens / elapsed, "step_time_s": elapsed}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-mean loss over the eval split (sharded over ranks)."""
+        held = self.dataset.eval
+        if not held:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for ids in data.eval_batches(len(held), self.cfg.batch_size, self.info.rank, self.info.world_size):
+            examples = [held[i] if i is not None else data.Example(held[0].input_ids, [data.IGNORE_INDEX] * len(held[0]))
+                        for i in ids]
+            total += self._forward_loss(self._batch(examples)).item()
+            count += data.loss_tokens(examples)
+        self.model.train()
+        total, count = distributed.all_reduce_sum(self.info, [total, float(count)])
+        return total / max(count, 1)
+
+
+def _log(info: DistInfo, message: str) -> None:
+    if info.is_main:
+        from tqdm import tqdm
+
+        tqdm.write(f"fastlora train: {message}", file=sys.stderr)
+
+
+def _prepare_output(cfg: TrainConfig, info: DistInfo) -> tuple[Path, Path | None]:
+    """The output directory and the checkpoint to resume from (None: a fresh start)."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--output-dir {out}: exists and is not a directory")
+    if cfg.resume:
+        if isinstance(cfg.resume, str):
+            ckpt = Path(cfg.resume)
+            if not (ckpt / checkpoint.STATE_NAME).is_file():
+                raise TrainError(f"--resume {ckpt}: not a checkpoint directory (no {checkpoint.STATE_NAME})")
+            return out, ckpt
+        ckpt = checkpoint.last_checkpoint(out)
+        if ckpt is None:
+            _log(info, f"no checkpoint in {out}: starting from step 0")
+        return out, ckpt
+    previous = [p for p in (out / METRICS_NAME, out / ADAPTER_DIR) if p.exists()] + [
+        p for _, p in checkpoint.list_checkpoints(out)]
+    if previous and not cfg.overwrite:
+        raise TrainError(f"--output-dir {out}: holds a previous run ({previous[0].name}); pass --resume to "
+                         "continue it or --overwrite to start over")
+    if previous and info.is_main:
+        for p in previous + [out / MERGED_DIR]:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    return out, None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keeps the records of steps up to `step` (a resumed run rewrites those after)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", math.inf) <= step:
+                kept.append(line)
+        except ValueError:
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: fp32 throughout)."""
+    if cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _build(cfg: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None) -> tuple[nn.Module, object, str]:
+    """The model with LoRA adapters over 4-bit layers, on the device."""
+    load_dtype = torch.bfloat16 if autocast_dtype is torch.bfloat16 and info.device.type == "cuda" else torch.float32
+    name, path = modeling.resolve(cfg.model)
+    target = modeling.parse_target_modules(cfg.target_modules)
+    lora = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+    if path is not None and cfg.model is not None and modeling.is_quantized_dir(path):
+        from .quantize import load_quantized
+
+        try:
+            model = load_quantized(path, dtype=load_dtype, target_modules=target, seed=cfg.seed, **lora)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+        return model.to(info.device), modeling.load_tokenizer(path), name
+    model, tokenizer, name = modeling.load_model(cfg.model, load_dtype)
+    modeling.check_target_modules(model, target)
+    model.to(info.device)
+    torch.manual_seed(cfg.seed)  # the LoRA initialization
+    try:
+        prepare_model(model, target_modules=target, quant_type=cfg.quant_type, compress_statistics=cfg.double_quant,
+                      compute_dtype=autocast_dtype, **lora)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    return model, tokenizer, name
+
+
+def _merge(cfg: TrainConfig, adapter_dir: Path, out_dir: Path, tokenizer, autocast_dtype) -> Path:
+    """Reloads the base model, applies the saved adapter and writes the merged dense model."""
+    from .quantize import dense_copy, load_quantized
+
+    name, path = modeling.resolve(cfg.model)
+    load_dtype = torch.bfloat16 if autocast_dtype is torch.bfloat16 and torch.cuda.is_available() else torch.float32
+    if path is not None and cfg.model is not None and modeling.is_quantized_dir(path):
+        model = load_quantized(path, dtype=load_dtype, target_modules=modeling.parse_target_modules(cfg.target_modules),
+                               r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+        load_adapter(model, adapter_dir)
+    else:
+        model, _, _ = modeling.load_model(cfg.model, load_dtype)
+        load_adapter(model, adapter_dir, compute_dtype=autocast_dtype)
+    merge_and_unload(model)
+    dense_copy(model)
+    model.config.use_cache = True
+    tmp = out_dir / f".{MERGED_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    final = out_dir / MERGED_DIR
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def enable_gradient_checkpointing(model: nn.Module, info: DistInfo | None = None) -> bool:
+    """Hugging Face's activation checkpointing, non-reentrant (it recomputes fastlora's custom
+    ops like any other; the reentrant form would also need inputs that require grad)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        if info is not None:
+            _log(info, f"{type(model).__name__} has no gradient checkpointing: training without it")
+        return False
+    return True
+
+
+def _lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every LoRA weight, whole (gathered under FSDP: all ranks must call this)."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        for part in ("lora_A", "lora_B"):
+            out[f"{name}.{part}"] = distributed.full_tensor(getattr(layer, part).weight.detach()).cpu()
+    return out
+
+
+@contextlib.contextmanager
+def _whole_lora(model: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Temporarily shows `save_adapter` whole LoRA weights in place of FSDP's shards."""
+    swapped = []
+    try:
+        for name, layer in lora_layers(model).items():
+            for part in ("lora_A", "lora_B"):
+                module = getattr(layer, part)
+                swapped.append((module, module._parameters["weight"]))
+                module._parameters["weight"] = nn.Parameter(tensors[f"{name}.{part}"], requires_grad=False)
+        yield
+    finally:
+        for module, param in swapped:
+            module._parameters["weight"] = param
+
+
+def _adapter_writer(model: nn.Module, info: DistInfo) -> Callable[[Path], None]:
+    """A function writing the adapter (on rank 0); under FSDP the weights are gathered now,
+    on every rank."""
+    bare = distributed.unwrap(model)
+    if info.mode != "fsdp":
+        return lambda path: save_adapter(bare, path)
+    tensors = _lora_tensors(bare)
+
+    def write(path: Path) -> None:
+        with _whole_lora(bare, tensors):
+            save_adapter(bare, path)
+
+    return write
+
+
+def _summary(model: nn.Module) -> str:
+    layers = lora_layers(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+    return f"{total / 1e6:.1f}M parameters, {len(layers)} LoRA layers, {trainable / 1e6:.3f}M trainable"
+
+
+def train(config: TrainConfig | None = None, *, callback: Callable[[dict], object] | None = None,
+          **options) -> TrainResult:
+    """Fine-tunes a causal LM with QLoRA; see `TrainConfig` for the options (keyword
+    arguments override `config`'s). `callback(record)` is called after each step with the
+    step's metrics record (after its checkpoint, if any, is written); an exception it raises
+    stops training (as an interruption would). Under `torchrun`, every process calls this."""
+    cfg = replace(config or TrainConfig(), **options)
+    _check_config(cfg)
+    info = distributed.setup(cfg.distributed, cfg.device)
+    try:
+        return _train(cfg, info, callback)
+    finally:
+        distributed.teardown(info)
+
+
+def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
+    data_path = Path(cfg.data) if cfg.data is not None else modeling.default_data_path()
+    records = data.read_records(data_path)  # fails on a bad file before the model loads
+    out, resume_from = _prepare_output(cfg, info)
+    distributed.barrier(info)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    autocast_dtype = _precision(cfg, info.device)
+    model, tokenizer, name = _build(cfg, info, autocast_dtype)
+    dataset = data.load_dataset(data_path, tokenizer, cfg.max_length, cfg.packing, cfg.eval_fraction, cfg.seed,
+                                records=records)
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, info)
+    state = {"step": 0, "samples_seen": 0}
+    if resume_from is not None:
+        state = checkpoint.read_state(resume_from)
+        try:
+            load_adapter(model, resume_from / checkpoint.ADAPTER_DIR)
+        except (ValueError, FileNotFoundError) as exc:
+            raise TrainError(f"--resume: the checkpoint's adapter does not fit ({exc})") from None
+    wrapped = distributed.wrap(model, info)
+    trainer = Trainer(wrapped, dataset, cfg, info, autocast_dtype)
+    torch.manual_seed(cfg.seed + info.rank)
+    random.seed(cfg.seed + info.rank)
+    if resume_from is not None:
+        checkpoint.load_optimizer(resume_from, wrapped, trainer.optimizer)
+        trainer.scheduler.load_state_dict(json.loads((resume_from / checkpoint.SCHEDULER_NAME).read_text()))
+        if not checkpoint.restore_rng(resume_from, info.rank, info.device):
+            _log(info, f"{resume_from} has no random state for rank {info.rank}: reseeding")
+        _log(info, f"resuming from {resume_from} at step {state['step']}")
+    step, samples_seen = int(state["step"]), int(state.get("samples_seen", state["step"] * trainer.global_batch))
+    metrics_path = out / METRICS_NAME
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None or cfg.resume:
+            _truncate_metrics(metrics_path, step)  # a fresh start under --resume drops a stale file
+        (out / CONFIG_NAME).write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+    stats = dataset.stats
+    _log(info, f"{name}: {_summary(model)}; data {dataset.source}: {stats['examples']} examples -> "
+               f"{stats['train_rows']} train / {stats['eval_rows']} eval rows of <= {cfg.max_length} tokens; "
+               f"device {info.device}, {info.mode if info.enabled else 'single process'}"
+               f"{f' x{info.world_size}' if info.enabled else ''}, "
+               f"{'bf16 autocast' if autocast_dtype else 'fp32'}, global batch {trainer.global_batch}")
+    for key, what in (("split", "texts longer than --max-length were split"),
+                      ("truncated", "prompt/response pairs were truncated to --max-length"),
+                      ("dropped", "pairs were dropped: the prompt fills --max-length")):
+        if stats.get(key):
+            _log(info, f"{stats[key]} {what}")
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=min(step, cfg.max_steps), desc="train", unit="step",
+               disable=not (info.is_main and cfg.progress), dynamic_ncols=True, file=sys.stderr)
+    records: list[dict] = []
+    last_eval = None
+    try:
+        with open(metrics_path, "a") if info.is_main else contextlib.nullcontext() as metrics_file:
+            while step < cfg.max_steps:
+                record = trainer.train_step(samples_seen)
+                step += 1
+                samples_seen += trainer.global_batch
+                record = {"step": step, "epoch": round(trainer.sampler.epoch(samples_seen), 4), **record}
+                if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
+                    last_eval = trainer.evaluate()
+                    if last_eval is not None:
+                        record["eval_loss"] = last_eval
+                record["peak_memory_mib"] = distributed.all_reduce_max(info, peak_memory_mib(info.device))
+                if info.is_main:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    records.append(record)
+                postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+                if last_eval is not None:
+                    postfix["eval"] = f"{last_eval:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                if cfg.save_steps and step % cfg.save_steps == 0:
+                    _save_checkpoint(out, step, samples_seen, cfg, info, wrapped, trainer)
+                if callback is not None:
+                    callback(record)
+    finally:
+        bar.close()
+    writer = _adapter_writer(wrapped, info)
+    adapter_dir = out / ADAPTER_DIR
+    if info.is_main:
+        writer(adapter_dir)
+    merged_dir = None
+    if cfg.merge:
+        if info.is_main:
+            merged_dir = _merge(cfg, adapter_dir, out, tokenizer, autocast_dtype)
+        distributed.barrier(info)
+    final_loss = records[-1]["loss"] if records else None
+    if info.is_main:
+        _log(info, f"done at step {step}: loss {final_loss if final_loss is None else f'{final_loss:.4f}'}"
+                   f"{f', eval loss {last_eval:.4f}' if last_eval is not None else ''}; adapter in {adapter_dir}"
+                   f"{f', merged model in {merged_dir}' if merged_dir else ''}; metrics in {metrics_path}")
+    distributed.barrier(info)
+    return TrainResult(model=distributed.unwrap(wrapped), tokenizer=tokenizer, output_dir=out,
+                       adapter_dir=adapter_dir, merged_dir=merged_dir, step=step, metrics=records, loss=final_loss,
+                       eval_loss=last_eval, wrapped_model=wrapped)
+
+
+def _save_checkpoint(out: Path, step: int, samples_seen: int, cfg: TrainConfig, info: DistInfo, model: nn.Module,
+                     trainer: Trainer) -> Path:
+    writer = _adapter_writer(model, info)
+    optim = checkpoint.optimizer_state(model, trainer.optimizer)
+    state = {"step": step, "samples_seen": samples_seen, "world_size": info.world_size,
+             "global_batch": trainer.global_batch, "config": asdict(cfg)}
+    return checkpoint.save(out, step, info, writer, optim, trainer.scheduler.state_dict(), state,
+                           cfg.save_total_limit)
+
+
+def config_fields() -> dict[str, object]:
+    """{option: default} of `TrainConfig` (for the CLI)."""
+    return {f.name: f.default for f in fields(TrainConfig)}

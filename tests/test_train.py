@@ -1,0 +1,488 @@
+"""The QLoRA trainer (`fastlora.train`, `fastlora train`, `fastlora quantize`) on tiny models
+built from configs: data handling, the loss's normalization, checkpoints and resuming to the
+same result, gradient checkpointing through fastlora's ops, merging, the 4-bit export, and
+one-line errors. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import fastlora
+from fastlora.cli import main
+from fastlora.model import lora_layers
+from fastlora.nn import Linear4bit
+from fastlora.train import TrainConfig, TrainError, checkpoint, data, modeling
+from fastlora.train.quantize import load_quantized, to_prepared_keys
+
+DETERMINISTIC = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "loss_tokens", "eval_loss")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The steps are tiny: one thread is fastest and immune to a busy machine's oversubscription.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def save_tiny_llama(path: Path, seed: int = 1) -> Path:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=257, eos_token_id=258, pad_token_id=256)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(modeling.embedded_model_dir()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory) -> Path:
+    """60 short prompt/response pairs (a slice of the shipped set)."""
+    path = tmp_path_factory.mktemp("data") / "tasks.jsonl"
+    lines = modeling.default_data_path().read_text().splitlines()[:60]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def options(model: Path, data_file: Path, out: Path, **overrides) -> dict:
+    base = dict(model=str(model), data=str(data_file), output_dir=str(out), max_steps=4, batch_size=2,
+                max_length=32, eval_steps=2, save_steps=0, lora_r=4, lora_alpha=8, progress=False, seed=7)
+    base.update(overrides)
+    return base
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(a: list[dict], b: list[dict], tol: float = 1e-6) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in DETERMINISTIC:
+            assert (key in ra) == (key in rb), key
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=tol, abs=tol), (ra["step"], key)
+
+
+def assert_same_adapter(a: Path, b: Path, tol: float = 1e-6) -> None:
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=tol, atol=tol, msg=key)
+
+
+# -- assets ---------------------------------------------------------------------------------
+
+
+def test_shipped_tokenizer_loads_offline_and_is_byte_level():
+    tok = AutoTokenizer.from_pretrained(modeling.embedded_model_dir())
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, len(tok)) == (256, 257, 258, 259)
+    text = "héllo wörld 🙂 12+30="
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+
+
+def test_embedded_model_is_fixed_and_fits_the_tokenizer():
+    a, b = modeling.build_embedded(), modeling.build_embedded()
+    assert a.config.vocab_size == 259 and a.config.model_type == "llama"
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_shipped_data_set():
+    records = data.read_records(modeling.default_data_path())
+    assert 300 <= len(records) <= 2000
+    assert all(r.prompt and r.response for r in records)
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "ok"', "not valid JSON"),
+    ('["text"]', "expected a JSON object"),
+    ('{"prompt": "a"}', 'has "prompt" but no "response"'),
+    ('{"prompt": "a", "response": 3}', '"response" must be a string'),
+    ('{"input": "a"}', "got keys: input"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"prompt": "p", "response": "r"}\n' + line + "\n")
+    with pytest.raises(TrainError, match=message) as err:
+        data.read_records(path)
+    assert str(err.value).startswith(f"{path}:4: ")
+
+
+def test_prompt_is_masked_and_eos_is_learned():
+    tok = AutoTokenizer.from_pretrained(modeling.embedded_model_dir())
+    examples, _ = data.tokenize([data.Record(prompt="1+2=", response="3"), data.Record(text="ab")], tok, 64)
+    pr, text = examples
+    assert pr.input_ids == [257, *b"1+2=", *b"3", 258]
+    assert pr.labels == [-100] * 5 + [ord("3"), 258]
+    assert text.input_ids == [257, *b"ab", 258] and text.labels == [-100, *b"ab", 258]
+    assert data.loss_tokens([pr, text]) == 2 + 3
+
+
+def test_long_texts_split_pairs_truncate_and_plain_text(tmp_path):
+    tok = AutoTokenizer.from_pretrained(modeling.embedded_model_dir())
+    records = [data.Record(text="x" * 50), data.Record(prompt="p" * 8, response="r" * 20),
+               data.Record(prompt="q" * 40, response="r")]
+    examples, stats = data.tokenize(records, tok, 16)
+    assert stats == {"records": 3, "split": 1, "truncated": 2, "dropped": 1}
+    assert all(len(e) <= 16 for e in examples)
+    assert sum(len(e) for e in examples[:-1]) == 52  # the whole text, in pieces
+    listed = tmp_path / "records.json"
+    listed.write_text('[{"text": "a"}, {"prompt": "b", "response": "c"}]')
+    assert [(r.text, r.prompt) for r in data.read_records(listed)] == [("a", None), (None, "b")]
+    listed.write_text('{"text": "a"}')
+    with pytest.raises(TrainError, match="expected a JSON list of records"):
+        data.read_records(listed)
+    text = tmp_path / "corpus.txt"
+    text.write_text("first doc\nline two\n\n\nsecond doc\n   \nthird\n")
+    assert [r.text for r in data.read_records(text)] == ["first doc\nline two", "second doc", "third"]
+
+
+def test_split_pack_and_batches_are_deterministic():
+    examples = [data.Example(list(range(i, i + 5)), [-100] + list(range(i + 1, i + 5))) for i in range(40)]
+    train, held = data.split(examples, 0.1, seed=3)
+    assert len(held) == 4 and len(train) == 36 and data.split(examples, 0.1, seed=3)[1] == held
+    rows = data.pack(train, 16)
+    assert [len(r) for r in rows] == [16] * 11 + [4]
+    assert [t for r in rows for t in r.input_ids] == [t for e in train for t in e.input_ids]
+    sampler = data.Sampler(len(rows), seed=5)
+    order = sampler.indices(0, 3 * len(rows))
+    for epoch in range(3):
+        assert sorted(order[epoch * len(rows):(epoch + 1) * len(rows)]) == list(range(len(rows)))
+    assert data.Sampler(len(rows), seed=5).indices(7, 9) == order[7:16]
+    # Every rank's micro-batches tile the global batch exactly once.
+    global_rows = list(range(24))
+    parts = [mb for rank in range(3) for mb in data.micro_batches(global_rows, 2, rank, 3)]
+    assert sorted(i for mb in parts for i in mb) == global_rows and all(len(mb) == 2 for mb in parts)
+    batches = [data.eval_batches(7, 2, rank, 3) for rank in range(3)]
+    assert len({len(b) for b in batches}) == 1
+    assert sorted(i for b in batches for mb in b for i in mb if i is not None) == list(range(7))
+
+
+def test_collate_pads_right_and_masks():
+    batch = data.collate([data.Example([1, 2, 3], [-100, 2, 3]), data.Example([4], [4])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+
+
+# -- training -------------------------------------------------------------------------------
+
+
+def test_train_end_to_end(tiny_model, task_file, tmp_path):
+    out = tmp_path / "run"
+    result = fastlora.train(**options(tiny_model, task_file, out, max_steps=6, save_steps=3, save_total_limit=1,
+                                      lr=3e-3))
+    records = read_metrics(out)
+    assert records == result.metrics and [r["step"] for r in records] == list(range(1, 7))
+    for r in records:
+        assert {"loss", "lr", "grad_norm", "tokens_per_sec", "peak_memory_mib", "step_time_s"} <= r.keys()
+        assert all(torch.isfinite(torch.tensor(float(r[k]))) for k in ("loss", "grad_norm"))
+        assert r["peak_memory_mib"] > 0 and r["tokens_per_sec"] > 0
+    assert [("eval_loss" in r) for r in records] == [False, True, False, True, False, True]
+    assert records[-1]["eval_loss"] < records[1]["eval_loss"]
+    # Warmup (round(0.05 * 6) = 0 steps), then cosine from the peak towards zero.
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == pytest.approx(3e-3) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    # One checkpoint kept, complete, with no pickle anywhere.
+    assert [s for s, _ in checkpoint.list_checkpoints(out)] == [6]
+    ckpt = out / "checkpoint-6"
+    files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+    assert files == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                     "adapter/fastlora_config.json", "optimizer.json", "optimizer.safetensors", "rng_state_0.json",
+                     "rng_state_0.safetensors", "scheduler.json", "trainer_state.json"]
+    assert not list(out.glob(".*"))  # no temporary leftovers
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert (state["step"], state["samples_seen"]) == (6, 12)
+    # The final adapter loads into a fresh model and reproduces the trained model's outputs.
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model)
+    fastlora.load_adapter(fresh, out / "adapter")
+    fresh.eval()  # load_adapter adds LoRA layers (and their dropout) in training mode
+    ids = torch.randint(0, 256, (2, 9))
+    trained = result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, trained(input_ids=ids).logits)
+    assert any(layer.lora_B.weight.abs().sum() > 0 for layer in lora_layers(trained).values())
+
+
+def test_resume_continues_to_the_same_result(tiny_model, task_file, tmp_path):
+    """Interrupted after step 5 (checkpoints at 2 and 4): resuming redoes step 5 and ends where
+    an uninterrupted run ends. Dropout is on, so the random state must be restored too."""
+    opts = dict(max_steps=8, save_steps=2, save_total_limit=0, lora_dropout=0.1, grad_accum=2, eval_steps=3)
+    full = tmp_path / "full"
+    fastlora.train(**options(tiny_model, task_file, full, **opts))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_5(record):
+        if record["step"] == 5:
+            raise Interrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        fastlora.train(**options(tiny_model, task_file, cut, **opts), callback=stop_at_5)
+    assert len(read_metrics(cut)) == 5 and checkpoint.last_checkpoint(cut).name == "checkpoint-4"
+    with pytest.raises(TrainError, match="pass --resume"):
+        fastlora.train(**options(tiny_model, task_file, cut, **opts))
+    fastlora.train(**options(tiny_model, task_file, cut, resume=True, **opts))
+    assert_same_metrics(read_metrics(cut), read_metrics(full))
+    assert_same_adapter(cut / "adapter", full / "adapter")
+    # From an explicit checkpoint into a new directory, too.
+    other = tmp_path / "other"
+    fastlora.train(**options(tiny_model, task_file, other, resume=str(full / "checkpoint-6"), **opts))
+    assert_same_metrics(read_metrics(other), read_metrics(full)[6:])
+    assert_same_adapter(other / "adapter", full / "adapter")
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_grad_accum_gives_the_same_steps(tiny_model, task_file, tmp_path, packing):
+    """The loss is the token mean of the global batch whatever its split (padding included)."""
+    one = tmp_path / "one"
+    fastlora.train(**options(tiny_model, task_file, one, batch_size=4, lora_dropout=0.0, packing=packing))
+    two = tmp_path / "two"
+    fastlora.train(**options(tiny_model, task_file, two, batch_size=1, grad_accum=4, lora_dropout=0.0,
+                             packing=packing))
+    assert_same_metrics(read_metrics(one), read_metrics(two), tol=1e-5)
+    assert_same_adapter(one / "adapter", two / "adapter", tol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_fastlora_ops(tiny_model):
+    from fastlora.train.trainer import enable_gradient_checkpointing, token_loss_sum
+
+    ids = torch.randint(0, 256, (2, 12))
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        fastlora.prepare_model(model, r=4, lora_alpha=8, init_lora_weights="gaussian")
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+        if checkpointing:
+            assert enable_gradient_checkpointing(model)
+        model.train()
+        count = [0]
+        next(iter(lora_layers(model).values())).register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        calls.append(count[0])
+    assert calls == [1, 2]  # the checkpointed layer ran again in backward
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_merge_writes_the_merged_dense_model(tiny_model, task_file, tmp_path):
+    out = tmp_path / "run"
+    result = fastlora.train(**options(tiny_model, task_file, out, max_steps=3, lr=5e-3, merge=True))
+    assert result.merged_dir == out / "merged"
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert not lora_layers(merged) and not any(isinstance(m, Linear4bit) for m in merged.modules())
+    assert AutoTokenizer.from_pretrained(out / "merged").eos_token_id == 258
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_embedded_default_runs(tmp_path):
+    """No model, no data: the shipped tiny Llama on the shipped task set (two short steps)."""
+    result = fastlora.train(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=1, max_length=32,
+                            progress=False, save_steps=0, eval_fraction=0.01)
+    assert result.step == 2 and result.eval_loss is not None
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == modeling.EMBEDDED_NAME
+    assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+
+
+# -- quantize -------------------------------------------------------------------------------
+
+
+def test_quantize_writes_bitsandbytes_format(tiny_model, tmp_path):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_model), "--output-dir", str(out)]) == 0
+    state = load_file(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    original = LlamaForCausalLM.from_pretrained(tiny_model)
+    linears = [n for n, m in original.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert len(linears) == 14
+    for name in linears:
+        keys = {k[len(name) + 1:] for k in state if k.startswith(name + ".")}
+        assert keys == {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                        "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"}
+        packed, ref_state = bnb_functional.quantize_4bit(original.get_submodule(name).weight.detach(),
+                                                         blocksize=64, quant_type="nf4", compress_statistics=True)
+        assert torch.equal(state[name + ".weight"], packed), name
+        ref = ref_state.as_dict(packed=True)
+        for key in ("absmax", "quant_map", "nested_absmax", "nested_quant_map"):
+            assert torch.equal(state[f"{name}.weight.{key}"], ref[key]), (name, key)
+        ours_json = json.loads(bytes(state[name + ".weight.quant_state.bitsandbytes__nf4"].tolist()))
+        ref_json = json.loads(bytes(ref["quant_state.bitsandbytes__nf4"].tolist()))
+        assert ours_json == ref_json
+    # Everything else as it was.
+    for key in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(state[key], original.state_dict()[key])
+
+    # Loads into a fastlora-prepared model (built from other random weights) via load_state_dict
+    # and gives the outputs of the model prepared from the original weights.
+    torch.manual_seed(99)
+    expected = fastlora.prepare_model(LlamaForCausalLM.from_pretrained(tiny_model), r=4, quantize=True)
+    other = fastlora.prepare_model(LlamaForCausalLM(original.config), r=4, quantize=True)
+    result = other.load_state_dict(to_prepared_keys(state, list(lora_layers(other))), strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all(".lora_A." in k or ".lora_B." in k for k in result.missing_keys)
+    for name, layer in lora_layers(other).items():
+        layer.lora_A.weight.data.copy_(lora_layers(expected)[name].lora_A.weight)
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+        lora_layers(expected)[name].lora_B.weight.data.copy_(layer.lora_B.weight)
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids).logits, expected(input_ids=ids).logits)
+    # And `load_quantized` (what `fastlora train --model <dir>` uses) gives the same base.
+    loaded = load_quantized(out, r=4)
+    for name, layer in lora_layers(loaded).items():
+        assert torch.equal(layer.base_layer.weight, lora_layers(expected)[name].base_layer.weight)
+        assert torch.equal(layer.base_layer.absmax, lora_layers(expected)[name].base_layer.absmax)
+
+
+def test_train_on_a_quantized_checkpoint(tiny_model, task_file, tmp_path):
+    """`fastlora train --model <quantize output>` trains as from the original weights, and
+    merges into a dense model."""
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_model), "--output-dir", str(q)]) == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    fastlora.train(**options(tiny_model, task_file, a, max_steps=2, lora_dropout=0.0, lr=1e-2))
+    result = fastlora.train(**options(q, task_file, b, max_steps=2, lora_dropout=0.0, lr=1e-2, merge=True))
+    assert_same_metrics(read_metrics(a), read_metrics(b))
+    assert_same_adapter(a / "adapter", b / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(b / "merged")
+    assert not any(isinstance(m, Linear4bit) for m in merged.modules())
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def test_help_shows_defaults(capsys):
+    for command in ("train", "quantize", "bench"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert "(default:" in text, command
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--model", "--data", "--output-dir", "--max-steps", "--save-steps", "--batch-size", "--grad-accum",
+                   "--lr", "--lora-r", "--lora-alpha", "--target-modules", "--max-length", "--seed", "--resume",
+                   "--merge", "--distributed"):
+        assert option in text
+    assert "--max-steps MAX_STEPS optimizer steps (default: 100)" in text
+
+
+def test_python_dash_m_is_the_same_cli():
+    out = subprocess.run([sys.executable, "-m", "fastlora", "train", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "--lora-alpha" in out.stdout
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_cli_errors_are_one_line(tiny_model, task_file, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    base = ["train", "--output-dir", out, "--max-steps", "1", "--no-progress", "--max-length", "16"]
+    assert main(base + ["--model", str(tmp_path / "missing-model"), "--data", str(task_file)]) == 2
+    assert "missing-model: no such model directory" in _error_line(capsys)
+
+    assert main(base + ["--model", str(tiny_model), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: no such data file" in _error_line(capsys)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": "b",}\n')
+    assert main(base + ["--model", str(tiny_model), "--data", str(bad)]) == 2
+    assert f"{bad}:2: not valid JSON" in _error_line(capsys)
+
+    assert main(base + ["--model", str(tiny_model), "--data", str(task_file), "--target-modules", "q_proj,qkv"]) == 2
+    line = _error_line(capsys)
+    assert "no module named 'qkv'" in line and "q_proj" in line
+
+    assert main(base + ["--model", str(tiny_model), "--data", str(task_file), "--target-modules", "mlp"]) == 2
+    assert "'mlp' in LlamaForCausalLM is a LlamaMLP, not an nn.Linear" in _error_line(capsys)
+
+    gpt2 = tmp_path / "gpt2"  # Conv1D layers: no nn.Linear but the output head
+    GPT2LMHeadModel(GPT2Config(vocab_size=259, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    AutoTokenizer.from_pretrained(modeling.embedded_model_dir()).save_pretrained(gpt2)
+    assert main(base + ["--model", str(gpt2), "--data", str(task_file)]) == 2
+    assert "GPT2LMHeadModel has no nn.Linear layers to adapt" in _error_line(capsys)
+
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    assert main(base + ["--model", str(not_a_model), "--data", str(task_file)]) == 2
+    assert "no config.json" in _error_line(capsys)
+
+    assert main(base + ["--model", str(tiny_model), "--data", str(task_file), "--lora-r", "0"]) == 2
+    assert "--lora-r must be an integer in [1, inf]" in _error_line(capsys)
+
+    assert main(base + ["--model", str(tiny_model), "--data", str(task_file), "--distributed", "fsdp"]) == 2
+    assert "needs torchrun's environment" in _error_line(capsys)
+
+    assert main(base + ["--model", str(tiny_model), "--data", str(task_file), "--resume", str(tmp_path)]) == 2
+    assert "not a checkpoint directory" in _error_line(capsys)
+
+    assert main(["quantize", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "q")]) == 2
+    assert "nope: no such model directory" in _error_line(capsys)
+
+
+def test_cli_trains(tiny_model, task_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["train", "--model", str(tiny_model), "--data", str(task_file), "--output-dir", str(out), "--max-steps", "2",
+            "--batch-size", "2", "--max-length", "16", "--lora-r", "2", "--target-modules", "q_proj,v_proj",
+            "--no-progress", "--save-steps", "1"]
+    assert main(args) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], sorted(config["target_modules"])) == (2, ["q_proj", "v_proj"])
+    assert [s for s, _ in checkpoint.list_checkpoints(out)] == [1, 2]
+    assert main(args) == 2  # a previous run is there
+    assert "--overwrite" in _error_line(capsys)
+    assert main(args + ["--overwrite"]) == 0
+    assert len(read_metrics(out)) == 2
+
+
+def test_config_defaults_match_the_cli():
+    from fastlora.cli import _parser
+
+    parsed = vars(_parser().parse_args(["train"]))
+    parsed.pop("command")
+    assert parsed == {k: v for k, v in vars(TrainConfig()).items()}
