@@ -126,7 +126,6 @@ def test_ddp_reduces_only_lora_and_keeps_the_base(worker, single):
     _assert_same_run(out / "ddp", single)
 
 
-@pytest.mark.skip(reason="FSDP2 over Linear4bit fails in reshard ('Trying to resize storage that is not resizable'); open in the trainer issue")
 def test_fsdp2_shards_the_4bit_model_and_matches(worker, single):
     out, proc, results = worker
     assert "fsdp" in results, _tail(proc)
@@ -138,7 +137,6 @@ def test_fsdp2_shards_the_4bit_model_and_matches(worker, single):
     _assert_same_run(out / "fsdp", single)
 
 
-@pytest.mark.skip(reason="FSDP2 over Linear4bit fails in reshard ('Trying to resize storage that is not resizable'); open in the trainer issue")
 def test_fsdp2_resumes_to_the_same_result(worker):
     out, proc, results = worker
     assert "fsdp_resume" in results and proc.returncode == 0, _tail(proc)

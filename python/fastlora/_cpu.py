@@ -23,11 +23,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A flat numpy view of a contiguous CPU tensor (no copy)."""
+    """A flat numpy view of a contiguous CPU tensor (no copy). Through DLPack, since
+    `Tensor.numpy()` marks the storage non-resizable, which breaks FSDP2's resharding."""
     flat = t.detach().reshape(-1)
     if t.dtype in (torch.bfloat16, torch.float16):
-        return flat.view(torch.int16).numpy().view(np.uint16)
-    return flat.numpy()
+        return np.from_dlpack(flat.view(torch.int16)).view(np.uint16)
+    return np.from_dlpack(flat)
 
 
 # Outputs at least this large get their own huge-page mapping (see `empty_output`).

@@ -112,6 +112,7 @@ def prepare_model(
             base.bias.requires_grad_(False)
         layer = LoraLinear(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                            init_lora_weights=init_lora_weights)
+        layer.train(model.training)  # an eval model must not get live LoRA dropout
         _set_submodule(model, name, layer)
     model.fastlora_config = {
         "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "use_rslora": use_rslora,

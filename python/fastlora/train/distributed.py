@@ -155,6 +155,8 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
             find_unused_parameters=False, **no_sync,
         )
     if info.mode == "fsdp":
+        if info.device.type == "cpu":
+            _check_cpu_storages_resizable()
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -164,6 +166,22 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
         fully_shard(model, mesh=mesh)
         return model
     return model
+
+
+def _check_cpu_storages_resizable() -> None:
+    """FSDP2 frees each unsharded parameter after use by resizing its storage to 0. A CPU kernel
+    that hands torch storage to numpy through `Tensor.numpy()` marks it non-resizable, and the
+    reshard then fails deep inside FSDP; say so up front instead."""
+    from .. import _cpu
+
+    probe = torch.empty(4, dtype=torch.uint8)
+    _cpu.as_numpy(probe)
+    try:
+        probe.untyped_storage().resize_(0)
+    except RuntimeError:
+        raise TrainError("--distributed fsdp on CPU: fastlora's CPU kernels pin the storages they read "
+                         "(fastlora._cpu.as_numpy uses Tensor.numpy()), which FSDP2 cannot free when it "
+                         "reshards; use --distributed ddp") from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
