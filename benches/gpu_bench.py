@@ -17,7 +17,8 @@ Sections (each reports its own failure and the run goes on):
    dequantize + cuBLAS path forced, the fused kernel with double-quantized scales decoded in
    the kernel, `bitsandbytes.matmul_4bit`, dense bf16 cuBLAS; and dy @ W. From the fused
    and the cuBLAS timings it prints the crossover row count for
-   `fastlora.kernels.matmul.DEQUANTIZE_CUBLAS_MIN_ROWS`.
+   `fastlora.kernels.matmul.DEQUANTIZE_CUBLAS_MIN_ROWS`. Then the host time per call of each
+   layer of the small-M path (Python, op dispatch, kernel launches) on a tiny weight.
 5. lora_layer: Linear4bit + LoRA r=16 forward + backward at M = 4096: fastlora's
    `LoraLinear`, `bitsandbytes.nn.Linear4bit` with a PEFT-style LoRA in plain torch, and a
    dense bf16 `nn.Linear` with the same LoRA; time and peak memory.
@@ -223,12 +224,15 @@ def run_dequantize(report: Report, weights, device: torch.device) -> None:
 @contextlib.contextmanager
 def cublas_threshold(rows: float):
     """Forces fastlora's dispatch: `math.inf` always fuses, 0 always dequantizes + cuBLAS."""
-    saved = fl_matmul.DEQUANTIZE_CUBLAS_MIN_ROWS
-    fl_matmul.DEQUANTIZE_CUBLAS_MIN_ROWS = rows
+    names = ("DEQUANTIZE_CUBLAS_MIN_ROWS", "DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED")
+    saved = [getattr(fl_matmul, name) for name in names]
+    for name in names:
+        setattr(fl_matmul, name, rows)
     try:
         yield
     finally:
-        fl_matmul.DEQUANTIZE_CUBLAS_MIN_ROWS = saved
+        for name, value in zip(names, saved):
+            setattr(fl_matmul, name, value)
 
 
 def run_matmul(report: Report, weights, rows, device: torch.device, bandwidth: float | None) -> None:
@@ -282,6 +286,46 @@ def run_matmul(report: Report, weights, rows, device: torch.device, bandwidth: f
     report.notes["fused_faster_up_to_rows"] = crossover
     print(f"   the fused kernel is faster up to these row counts (of {rows}): {crossover}; set "
           "fastlora.kernels.matmul.DEQUANTIZE_CUBLAS_MIN_ROWS just above them", flush=True)
+
+
+def run_host_overhead(report: Report, device: torch.device) -> None:
+    """Host time per call on a tiny weight, with no synchronization inside the loop: what
+    Python, the op dispatch and the kernel launches cost on the CPU. At M = 1 the GPU work is
+    a few microseconds, so this, not the kernel, sets the time of a small matmul."""
+    compute_dtype = DTYPE if device.type == "cuda" else torch.float32
+    n = k = 256
+    w = random_weight(n, k, device)
+    x = torch.randn(1, k, device=device).to(compute_dtype)
+    packed, state = fastlora.quantize_4bit(w, compress_statistics=True)
+    plain_packed, plain_state = fastlora.quantize_4bit(w)
+    flat = plain_packed.reshape(-1)
+    offset = state.offset.reshape(()).to(torch.float32)
+    bnb, bnb_functional = bitsandbytes_modules()
+    bnb_packed, bnb_state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    cases = {
+        "torch x + 1 (one aten launch)": lambda: x + 1,
+        "triton dequantize_blockwise kernel": lambda: fl_dequantize.dequantize_blockwise(
+            state.absmax, state.state2.absmax, state.state2.code, 256, offset),
+        "triton fused matmul kernel (autotuned launch)": lambda: fl_matmul.matmul_4bit(
+            x, flat, plain_state.absmax, n, k, 64, "nf4", False),
+        "torch.ops.fastlora.matmul_4bit": lambda: torch.ops.fastlora.matmul_4bit(
+            x, flat, plain_state.absmax, n, k, 64, "nf4", False),
+        "fastlora.matmul_4bit, fp32 scales": lambda: fastlora.matmul_4bit(x, plain_packed, plain_state),
+        "fastlora.matmul_4bit, double-quantized": lambda: fastlora.matmul_4bit(x, packed, state),
+        "bitsandbytes.matmul_4bit, double-quantized": lambda: bnb.matmul_4bit(x, bnb_packed.t(), bnb_state),
+    }
+    calls = 300 if device.type == "cuda" else 3
+    for name, fn in cases.items():
+        with report.section(f"host overhead {name}"):
+            for _ in range(3):
+                fn()
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            host_ms = (time.perf_counter() - start) * 1e3 / calls
+            synchronize(device)
+            report.timing("host overhead", f"M=1 {n}x{k}", name, host_ms, us_per_call=host_ms * 1e3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dequantize(report, weights, device)
     if "matmul" not in args.skip:
         run_matmul(report, weights, rows, device, bandwidth)
+    if "matmul" not in args.skip:
+        run_host_overhead(report, device)
     if "lora" not in args.skip:
         run_lora_layer(report, weights, lora_rows, device)
 

@@ -22,6 +22,6 @@ def test_gpu_bench_dry_run_exercises_every_section(tmp_path):
     assert report["dry_run"] and not report["errors"]
     assert report["checks"] and all(check["ok"] for check in report["checks"])
     sections = {row["section"] for row in report["timings"]}
-    assert sections == {"bandwidth", "dequantize", "matmul x@W.T", "matmul dy@W", "lora layer fwd+bwd"}
+    assert sections == {"bandwidth", "dequantize", "matmul x@W.T", "matmul dy@W", "host overhead", "lora layer fwd+bwd"}
     impls = {row["impl"] for row in report["timings"]}
     assert {"bitsandbytes.matmul_4bit", "bitsandbytes + torch LoRA", "dense cuBLAS"} <= impls

@@ -9,6 +9,8 @@ bf16 cases the interpreter cannot run); the CPU backend tests then skip.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -130,6 +132,14 @@ MATMUL_CASES = [
 ]
 
 
+@pytest.fixture
+def fused_kernels_only(monkeypatch):
+    """The fused kernels at every row count (the default sends larger M to cuBLAS)."""
+    monkeypatch.setattr(matmul, "DEQUANTIZE_CUBLAS_MIN_ROWS", math.inf)
+    monkeypatch.setattr(matmul, "DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED", math.inf)
+
+
+@pytest.mark.usefixtures("fused_kernels_only")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,shape,quant_type,nested", MATMUL_CASES)
 def test_matmul_forward_and_transposed_against_float64(m, shape, quant_type, nested, dtype):
@@ -152,6 +162,7 @@ def test_small_problems_split_the_reduction_in_both_orientations():
     assert matmul._split_count(64, 200, True, DEVICE) > 1
 
 
+@pytest.mark.usefixtures("fused_kernels_only")
 @pytest.mark.parametrize("m", [2, 37])
 def test_matmul_adds_bias_in_the_epilogue(m):
     n, k = 48, 256
@@ -182,6 +193,7 @@ def test_empty_activations_give_an_empty_result():
         pytest.param(24, 5, torch.bfloat16, False, marks=BF16.marks),
     ],
 )
+@pytest.mark.usefixtures("fused_kernels_only")
 def test_lora_linear_4bit_against_float64(m, rank, dtype, nested):
     n, k, blocksize = 40, 128, 64
     packed, scales, nested_scales, _, weight = quantized((n, k), blocksize, "nf4", nested)
@@ -197,21 +209,28 @@ def test_lora_linear_4bit_against_float64(m, rank, dtype, nested):
     assert_close_to(y, expected, bound, dtype, "lora")
 
 
-def test_dequantize_then_cublas_path_when_the_heuristic_picks_it(monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_then_cublas_path_when_the_heuristic_picks_it(monkeypatch, dtype):
     monkeypatch.setattr(matmul, "DEQUANTIZE_CUBLAS_MIN_ROWS", 8)
+    monkeypatch.setattr(matmul, "DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED", 3)
     assert matmul.use_dequantize_then_cublas(8, 40, 128) and not matmul.use_dequantize_then_cublas(7, 40, 128)
+    assert matmul.use_dequantize_then_cublas(3, 40, 128, True)
+    assert not matmul.use_dequantize_then_cublas(2, 40, 128, True)
     n, k, m, rank = 40, 128, 9, 4
     packed, scales, nested_scales, _, weight = quantized((n, k), 32, "fp4", True)
-    x, A, B, bias = torch.randn(m, k), torch.randn(rank, k), torch.randn(n, rank), torch.randn(n)
+    x, A, B, bias = torch.randn(m, k).to(dtype), torch.randn(rank, k), torch.randn(n, rank), torch.randn(n)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     y = lora.lora_linear_4bit(x.to(DEVICE), x.to(DEVICE), packed, scales, bias.to(DEVICE), A.to(DEVICE), B.to(DEVICE),
-                              0.5, 32, "fp4", nested=nested_scales)
+                              0.5, 32, "fp4", nested=nested_scales, out=out)
+    assert y.data_ptr() == out.data_ptr()
     u = x.double() @ A.double().t()
     expected = x.double() @ weight.t() + bias.double() + 0.5 * u @ B.double().t()
     bound = x.double().abs() @ weight.abs().t() + bias.double().abs() + 0.5 * (u.abs() @ B.double().abs().t())
-    assert_close_to(y, expected, bound, torch.float32, "lora via cuBLAS")
-    g = torch.randn(m, n)
+    # The base product is rounded to x's dtype before the fp32 LoRA term is added (as PEFT).
+    assert_close_to(y, expected, 2 * bound, dtype, "lora via cuBLAS")
+    g = torch.randn(m, n).to(dtype)
     dx = matmul.matmul_4bit(g.to(DEVICE), packed, scales, n, k, 32, "fp4", True, nested=nested_scales)
-    assert_close_to(dx, g.double() @ weight, g.double().abs() @ weight.abs(), torch.float32, "dy @ W via cuBLAS")
+    assert_close_to(dx, g.double() @ weight, g.double().abs() @ weight.abs(), dtype, "dy @ W via cuBLAS")
 
 
 # ---------------------------------------------------------------------------------------------

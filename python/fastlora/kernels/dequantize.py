@@ -179,7 +179,8 @@ def _quantize_4bit_kernel(a_ptr, bounds_ptr, order_ptr, packed_ptr, absmax_ptr, 
     offs = start[:, None] + tl.arange(0, BLOCKSIZE)[None, :]
     x = tl.load(a_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
-    clamped = tl.maximum(amax, 1e-38)
+    # A bare 1e-38 literal (below fp32's normal range) is typed fp64 by Triton 3.6: name the type.
+    clamped = tl.maximum(amax, tl.full(amax.shape, 1e-38, tl.float32))
     full_block = start + BLOCKSIZE <= numel
     # Full blocks multiply by the reciprocal; the partial last block divides (bitsandbytes' CPU path).
     # An all-zero block scales to 0 whether or not the device flushes the subnormal 1e-38.

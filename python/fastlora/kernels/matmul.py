@@ -13,8 +13,8 @@ never written back in full precision.
   the output alone gives too few programs to fill the GPU, the reduction is split
   (`SPLIT` programs per output tile, fp32 atomic adds into a zeroed buffer, then one cast).
 * Large M: tensor-core tiles (`tl.dot`), grouped program order for L2 reuse, autotuned.
-* `use_dequantize_then_cublas(M, N, K)` picks bitsandbytes' approach (dequantize W once,
-  then cuBLAS) for the shapes where it is faster.
+* `use_dequantize_then_cublas(M, N, K, transposed)` picks bitsandbytes' approach
+  (dequantize W once, then cuBLAS) for the row counts where it measured faster.
 
 The epilogue adds an optional bias and the LoRA term `scaling * u @ B.T` (`LoraTerm`, see
 `fastlora.kernels.lora`) before the single store of y.
@@ -27,7 +27,6 @@ one fixed configuration runs instead of autotuning.
 """
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -41,19 +40,25 @@ SMALL_M_MAX_ROWS = 16
 # Up to this many rows the small-M path multiplies on the CUDA cores instead of padding the
 # rows to a 16-row tensor-core tile (tune on the GPU: benches/gpu_bench.py).
 GEMV_MAX_ROWS = 4
-# From this many rows on, dequantize W once and let cuBLAS multiply. The default never does:
-# the fused kernels then never write a full-precision W. Set it from benches/gpu_bench.py.
-DEQUANTIZE_CUBLAS_MIN_ROWS = math.inf
+# From these row counts on, dequantize W once and let cuBLAS multiply (bitsandbytes'
+# approach). Measured on an H200 (benches/gpu_bench.py, 2026-11-29, benches/GPU_NOTES.md):
+# the tensor-core fused kernel reached 42 TFLOP/s forward and 23 backward against cuBLAS's
+# 700 at M = 4096, and lost to dequantize + cuBLAS from 16 rows forward and at every row
+# count backward; the fused GEMV won at M = 1 on two of three weights. `math.inf` forces the
+# fused kernels, 0 forces cuBLAS.
+DEQUANTIZE_CUBLAS_MIN_ROWS = GEMV_MAX_ROWS + 1
+DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED = 1
 
 
-def use_dequantize_then_cublas(m: int, n: int, k: int) -> bool:
-    """Whether `M x K @ (N x K).T` (or its transpose) should dequantize W and call cuBLAS.
+def use_dequantize_then_cublas(m: int, n: int, k: int, transposed: bool = False) -> bool:
+    """Whether `M x K @ (N x K).T` (or, `transposed`, `M x N @ (N x K)`) should dequantize W
+    and call cuBLAS.
 
     Dequantizing costs about `N * K * 4.5` bytes of memory traffic, once; the fused kernel's
     extra cost over cuBLAS grows with `M * N * K`. N and K cancel out of the comparison, so
-    the crossover is a row count, `DEQUANTIZE_CUBLAS_MIN_ROWS`.
+    the crossover is a row count per orientation.
     """
-    return m >= DEQUANTIZE_CUBLAS_MIN_ROWS
+    return m >= (DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED if transposed else DEQUANTIZE_CUBLAS_MIN_ROWS)
 
 
 @dataclass(frozen=True)
@@ -272,7 +277,7 @@ def matmul_4bit(
     if out is None:
         out = torch.empty((m, outer), dtype=x.dtype, device=x.device)
     if m > 0:
-        if use_dequantize_then_cublas(m, n, k):
+        if use_dequantize_then_cublas(m, n, k, transposed):
             _dequantize_then_matmul(x2d, packed, absmax, n, k, blocksize, quant_type, transposed, nested, bias, lora,
                                     out)
         else:
@@ -283,16 +288,14 @@ def matmul_4bit(
 def _dequantize_then_matmul(x2d, packed, absmax, n, k, blocksize, quant_type, transposed, nested, bias, lora, out):
     """bitsandbytes' approach: a full-precision W, then cuBLAS (and the epilogue in torch)."""
     w = dequantize_4bit(packed, absmax, blocksize, quant_type, (n, k), x2d.dtype, nested=nested)
-    if bias is None and lora is None:
+    if bias is None:
         torch.matmul(x2d, w if transposed else w.t(), out=out)
-        return
-    y = torch.matmul(x2d, w if transposed else w.t()).float()
+    else:
+        torch.addmm(bias.to(out.dtype), x2d, w if transposed else w.t(), out=out)
     del w
-    if bias is not None:
-        y += bias.float()
     if lora is not None:
-        y.addmm_(lora.u.float(), lora.up.float().t(), alpha=lora.scaling)
-    out.copy_(y)
+        # As PEFT: the LoRA term in the adapter's precision, added to the rounded base output.
+        out.add_(lora.u @ lora.up.t(), alpha=lora.scaling)
 
 
 def _launch(x2d, packed, absmax, n, k, blocksize, quant_type, transposed, nested, bias, lora, out):
