@@ -379,7 +379,7 @@ def test_cuda_lora_layer_trains_like_the_cpu_layer():
     results = []
     for device in ("cpu", "cuda"):
         layer.to(device)
-        xd = x.to(device).requires_grad_()
+        xd = x.to(device).detach().requires_grad_()  # a fresh leaf on each device
         layer(xd).float().square().mean().backward()
         results.append([t.detach().cpu().float() for t in (layer(xd), xd.grad, layer.lora_A.weight.grad,
                                                             layer.lora_B.weight.grad)])
