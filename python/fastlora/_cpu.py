@@ -96,6 +96,15 @@ def dequantize_blockwise(
     return out
 
 
+# Up to this many activation rows the fused Rust kernel (weight decoded in registers) runs;
+# above, Rust dequantizes weight tiles and torch's BLAS multiplies them (`_matmul_tiled`).
+FUSED_MAX_ROWS = 16
+# fp32 bytes of weight dequantized at a time on the tiled path: transient memory stays at one tile.
+TILE_BYTES = 4 << 20
+# The transposed product adds each tile's share into the whole output: this many passes at most.
+TRANSPOSED_PASSES = 4
+
+
 def matmul_4bit(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -109,14 +118,46 @@ def matmul_4bit(
     """`x @ W.T` (or `x @ W` when `transposed`) for x of shape (..., k) (or (..., n))."""
     inner, outer = (n, k) if transposed else (k, n)
     x2d = x.reshape(-1, inner).contiguous()
-    y = torch.empty((x2d.shape[0], outer), dtype=x.dtype)
-    if x2d.shape[0]:
+    m = x2d.shape[0]
+    if m > FUSED_MAX_ROWS:
+        y = _matmul_tiled(x2d, packed, absmax, n, k, blocksize, quant_type, transposed).to(x.dtype)
+        return y.reshape(*x.shape[:-1], outer)
+    y = torch.empty((m, outer), dtype=x.dtype)
+    if m:
         _threads.sync()
         _native.matmul_4bit(
             as_numpy(x2d), as_numpy(packed), as_numpy(absmax), n, k, blocksize, quant_type, transposed,
             as_numpy(y), dtype_name(x.dtype),
         )
     return y.reshape(*x.shape[:-1], outer)
+
+
+def _matmul_tiled(
+    x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int, quant_type: str,
+    transposed: bool,
+) -> torch.Tensor:
+    """The many-row product in fp32: Rust dequantizes a tile of weight rows (exact fp32
+    `code * absmax`), torch's BLAS multiplies it. All the arithmetic then runs on torch's
+    threads, as the rest of a training step does, instead of a second thread pool competing
+    with them for the cores; the dequantization is paid once per tile for all rows."""
+    x32 = x2d.float()
+    rows_per_tile = max(1, min(n, TILE_BYTES // (4 * k)))
+    if transposed:
+        # Each tile adds into all of dx: at most TRANSPOSED_PASSES passes over it, with
+        # tiles up to four times larger.
+        rows_per_tile = max(rows_per_tile, min(4 * rows_per_tile, -(-n // TRANSPOSED_PASSES)))
+    tile = torch.empty((rows_per_tile, k), dtype=torch.float32)
+    y = torch.empty((x2d.shape[0], k if transposed else n), dtype=torch.float32)
+    for r0 in range(0, n, rows_per_tile):
+        rows = min(rows_per_tile, n - r0)
+        w = dequantize_4bit_into(packed, absmax, n * k, blocksize, quant_type, r0 * k, tile[:rows])
+        if not transposed:  # y[:, rows] = x @ W[rows, :].T, written in place (BLAS takes the row stride)
+            torch.mm(x32, w.t(), out=y[:, r0:r0 + rows])
+        elif r0 == 0:  # dx = the sum over row tiles of dy[:, rows] @ W[rows, :]
+            torch.mm(x32[:, :rows], w, out=y)
+        else:
+            y.addmm_(x32[:, r0:r0 + rows], w)
+    return y
 
 
 def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
