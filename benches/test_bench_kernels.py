@@ -10,7 +10,7 @@ import pytest
 
 from fastlora import bench
 
-CASES = ["dequantize", "matmul_m1", "matmul_m512", "layer"]
+CASES = ["dequantize", "matmul_m1", "matmul_m512", "layer", "model_step"]
 IMPLS = ["fastlora", "bitsandbytes", "dense"]
 
 

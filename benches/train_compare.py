@@ -90,46 +90,12 @@ def _lora_init(model, r: int, alpha: float, seed: int) -> dict:
                       for n, l in lora_layers(prepared).items()}
 
 
-def _bnb_model(model, r: int, alpha: float, init: dict):
-    import bitsandbytes as bnb
-    import peft
-    import torch
-    from torch import nn
-
-    from fastlora.model import find_target_modules
-
-    names = find_target_modules(model, "all-linear")
-    for name in names:
-        linear = model.get_submodule(name)
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-        layer = layer.to("cpu")  # quantizes
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=sorted({n.split(".")[-1] for n in names}),
-                             task_type="CAUSAL_LM")
-    model = peft.get_peft_model(model, config)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict):
-                key = name.removeprefix("base_model.model.")
-                a, b = init[key]
-                module.lora_A["default"].weight.copy_(a)
-                module.lora_B["default"].weight.copy_(b)
-    return model
-
-
 def run_stack(stack: str, args: argparse.Namespace) -> dict:
     """Trains one stack in this process and returns its measurements."""
     import torch
 
     import fastlora  # noqa: F401  (the custom ops)
+    from fastlora.bench import bitsandbytes_peft_model
     from fastlora.train import TrainConfig, Trainer, data, modeling
     from fastlora.train.distributed import DistInfo
     from fastlora.train.trainer import enable_gradient_checkpointing
@@ -150,7 +116,7 @@ def run_stack(stack: str, args: argparse.Namespace) -> dict:
         model, again = _lora_init(model, args.lora_r, args.lora_alpha, args.seed)
         assert all(torch.equal(again[k][0], init[k][0]) for k in init)
     else:
-        model = _bnb_model(model, args.lora_r, args.lora_alpha, init)
+        model = bitsandbytes_peft_model(model, args.lora_r, args.lora_alpha, init)
     tokenizer = modeling.load_tokenizer(modeling.embedded_model_dir())
     dataset = data.load_dataset(modeling.default_data_path(), tokenizer, args.max_length, True, 0.0, args.seed)
     if args.gradient_checkpointing:

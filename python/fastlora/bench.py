@@ -113,16 +113,102 @@ def layer_case(m: int, n: int, k: int, r: int) -> dict[str, Impl]:
     return impls
 
 
-# key: (builder of the implementations, measure memory); shapes are (m, n, k[, r]).
+def bitsandbytes_peft_model(model: nn.Module, r: int, alpha: float, init: dict | None = None) -> nn.Module:
+    """The stack users run today: every linear layer of `model` (fastlora's "all-linear")
+    replaced by `bitsandbytes.nn.Linear4bit` (NF4, double quantization, quantized on CPU),
+    then `peft.get_peft_model`. `init` ({module name: (A, B)}) sets the initial adapters."""
+    import bitsandbytes as bnb
+    import peft
+
+    from .model import find_target_modules
+
+    names = find_target_modules(model, "all-linear")
+    for name in names:
+        linear = model.get_submodule(name)
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        layer = layer.to("cpu")  # quantizes
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                             target_modules=sorted({n.split(".")[-1] for n in names}), task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, config)
+    if init is not None:
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict):
+                    a, b = init[name.removeprefix("base_model.model.")]
+                    module.lora_A["default"].weight.copy_(a)
+                    module.lora_B["default"].weight.copy_(b)
+    return model
+
+
+def model_step_case(rows: int, length: int, hidden: int, layers: int, r: int) -> dict[str, Impl]:
+    """One QLoRA training step's forward + backward (gradient checkpointing on, as `fastlora
+    train` runs) of a Llama built from the shipped tiny config at the given width and depth:
+    fastlora, bitsandbytes + peft, and the unquantized model with plain-torch LoRA."""
+    from .model import lora_layers
+    from .train import modeling
+    from .train.trainer import enable_gradient_checkpointing
+
+    transformers = modeling._hf()
+    config = transformers.AutoConfig.from_pretrained(str(modeling.embedded_model_dir()))
+    config.hidden_size, config.intermediate_size = hidden, (hidden * 11 // 4) // 64 * 64
+    config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads = layers, hidden // 64, hidden // 64
+    config.head_dim, config.use_cache = 64, False
+    ids = torch.randint(0, config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
+
+    def base() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return transformers.AutoModelForCausalLM.from_config(config, **modeling.dtype_kwarg(torch.float32))
+
+    def step(model: nn.Module) -> Impl:
+        enable_gradient_checkpointing(model)
+        model.train()
+
+        def run() -> torch.Tensor:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return run
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        ours = fastlora.prepare_model(base(), r=r, lora_alpha=2 * r)
+    init = {name: (layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone())
+            for name, layer in lora_layers(ours).items()}
+    impls: dict[str, Impl] = {"fastlora": step(ours)}
+    try:
+        impls["bitsandbytes"] = step(bitsandbytes_peft_model(base(), r, 2 * r, init))
+    except ImportError:  # bitsandbytes or peft not installed: that row is left out
+        pass
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        impls["dense"] = step(fastlora.prepare_model(base(), r=r, lora_alpha=2 * r, quantize=False))
+    return impls
+
+
+# key: (builder of the implementations, measure memory); shapes are (m, n, k[, r]), or for
+# model_step (batch rows, tokens per row, hidden size, layers, r).
 FULL_SHAPES = {"dequantize": (4096, 4096), "matmul_m1": (1, 11008, 4096), "matmul_m512": (512, 4096, 4096),
-               "layer": (512, 4096, 4096, 16)}
+               "layer": (512, 4096, 4096, 16), "model_step": (4, 128, 512, 8, 16)}
 QUICK_SHAPES = {"dequantize": (1024, 1024), "matmul_m1": (1, 2752, 1024), "matmul_m512": (64, 1024, 1024),
-                "layer": (64, 1024, 1024, 16)}
+                "layer": (64, 1024, 1024, 16), "model_step": (2, 32, 128, 2, 8)}
 CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
     "dequantize": (dequantize_case, False),
     "matmul_m1": (matmul_case, True),
     "matmul_m512": (matmul_case, True),
     "layer": (layer_case, True),
+    "model_step": (model_step_case, True),
 }
 
 
@@ -133,6 +219,9 @@ def title(key: str, quick: bool) -> str:
     if key == "layer":
         m, n, k, r = shape
         return f"Linear4bit + LoRA r={r} fwd+bwd fp32 M={m} {n}x{k}"
+    if key == "model_step":
+        rows, length, hidden, layers, r = shape
+        return f"QLoRA step (fwd+bwd, checkpointing) fp32 Llama {layers}x{hidden} r={r}, {rows}x{length} tokens"
     m, n, k = shape
     return f"matmul_4bit fp32 M={m} {n}x{k}"
 

@@ -1,0 +1,41 @@
+"""`fastlora bench`: its cases build and run, and the model-step case compares like with like."""
+
+import json
+
+import pytest
+import torch
+
+from fastlora import bench
+
+
+def test_model_step_stacks_start_from_the_same_quantized_model_and_adapters():
+    impls = bench.build("model_step", quick=True)
+    assert set(impls) == {"fastlora", "bitsandbytes", "dense"}
+    losses = {name: run() for name, run in impls.items()}
+    # fastlora and bitsandbytes + peft quantize to the same bytes and start from the same
+    # adapters (LoRA B = 0): their first losses agree to fp32 rounding; the unquantized
+    # model's loss differs by the quantization error only.
+    torch.testing.assert_close(losses["fastlora"], losses["bitsandbytes"], rtol=1e-5, atol=1e-5)
+    assert abs(losses["dense"].item() - losses["fastlora"].item()) < 0.05
+    assert all(torch.isfinite(loss) for loss in losses.values())
+
+
+@pytest.mark.parametrize("case", sorted(bench.CASES))
+def test_every_case_times_every_implementation(case):
+    times = bench._median_ms(bench.build(case, quick=True), repeats=1)
+    assert {"fastlora", "bitsandbytes"} <= set(times) and len(times) == 3
+    assert all(t > 0 for t in times.values())
+
+
+def test_bench_writes_json_atomically(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    bench.run(quick=True, repeats=1, json_path=str(path), cases=["dequantize"])
+    report = json.loads(path.read_text())
+    assert [case["name"] for case in report["cases"]] == [bench.title("dequantize", True)]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert "| dequantize" in capsys.readouterr().out
+
+
+def test_unknown_case_is_rejected():
+    with pytest.raises(ValueError, match="unknown case"):
+        bench.run(quick=True, cases=["nope"])
