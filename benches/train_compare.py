@@ -3,18 +3,21 @@ data, batches, LoRA initialization, optimizer and loop.
 
     python benches/train_compare.py                      # the tiny model, a few minutes on CPU
     python benches/train_compare.py --model-size 100m    # a ~100M-parameter Llama
+    python benches/train_compare.py --device cuda --model-size 1b --batch-size 8 --max-length 512
 
 Both stacks start from one randomly initialized Llama (fixed seed). fastlora prepares it with
 `fastlora.prepare_model`; the other stack replaces its linear layers by
-`bitsandbytes.nn.Linear4bit` (NF4, double quantization, quantized on CPU) and wraps it with
-`peft.get_peft_model`, then copies fastlora's initial LoRA weights so both start identical.
+`bitsandbytes.nn.Linear4bit` (NF4, double quantization, quantized on the training device)
+and wraps it with `peft.get_peft_model`, then copies fastlora's initial LoRA weights so both
+start identical. With `--device cuda` both train as `fastlora train` does on a GPU (bf16
+model and 4-bit compute, bf16 autocast) and peak GPU memory is recorded too.
 The training loop is fastlora's `Trainer.train_step` for both (same sampler, micro-batches,
 token-mean loss, AdamW, warmup + cosine, clipping, gradient checkpointing), so only the
 model's forward and backward differ. Each stack runs in a fresh process, so its peak
 resident memory (Linux VmHWM, reset when training starts) is its own.
 
 Prints step time, tokens per second, peak memory and both loss curves; writes
-`benches/results/train_compare-<size>.json`.
+`benches/results/train_compare-<size>[-cuda].json`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ SIZES = {
     "tiny": (256, 704, 4, 4),  # the embedded model's shape
     "small": (512, 1408, 8, 8),
     "100m": (768, 2304, 12, 12),
+    "1b": (2048, 5632, 22, 32),  # TinyLlama-1.1B's shape (with the shipped byte-level vocabulary)
 }
 
 
@@ -77,7 +81,7 @@ def _reset_peak() -> None:
         pass
 
 
-def _lora_init(model, r: int, alpha: float, seed: int) -> dict:
+def _lora_init(model, r: int, alpha: float, seed: int, compute_dtype=None) -> dict:
     """fastlora's initial LoRA weights for this model and seed ({module: (A, B)})."""
     import torch
 
@@ -85,7 +89,7 @@ def _lora_init(model, r: int, alpha: float, seed: int) -> dict:
     from fastlora.model import lora_layers
 
     torch.manual_seed(seed)
-    prepared = fastlora.prepare_model(model, r=r, lora_alpha=alpha, lora_dropout=0.0)
+    prepared = fastlora.prepare_model(model, r=r, lora_alpha=alpha, lora_dropout=0.0, compute_dtype=compute_dtype)
     return prepared, {n: (l.lora_A.weight.detach().clone(), l.lora_B.weight.detach().clone())
                       for n, l in lora_layers(prepared).items()}
 
@@ -104,35 +108,51 @@ def run_stack(stack: str, args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     import gc
 
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    # On a GPU both stacks train as `fastlora train` does there: a bf16 model, 4-bit layers
+    # computing in bf16, bf16 autocast.
+    compute_dtype = torch.bfloat16 if on_gpu else torch.float32
+
     # Both processes first build fastlora's initial LoRA weights (then free that model), so
     # both stacks start from the same adapters and the same process history.
     throwaway, init = _lora_init(_base_model(args.model_size), args.lora_r, args.lora_alpha, args.seed)
     del throwaway
     gc.collect()
     rss_start = _status_kib("VmRSS")
-    model = _base_model(args.model_size)
+    model = _base_model(args.model_size).to(compute_dtype)
     params = sum(p.numel() for p in model.parameters())
     if stack == "fastlora":
-        model, again = _lora_init(model, args.lora_r, args.lora_alpha, args.seed)
+        model, again = _lora_init(model, args.lora_r, args.lora_alpha, args.seed, compute_dtype)
         assert all(torch.equal(again[k][0], init[k][0]) for k in init)
+        model.to(device)
     else:
-        model = bitsandbytes_peft_model(model, args.lora_r, args.lora_alpha, init)
+        model = bitsandbytes_peft_model(model, args.lora_r, args.lora_alpha, init, compute_dtype, device)
     tokenizer = modeling.load_tokenizer(modeling.embedded_model_dir())
     dataset = data.load_dataset(modeling.default_data_path(), tokenizer, args.max_length, True, 0.0, args.seed)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r,
                       lora_alpha=args.lora_alpha, lora_dropout=0.0, max_length=args.max_length, seed=args.seed)
-    trainer = Trainer(model, dataset, cfg, DistInfo("none"))
+    trainer = Trainer(model, dataset, cfg, DistInfo("none", device=device), compute_dtype if on_gpu else None)
     gc.collect()
     rss_ready = _status_kib("VmRSS")
     _reset_peak()
+    if on_gpu:
+        torch.cuda.synchronize(device)
+        gpu_ready = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     records = []
     for step in range(args.steps):
         records.append(trainer.train_step(step * trainer.global_batch))
         print(f"{stack} step {step + 1}/{args.steps}: loss {records[-1]['loss']:.4f} "
               f"{records[-1]['step_time_s']:.3f}s", file=sys.stderr, flush=True)
     peak = _status_kib("VmHWM")
+    gpu = {}
+    if on_gpu:
+        gpu = {"device": torch.cuda.get_device_name(device),
+               "gpu_memory_after_setup_mib": gpu_ready / 2**20,
+               "peak_gpu_memory_training_mib": torch.cuda.max_memory_allocated(device) / 2**20}
     timed = [r["step_time_s"] for r in records[args.warmup:]] or [r["step_time_s"] for r in records]
     tokens = [r["tokens"] for r in records[args.warmup:]] or [r["tokens"] for r in records]
     return {
@@ -147,6 +167,7 @@ def run_stack(stack: str, args: argparse.Namespace) -> dict:
         "rss_after_setup_mib": (rss_ready - rss_start) / 1024,
         "peak_rss_training_mib": peak / 1024,
         "peak_growth_training_mib": (peak - rss_ready) / 1024,
+        **gpu,
     }
 
 
@@ -174,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: both stacks on the GPU in bf16 (needs bitsandbytes' CUDA build)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json", default=None, help="output file (default: benches/results/train_compare-SIZE.json)")
     parser.add_argument("--stack", choices=("fastlora", "bitsandbytes"), default=None, help=argparse.SUPPRESS)
@@ -200,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "speedup_step_time": theirs["step_time_s_median"] / ours["step_time_s_median"],
         "peak_rss_training_ratio": ours["peak_rss_training_mib"] / theirs["peak_rss_training_mib"],
+        **({"peak_gpu_memory_training_ratio": ours["peak_gpu_memory_training_mib"]
+            / theirs["peak_gpu_memory_training_mib"]} if args.device == "cuda" else {}),
         "max_abs_loss_diff": max(diffs),
         "final_losses": [ours["losses"][-1], theirs["losses"][-1]],
     }
@@ -211,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['stack']} | {r['step_time_s_median'] * 1e3:.0f} ms | {r['tokens_per_sec']:.0f} | "
               f"{r['rss_after_setup_mib']:.0f} MiB | {r['peak_rss_training_mib']:.0f} MiB | "
               f"{r['peak_growth_training_mib']:.0f} MiB |")
+    if args.device == "cuda":
+        print(f"\n{ours['device']}: peak GPU memory while training {ours['peak_gpu_memory_training_mib']:.0f} MiB "
+              f"(fastlora) vs {theirs['peak_gpu_memory_training_mib']:.0f} MiB (bitsandbytes+peft), "
+              f"{summary['peak_gpu_memory_training_ratio']:.2f}x")
     print(f"\nfastlora: {summary['speedup_step_time']:.2f}x faster per step, "
           f"{summary['peak_rss_training_ratio']:.2f}x the peak memory; losses differ by at most "
           f"{summary['max_abs_loss_diff']:.2e}")
@@ -218,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for i, (a, b) in enumerate(zip(ours["losses"], theirs["losses"]), 1):
         print(f"| {i} | {a:.5f} | {b:.5f} | {a - b:+.2e} |")
-    path = Path(args.json) if args.json else RESULTS / f"train_compare-{args.model_size}.json"
+    suffix = "-cuda" if args.device == "cuda" else ""
+    path = Path(args.json) if args.json else RESULTS / f"train_compare-{args.model_size}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"machine": info, "args": {k: v for k, v in vars(args).items() if k != "stack"},

@@ -113,10 +113,12 @@ def layer_case(m: int, n: int, k: int, r: int) -> dict[str, Impl]:
     return impls
 
 
-def bitsandbytes_peft_model(model: nn.Module, r: int, alpha: float, init: dict | None = None) -> nn.Module:
+def bitsandbytes_peft_model(model: nn.Module, r: int, alpha: float, init: dict | None = None,
+                            compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
     """The stack users run today: every linear layer of `model` (fastlora's "all-linear")
-    replaced by `bitsandbytes.nn.Linear4bit` (NF4, double quantization, quantized on CPU),
-    then `peft.get_peft_model`. `init` ({module name: (A, B)}) sets the initial adapters."""
+    replaced by `bitsandbytes.nn.Linear4bit` (NF4, double quantization, quantized on
+    `device`), then `peft.get_peft_model`. `init` ({module name: (A, B)}) sets the initial
+    adapters. The model is returned on `device`."""
     import bitsandbytes as bnb
     import peft
 
@@ -126,14 +128,15 @@ def bitsandbytes_peft_model(model: nn.Module, r: int, alpha: float, init: dict |
     for name in names:
         linear = model.get_submodule(name)
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
         layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                          compress_statistics=True)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-        layer = layer.to("cpu")  # quantizes
+        layer = layer.to(device)  # quantizes
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
+    model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,

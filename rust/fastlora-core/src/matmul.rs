@@ -10,6 +10,9 @@
 //! More rows: each task dequantizes a tile of the weight (about [`TILE_BYTES`] of fp32)
 //! into its own buffer and multiplies it with `matrixmultiply`'s packed SIMD GEMM, so the
 //! dequantization is paid once per tile for all rows and memory stays at one tile per thread.
+//! (The Python package sends more than [`FUSED_MAX_ROWS`] rows to torch's BLAS on tiles from
+//! `quantize::dequantize_4bit` instead: inside a training step a second thread pool competes
+//! with torch's for the cores. This path serves Rust users and the tests.)
 
 use rayon::prelude::*;
 
