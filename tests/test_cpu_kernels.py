@@ -1,7 +1,6 @@
 """The Rust CPU kernels behind the functional API, against bitsandbytes (byte for byte),
 the plain-PyTorch reference, and a float64 dense computation."""
 
-import math
 
 import bitsandbytes
 import bitsandbytes.functional as bnbF

@@ -115,11 +115,13 @@ def test_matmul_4bit_forward_and_backward_against_float64(nk, batch, blocksize, 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fastlora.matmul_4bit(x, packed, state, bias)
-    # Only the packed weight and its fp32 block scales are kept for backward: never a dense
-    # weight, nor x.
+    # Only the packed weight and its block scales as stored are kept for backward (uint8
+    # codes plus the second-level state when double-quantized): never a dense weight, nor x.
     blocks = -(-n * k // blocksize)
+    scales = ([("torch.uint8", blocks), ("torch.float32", -(-blocks // 256)), ("torch.float32", 256),
+               ("torch.float32", 1)] if nested else [("torch.float32", blocks)])
     assert sorted((str(t.dtype), t.numel()) for t in saved) == sorted(
-        [("torch.uint8", packed.numel()), ("torch.float32", blocks)]
+        [("torch.uint8", packed.numel()), *scales]
     ), [(t.dtype, t.shape) for t in saved]
 
     assert y.dtype == dtype and y.shape == (*batch, n)
@@ -238,6 +240,16 @@ def test_custom_ops_pass_opcheck(op, args):
 def test_nested_scale_ops_pass_opcheck():
     packed, state = fastlora.quantize_4bit(torch.randn(64, 96), blocksize=32, compress_statistics=True)
     s2 = state.state2
+    nested = (s2.absmax, s2.code, state.offset, 256)
+    p = packed.reshape(-1)
+    x = torch.randn(3, 96, requires_grad=True)
+    # The 4-bit ops with double-quantized scales passed as stored (decoded inside the op).
+    torch.library.opcheck(torch.ops.fastlora.matmul_4bit.default, (x, p, state.absmax, 64, 96, 32, "nf4", False, *nested))
+    torch.library.opcheck(torch.ops.fastlora.lora_linear_4bit.default, (
+        x, x, p, state.absmax, None, torch.randn(4, 96, requires_grad=True), torch.randn(64, 4, requires_grad=True),
+        2.0, 32, "nf4", *nested))
+    torch.library.opcheck(torch.ops.fastlora.dequantize_4bit.default,
+                          (p, state.absmax, 32, "nf4", [64, 96], torch.float16, *nested))
     torch.library.opcheck(torch.ops.fastlora.dequantize_blockwise.default,
                           (state.absmax, s2.absmax, s2.code, 256, state.offset))
     torch.library.opcheck(torch.ops.fastlora.quantize_blockwise.default, (block_scales(state), s2.code, 256))
@@ -592,7 +604,7 @@ def test_nested_blocksize_is_honoured(gen):
     layer.load_state_dict(sd)
     x = rand((2, 160), gen=gen)
     torch.testing.assert_close(layer(x), fastlora.matmul_4bit(x, src.weight, state, src.bias))
-    torch.testing.assert_close(layer.block_scales(), block_scales(state))
+    torch.testing.assert_close(block_scales(layer.quant_state), block_scales(state))
     assert layer.state_dict()["weight.quant_state.bitsandbytes__nf4"].tolist() == sd[
         "weight.quant_state.bitsandbytes__nf4"].tolist()
 

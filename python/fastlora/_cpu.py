@@ -105,6 +105,16 @@ TILE_BYTES = 4 << 20
 TRANSPOSED_PASSES = 4
 
 
+def block_scales(
+    absmax: torch.Tensor, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+    nested_offset: torch.Tensor | None, nested_blocksize: int,
+) -> torch.Tensor:
+    """The fp32 block scales: `absmax` itself, or its double-quantized codes decoded."""
+    if nested_absmax is None:
+        return absmax
+    return dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize, float(nested_offset))
+
+
 def matmul_4bit(
     x: torch.Tensor,
     packed: torch.Tensor,

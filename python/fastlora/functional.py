@@ -128,13 +128,25 @@ def block_scales(quant_state: QuantState) -> torch.Tensor:
     )
 
 
+def _scale_args(quant_state: QuantState) -> tuple:
+    """The block-scale arguments of the 4-bit ops for a checked state: `absmax` and, when
+    double-quantized, the second-level state the kernels decode it with."""
+    if not quant_state.nested:
+        return (quant_state.absmax.contiguous(), None, None, None, NESTED_BLOCKSIZE)
+    state2 = quant_state.state2
+    offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=quant_state.absmax.device)
+    return (quant_state.absmax.contiguous(), state2.absmax.contiguous(), state2.code.contiguous(), offset,
+            state2.blocksize)
+
+
 def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
     """The dense tensor: original shape and dtype, `code[nibble] * absmax[block]`."""
     state = _check_state(quant_state)
     flat = _packed_bytes(packed, state)
     _checks.same_device(packed=flat, absmax=state.absmax)
+    absmax, *nested = _scale_args(state)
     return torch.ops.fastlora.dequantize_4bit(
-        flat, block_scales(state).contiguous(), state.blocksize, state.quant_type, list(state.shape), state.dtype
+        flat, absmax, state.blocksize, state.quant_type, list(state.shape), state.dtype, *nested
     )
 
 
@@ -157,9 +169,8 @@ def matmul_4bit(
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     _checks.same_device(x=x, packed=flat, absmax=state.absmax, bias=bias)
-    y = torch.ops.fastlora.matmul_4bit(
-        x, flat, block_scales(state).contiguous(), n, k, state.blocksize, state.quant_type, False
-    )
+    absmax, *nested = _scale_args(state)
+    y = torch.ops.fastlora.matmul_4bit(x, flat, absmax, n, k, state.blocksize, state.quant_type, False, *nested)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y

@@ -9,7 +9,7 @@ the epilogue and stores y once: neither the LoRA term nor the base product is wr
 memory on its own.
 
 The backward (registered with the op in `fastlora.ops.lora`) needs no kernel of its own: dx
-is the fused transposed 4-bit product `dy @ dequant(W)` (`fastlora.kernels.matmul`), and
+is the transposed 4-bit product `dy @ dequant(W)` (`fastlora.kernels.matmul`), and
 dA, dB and x_drop's gradient come from rank-r intermediates (`dy @ B`, then `@ A`; never
 `B @ A`), which are small torch matmuls.
 """

@@ -161,27 +161,26 @@ class Linear4bit(AtomicLoad, nn.Module):
     def packed_bytes(self) -> torch.Tensor:
         return self.weight.view(torch.uint8).reshape(-1)
 
-    def block_scales(self) -> torch.Tensor:
-        """The fp32 scale of every block (decoded per call when double-quantized)."""
+    def nested_scale_args(self) -> tuple:
+        """The 4-bit ops' trailing arguments: the second-level state that decodes the uint8
+        `absmax` in the kernels when double-quantized, else none."""
         if not self.compress_statistics:
-            return self.absmax
-        return torch.ops.fastlora.dequantize_blockwise(
-            self.absmax, self.nested_absmax, self.nested_quant_map, self.nested_blocksize, self.nested_offset
-        )
+            return (None, None, None, self.nested_blocksize)
+        return (self.nested_absmax, self.nested_quant_map, self.nested_offset, self.nested_blocksize)
 
     def dequantize(self) -> torch.Tensor:
         """The dense weight in its original dtype (for merging and inspection)."""
         return torch.ops.fastlora.dequantize_4bit(
-            self.packed_bytes(), self.block_scales(), self.blocksize, self.quant_type,
-            [self.out_features, self.in_features], self.weight_dtype,
+            self.packed_bytes(), self.absmax, self.blocksize, self.quant_type,
+            [self.out_features, self.in_features], self.weight_dtype, *self.nested_scale_args(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features, self.compute_dtype)
         dtype = self.compute_dtype or x.dtype
         y = torch.ops.fastlora.matmul_4bit(
-            x.to(dtype), self.packed_bytes(), self.block_scales(), self.out_features, self.in_features,
-            self.blocksize, self.quant_type, False,
+            x.to(dtype), self.packed_bytes(), self.absmax, self.out_features, self.in_features,
+            self.blocksize, self.quant_type, False, *self.nested_scale_args(),
         )
         if self.bias is not None:
             y = y + self.bias.to(dtype)

@@ -116,8 +116,9 @@ class LoraLinear(AtomicLoad, nn.Module):
             dtype = base.compute_dtype or x.dtype
             xc = x.to(dtype)
             y = torch.ops.fastlora.lora_linear_4bit(
-                xc, self.lora_dropout(xc), base.packed_bytes(), base.block_scales(), base.bias,
+                xc, self.lora_dropout(xc), base.packed_bytes(), base.absmax, base.bias,
                 self.lora_A.weight, self.lora_B.weight, self.scaling, base.blocksize, base.quant_type,
+                *base.nested_scale_args(),
             )
             return y.to(x.dtype)
         y = base(x)

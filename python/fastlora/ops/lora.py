@@ -3,7 +3,8 @@
 x_drop (dropout's output, which autograd carries back to x), bias, A and B.
 
 Backward forms the rank-r products first (`g @ B`, then `@ A`), never `B @ A`, and gets
-`dx` from the fused transposed 4-bit product, so W is never dequantized whole. The LoRA term
+`dx` from the transposed 4-bit product (`fastlora.ops.matmul`): only the packed weight and
+its scales are saved for it. The LoRA term
 runs in the adapter's dtype (fp32 adapters over a bf16 base, as PEFT does) and is added to
 y in y's dtype.
 """
@@ -12,21 +13,23 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import _backend, _cpu
+from . import _nested
 
 torch.library.define(
     "fastlora::lora_linear_4bit",
     "(Tensor x, Tensor x_drop, Tensor packed, Tensor absmax, Tensor? bias, Tensor A, Tensor B, float scaling, "
-    "int blocksize, str quant_type) -> Tensor",
+    f"int blocksize, str quant_type, {_nested.SCHEMA}) -> Tensor",
 )
 
 
 def _forward(
-    x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None,
+    x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
     A: torch.Tensor, B: torch.Tensor, scaling: float, blocksize: int, quant_type: str,
 ) -> torch.Tensor:
+    """The CPU path (Rust 4-bit product, torch for the rest), `scales` in fp32."""
     n, k = B.shape[0], A.shape[1]
-    y = torch.ops.fastlora.matmul_4bit(x, packed, absmax, n, k, blocksize, quant_type, False)
+    y = _cpu.matmul_4bit(x, packed, scales, n, k, blocksize, quant_type, False)
     if bias is not None:
         y = y + bias.to(y.dtype)
     lora = (x_drop.to(A.dtype) @ A.t()) @ B.t()
@@ -34,34 +37,42 @@ def _forward(
 
 
 @torch.library.register_fake("fastlora::lora_linear_4bit")
-def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type):
+def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax=None, nested_code=None,
+      nested_offset=None, nested_blocksize=256):
     return x.new_empty((*x.shape[:-1], B.shape[0]))
 
 
 @torch.library.register_kernel("fastlora::lora_linear_4bit", ("cpu", "cuda"))
-def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type):
+def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax=None, nested_code=None,
+      nested_offset=None, nested_blocksize=256):
     if _backend.uses_triton(x.device):  # bias and the LoRA term fused into the matmul's epilogue
+        nested = _nested.triton_scales(nested_absmax, nested_code, nested_offset, nested_blocksize)
         return _backend.triton_kernels().lora.lora_linear_4bit(
-            x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type
+            x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested=nested
         )
-    return _forward(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type)
+    scales = _cpu.block_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    return _forward(x, x_drop, packed, scales, bias, A, B, scaling, blocksize, quant_type)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type = inputs
-    ctx.save_for_backward(x_drop, packed, absmax, A, B)
-    ctx.args = (scaling, blocksize, quant_type, x.dtype, None if bias is None else bias.dtype)
+    x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax, nested_code, \
+        nested_offset, nested_blocksize = inputs
+    ctx.save_for_backward(x_drop, packed, absmax, A, B, nested_absmax, nested_code, nested_offset)
+    ctx.args = (scaling, blocksize, quant_type, x.dtype, None if bias is None else bias.dtype, nested_blocksize)
 
 
 def _backward(ctx, grad: torch.Tensor):
-    x_drop, packed, absmax, A, B = ctx.saved_tensors
-    scaling, blocksize, quant_type, x_dtype, bias_dtype = ctx.args
+    x_drop, packed, absmax, A, B, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
+    scaling, blocksize, quant_type, x_dtype, bias_dtype, nested_blocksize = ctx.args
     needs_x, needs_x_drop, _, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:7]
     n, k = B.shape[0], A.shape[1]
     g = grad.reshape(-1, n)
     grad_x = grad_x_drop = grad_bias = grad_A = grad_B = None
     if needs_x:
-        grad_x = torch.ops.fastlora.matmul_4bit(grad, packed, absmax, n, k, blocksize, quant_type, True)
+        grad_x = torch.ops.fastlora.matmul_4bit(
+            grad, packed, absmax, n, k, blocksize, quant_type, True, nested_absmax, nested_code, nested_offset,
+            nested_blocksize,
+        )
     if needs_bias:
         # Summed in fp32: an fp32 bias under bf16/fp16 activations keeps an fp32-accurate grad.
         grad_bias = g.sum(0, dtype=torch.float32).to(bias_dtype)
@@ -75,7 +86,7 @@ def _backward(ctx, grad: torch.Tensor):
             grad_A = g_u.t() @ xd
         if needs_x_drop:
             grad_x_drop = (g_u @ A).to(x_drop.dtype).reshape(x_drop.shape)
-    return grad_x, grad_x_drop, None, None, grad_bias, grad_A, grad_B, None, None, None
+    return grad_x, grad_x_drop, None, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastlora::lora_linear_4bit", _backward, setup_context=_setup_context)

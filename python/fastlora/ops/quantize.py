@@ -9,13 +9,15 @@ from collections.abc import Sequence
 import torch
 
 from .. import _backend, _cpu
+from . import _nested
 
 torch.library.define(
     "fastlora::quantize_4bit", "(Tensor A, int blocksize, str quant_type) -> (Tensor packed, Tensor absmax)"
 )
 torch.library.define(
     "fastlora::dequantize_4bit",
-    "(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor",
+    "(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype, "
+    f"{_nested.SCHEMA}) -> Tensor",
 )
 torch.library.define(
     "fastlora::quantize_blockwise", "(Tensor A, Tensor code, int blocksize) -> (Tensor quantized, Tensor absmax)"
@@ -48,19 +50,25 @@ def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, t
 
 @torch.library.register_fake("fastlora::dequantize_4bit")
 def _(
-    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
+    dtype: torch.dtype, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256,
 ) -> torch.Tensor:
     return packed.new_empty(shape, dtype=dtype)
 
 
 @torch.library.register_kernel("fastlora::dequantize_4bit", ("cpu", "cuda"))
 def _(
-    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
+    dtype: torch.dtype, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256,
 ) -> torch.Tensor:
     if _backend.uses_triton(packed.device):
-        return _backend.triton_kernels().dequantize.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
+        nested = _nested.triton_scales(nested_absmax, nested_code, nested_offset, nested_blocksize)
+        return _backend.triton_kernels().dequantize.dequantize_4bit(
+            packed, absmax, blocksize, quant_type, shape, dtype, nested=nested
+        )
+    scales = _cpu.block_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     out = _cpu.empty_output(list(shape), dtype)
-    return _cpu.dequantize_4bit_into(packed, absmax, out.numel(), blocksize, quant_type, 0, out)
+    return _cpu.dequantize_4bit_into(packed, scales, out.numel(), blocksize, quant_type, 0, out)
 
 
 @torch.library.register_fake("fastlora::quantize_blockwise")
