@@ -294,28 +294,30 @@ def run_host_overhead(report: Report, device: torch.device) -> None:
     """Host time per call on a tiny weight, with no synchronization inside the loop: what
     Python, the op dispatch and the kernel launches cost on the CPU. At M = 1 the GPU work is
     a few microseconds, so this, not the kernel, sets the time of a small matmul."""
-    compute_dtype = DTYPE if device.type == "cuda" else torch.float32
-    n = k = 256
-    w = random_weight(n, k, device)
-    x = torch.randn(1, k, device=device).to(compute_dtype)
-    packed, state = fastlora.quantize_4bit(w, compress_statistics=True)
-    plain_packed, plain_state = fastlora.quantize_4bit(w)
-    flat = plain_packed.reshape(-1)
-    offset = state.offset.reshape(()).to(torch.float32)
-    bnb, bnb_functional = bitsandbytes_modules()
-    bnb_packed, bnb_state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-    cases = {
-        "torch x + 1 (one aten launch)": lambda: x + 1,
-        "triton dequantize_blockwise kernel": lambda: fl_dequantize.dequantize_blockwise(
-            state.absmax, state.state2.absmax, state.state2.code, 256, offset),
-        "triton fused matmul kernel (autotuned launch)": lambda: fl_matmul.matmul_4bit(
-            x, flat, plain_state.absmax, n, k, 64, "nf4", False),
-        "torch.ops.fastlora.matmul_4bit": lambda: torch.ops.fastlora.matmul_4bit(
-            x, flat, plain_state.absmax, n, k, 64, "nf4", False),
-        "fastlora.matmul_4bit, fp32 scales": lambda: fastlora.matmul_4bit(x, plain_packed, plain_state),
-        "fastlora.matmul_4bit, double-quantized": lambda: fastlora.matmul_4bit(x, packed, state),
-        "bitsandbytes.matmul_4bit, double-quantized": lambda: bnb.matmul_4bit(x, bnb_packed.t(), bnb_state),
-    }
+    cases: dict[str, Callable[[], object]] = {}
+    with report.section("host overhead setup"):
+        compute_dtype = DTYPE if device.type == "cuda" else torch.float32
+        n = k = 256
+        w = random_weight(n, k, device)
+        x = torch.randn(1, k, device=device).to(compute_dtype)
+        packed, state = fastlora.quantize_4bit(w, compress_statistics=True)
+        plain_packed, plain_state = fastlora.quantize_4bit(w)
+        flat = plain_packed.reshape(-1)
+        offset = state.offset.reshape(()).to(torch.float32)
+        bnb, bnb_functional = bitsandbytes_modules()
+        bnb_packed, bnb_state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        cases = {
+            "torch x + 1 (one aten launch)": lambda: x + 1,
+            "triton dequantize_blockwise kernel": lambda: fl_dequantize.dequantize_blockwise(
+                state.absmax, state.state2.absmax, state.state2.code, 256, offset),
+            "triton fused matmul kernel (autotuned launch)": lambda: fl_matmul.matmul_4bit(
+                x, flat, plain_state.absmax, n, k, 64, "nf4", False),
+            "torch.ops.fastlora.matmul_4bit": lambda: torch.ops.fastlora.matmul_4bit(
+                x, flat, plain_state.absmax, n, k, 64, "nf4", False),
+            "fastlora.matmul_4bit, fp32 scales": lambda: fastlora.matmul_4bit(x, plain_packed, plain_state),
+            "fastlora.matmul_4bit, double-quantized": lambda: fastlora.matmul_4bit(x, packed, state),
+            "bitsandbytes.matmul_4bit, double-quantized": lambda: bnb.matmul_4bit(x, bnb_packed.t(), bnb_state),
+        }
     calls = 300 if device.type == "cuda" else 3
     for name, fn in cases.items():
         with report.section(f"host overhead {name}"):

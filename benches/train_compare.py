@@ -34,11 +34,11 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {
-    # name: (hidden, intermediate, layers, heads)
-    "tiny": (256, 704, 4, 4),  # the embedded model's shape
-    "small": (512, 1408, 8, 8),
-    "100m": (768, 2304, 12, 12),
-    "1b": (2048, 5632, 22, 32),  # TinyLlama-1.1B's shape (with the shipped byte-level vocabulary)
+    # name: (hidden, intermediate, layers, heads, key-value heads)
+    "tiny": (256, 704, 4, 4, 4),  # the embedded model's shape
+    "small": (512, 1408, 8, 8, 8),
+    "100m": (768, 2304, 12, 12, 12),
+    "1b": (2048, 5632, 22, 32, 4),  # TinyLlama-1.1B's shape (with the shipped byte-level vocabulary)
 }
 
 
@@ -48,9 +48,9 @@ def _config(size: str):
     from fastlora.train import modeling
 
     config = AutoConfig.from_pretrained(str(modeling.embedded_model_dir()))
-    hidden, inter, layers, heads = SIZES[size]
+    hidden, inter, layers, heads, kv_heads = SIZES[size]
     config.hidden_size, config.intermediate_size = hidden, inter
-    config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads = layers, heads, heads
+    config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads = layers, heads, kv_heads
     config.head_dim = hidden // heads
     config.use_cache = False
     return config

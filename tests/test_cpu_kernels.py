@@ -95,7 +95,7 @@ def assert_matmul_close(y, x, w_dense, transposed=False):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 70])
 @pytest.mark.parametrize("n,k,blocksize", [(48, 256, 64), (19, 130, 32), (5, 4096, 4096), (9, 33, 32)])
-@pytest.mark.parametrize("tile_rows", [None, 2])
+@pytest.mark.parametrize("tile_rows", [None, 3])
 def test_matmul_forward_and_backward_against_float64(monkeypatch, quant_type, dtype, m, n, k, blocksize, tile_rows):
     if tile_rows is not None:  # many tiles on the path above FUSED_MAX_ROWS rows, a short last one
         monkeypatch.setattr(_cpu, "TILE_BYTES", 4 * k * tile_rows)

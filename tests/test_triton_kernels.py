@@ -132,11 +132,15 @@ MATMUL_CASES = [
 ]
 
 
-@pytest.fixture
-def fused_kernels_only(monkeypatch):
+def force_fused_kernels(monkeypatch):
     """The fused kernels at every row count (the default sends larger M to cuBLAS)."""
     monkeypatch.setattr(matmul, "DEQUANTIZE_CUBLAS_MIN_ROWS", math.inf)
     monkeypatch.setattr(matmul, "DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED", math.inf)
+
+
+@pytest.fixture
+def fused_kernels_only(monkeypatch):
+    force_fused_kernels(monkeypatch)
 
 
 @pytest.mark.usefixtures("fused_kernels_only")
@@ -247,8 +251,11 @@ def run_with_backend(monkeypatch, backend: str, fn):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("fused", [False, True], ids=["default-dispatch", "fused"])
 @pytest.mark.parametrize("quant_type,blocksize,nested", [("nf4", 64, True), ("fp4", 32, False)])
-def test_functional_api_on_triton_matches_rust(monkeypatch, quant_type, blocksize, nested):
+def test_functional_api_on_triton_matches_rust(monkeypatch, quant_type, blocksize, nested, fused):
+    if fused:
+        force_fused_kernels(monkeypatch)
     w = random_weight((24, 97))
     x = torch.randn(2, 3, 97)
     grad = torch.randn(2, 3, 24)
@@ -273,8 +280,11 @@ def test_functional_api_on_triton_matches_rust(monkeypatch, quant_type, blocksiz
 
 
 @needs_interpreter
+@pytest.mark.parametrize("fused", [False, True], ids=["default-dispatch", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_lora_layers_on_triton_match_rust(monkeypatch, dtype):
+def test_lora_layers_on_triton_match_rust(monkeypatch, dtype, fused):
+    if fused:
+        force_fused_kernels(monkeypatch)
     torch.manual_seed(7)
     layer = fastlora.LoraLinear(fastlora.Linear4bit(80, 36, compress_statistics=True), r=5, lora_alpha=10,
                                 init_lora_weights=False)
@@ -347,9 +357,12 @@ def test_triton_backend_without_the_interpreter_is_an_error(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["default-dispatch", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("m", [1, 16, 300])
-def test_cuda_ops_match_the_cpu_path(dtype, m):
+def test_cuda_ops_match_the_cpu_path(monkeypatch, dtype, m, fused):
+    if fused:
+        force_fused_kernels(monkeypatch)
     w = random_weight((256, 320), dtype)
     packed, state = fastlora.quantize_4bit(w, compress_statistics=True)
     cuda_packed, cuda_state = fastlora.quantize_4bit(w.cuda(), compress_statistics=True)

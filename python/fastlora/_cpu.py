@@ -101,7 +101,8 @@ def dequantize_blockwise(
 FUSED_MAX_ROWS = 16
 # fp32 bytes of weight dequantized at a time on the tiled path: transient memory stays at one tile.
 TILE_BYTES = 4 << 20
-# The transposed product adds each tile's share into the whole output: this many passes at most.
+# The transposed product adds each tile's share into the whole output: its tiles grow (up to
+# four times TILE_BYTES) to bring the passes over that output towards this many.
 TRANSPOSED_PASSES = 4
 
 
@@ -150,11 +151,12 @@ def _matmul_tiled(
     `code * absmax`), torch's BLAS multiplies it. All the arithmetic then runs on torch's
     threads, as the rest of a training step does, instead of a second thread pool competing
     with them for the cores; the dequantization is paid once per tile for all rows."""
+    if n == 0 or k == 0:  # an empty weight: an empty product, or sums of nothing
+        return torch.zeros((x2d.shape[0], k if transposed else n), dtype=torch.float32)
     x32 = x2d.float()
     rows_per_tile = max(1, min(n, TILE_BYTES // (4 * k)))
     if transposed:
-        # Each tile adds into all of dx: at most TRANSPOSED_PASSES passes over it, with
-        # tiles up to four times larger.
+        # Each tile adds into all of dx: fewer, larger tiles (see TRANSPOSED_PASSES).
         rows_per_tile = max(rows_per_tile, min(4 * rows_per_tile, -(-n // TRANSPOSED_PASSES)))
     tile = torch.empty((rows_per_tile, k), dtype=torch.float32)
     y = torch.empty((x2d.shape[0], k if transposed else n), dtype=torch.float32)

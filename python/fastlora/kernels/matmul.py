@@ -4,8 +4,9 @@ gradient, `transposed=True`) for a 4-bit weight W of shape (N, K), as one Triton
 Each program owns an output tile `[BLOCK_M, BLOCK_OUT]` and walks the reduction dimension
 in steps of BLOCK_RED. At each step it decodes the weight tile from the packed bytes in
 registers (`decode_weight_tile`: nibbles, code lookup, block scale, double-quantized scales
-included) and multiplies it into the activation tile, accumulating in fp32. The weight is
-never written back in full precision.
+included) and multiplies it into the activation tile, accumulating in fp32. The fused
+kernels never write the weight back in full precision (the dequantize-then-cuBLAS path,
+below, does, transiently).
 
 * Small M (`M <= SMALL_M_MAX_ROWS`): a single row of output tiles, so each packed byte is
   read by exactly one program. Up to `GEMV_MAX_ROWS` rows multiply on the CUDA cores
@@ -43,9 +44,10 @@ GEMV_MAX_ROWS = 4
 # From these row counts on, dequantize W once and let cuBLAS multiply (bitsandbytes'
 # approach). Measured on an H200 (benches/gpu_bench.py, 2026-11-29, benches/GPU_NOTES.md):
 # the tensor-core fused kernel reached 42 TFLOP/s forward and 23 backward against cuBLAS's
-# 700 at M = 4096, and lost to dequantize + cuBLAS from 16 rows forward and at every row
-# count backward; the fused GEMV won at M = 1 on two of three weights. `math.inf` forces the
-# fused kernels, 0 forces cuBLAS.
+# 700 at M = 4096, and lost to dequantize + cuBLAS at M = 16 forward and at every row count
+# measured (1, 16, 4096) backward; the fused GEMV won at M = 1 on two of three weights. Rows
+# 5 to 15 were not measured: they follow the padded 16-row tile's result. `math.inf` forces
+# the fused kernels, 0 forces cuBLAS.
 DEQUANTIZE_CUBLAS_MIN_ROWS = GEMV_MAX_ROWS + 1
 DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED = 1
 
@@ -295,7 +297,7 @@ def _dequantize_then_matmul(x2d, packed, absmax, n, k, blocksize, quant_type, tr
     del w
     if lora is not None:
         # As PEFT: the LoRA term in the adapter's precision, added to the rounded base output.
-        out.add_(lora.u @ lora.up.t(), alpha=lora.scaling)
+        out.add_(lora.u @ lora.up.t().to(lora.u.dtype), alpha=lora.scaling)
 
 
 def _launch(x2d, packed, absmax, n, k, blocksize, quant_type, transposed, nested, bias, lora, out):
