@@ -59,6 +59,8 @@ def _setup_context(ctx, inputs, output) -> None:
         nested_offset, nested_blocksize = inputs
     ctx.save_for_backward(x_drop, packed, absmax, A, B, nested_absmax, nested_code, nested_offset)
     ctx.args = (scaling, blocksize, quant_type, x.dtype, None if bias is None else bias.dtype, nested_blocksize)
+    # Without dropout x_drop is x: both gradients then go into one tensor (see _backward).
+    ctx.x_drop_is_x = x_drop is x
 
 
 def _backward(ctx, grad: torch.Tensor):
@@ -84,7 +86,11 @@ def _backward(ctx, grad: torch.Tensor):
             grad_B = (g_lora.t() @ (xd @ A.t())) * scaling
         if needs_A:
             grad_A = g_u.t() @ xd
-        if needs_x_drop:
+        if needs_x_drop and ctx.x_drop_is_x and grad_x is not None:
+            # Added into dx in place (rounded once) instead of a second (m, k) gradient that
+            # autograd would allocate and sum into dx.
+            grad_x.add_((g_u @ A).reshape(grad_x.shape))
+        elif needs_x_drop:
             grad_x_drop = (g_u @ A).to(x_drop.dtype).reshape(x_drop.shape)
     return grad_x, grad_x_drop, None, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None, None
 
