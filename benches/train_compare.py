@@ -201,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="output file (default: benches/results/train_compare-SIZE.json)")
     parser.add_argument("--stack", choices=("fastlora", "bitsandbytes"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device")
     if args.stack:  # a child process: one stack, JSON on stdout
         print(json.dumps(run_stack(args.stack, args)))
         return 0

@@ -888,3 +888,32 @@ def test_compile_fullgraph_functional_matmul(gen):
     assert torch.equal(y, fastlora.matmul_4bit(x, packed, state, bias))
     assert torch.equal(grads[0], x.grad) and torch.equal(grads[1], bias.grad)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda a, n, c, o: (a, n.half(), c, o), ValueError, "nested_absmax must be"),
+        (lambda a, n, c, o: (a, n[:0], c, o), ValueError, "nested_absmax must be"),
+        (lambda a, n, c, o: (a, n, c[:10], o), ValueError, "nested_code must be"),
+        (lambda a, n, c, o: (a, n, c, None), ValueError, "nested_offset are required"),
+        (lambda a, n, c, o: (a.float(), n, c, o), TypeError, "absmax must be uint8"),
+        (lambda a, n, c, o: (a, None, None, None), TypeError, "absmax must be float32"),
+        (lambda a, n, c, o: (a, n, c, o.reshape(1).repeat(2)), ValueError, "nested_offset must be one"),
+    ],
+)
+def test_ops_reject_scale_arguments_that_do_not_fit(change, error, match):
+    """The ops check the block-scale arguments themselves (the Triton kernels index the nested
+    state by absmax's values), for each of the three 4-bit ops."""
+    packed, state = fastlora.quantize_4bit(torch.randn(64, 96), compress_statistics=True)
+    absmax, *nested = change(state.absmax, state.state2.absmax, state.state2.code, state.offset)
+    flat, x = packed.reshape(-1), torch.randn(3, 96)
+    calls = [
+        lambda: torch.ops.fastlora.matmul_4bit(x, flat, absmax, 64, 96, 64, "nf4", False, *nested, 256),
+        lambda: torch.ops.fastlora.dequantize_4bit(flat, absmax, 64, "nf4", [64, 96], torch.float32, *nested, 256),
+        lambda: torch.ops.fastlora.lora_linear_4bit(x, x, flat, absmax, None, torch.randn(4, 96), torch.randn(64, 4),
+                                                    1.0, 64, "nf4", *nested, 256),
+    ]
+    for call in calls:
+        with pytest.raises(error, match=match):
+            call()

@@ -109,7 +109,7 @@ TILE_BYTES = 4 << 20
 TRANSPOSED_PASSES = 4
 
 
-def block_scales(
+def decoded_scales(
     absmax: torch.Tensor, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
     nested_offset: torch.Tensor | None, nested_blocksize: int,
 ) -> torch.Tensor:

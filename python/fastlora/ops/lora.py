@@ -45,12 +45,13 @@ def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nes
 @torch.library.register_kernel("fastlora::lora_linear_4bit", ("cpu", "cuda"))
 def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax=None, nested_code=None,
       nested_offset=None, nested_blocksize=256):
+    _nested.check(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     if _backend.uses_triton(x.device):  # bias and the LoRA term fused into the matmul's epilogue
         nested = _nested.triton_scales(nested_absmax, nested_code, nested_offset, nested_blocksize)
         return _backend.triton_kernels().lora.lora_linear_4bit(
             x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested=nested
         )
-    scales = _cpu.block_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    scales = _cpu.decoded_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     return _forward(x, x_drop, packed, scales, bias, A, B, scaling, blocksize, quant_type)
 
 

@@ -31,12 +31,13 @@ def _(
     x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int, quant_type: str,
     transposed: bool, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256,
 ) -> torch.Tensor:
+    _nested.check(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     if _backend.uses_triton(x.device):
         nested = _nested.triton_scales(nested_absmax, nested_code, nested_offset, nested_blocksize)
         return _backend.triton_kernels().matmul.matmul_4bit(
             x, packed, absmax, n, k, blocksize, quant_type, transposed, nested=nested
         )
-    scales = _cpu.block_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    scales = _cpu.decoded_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     return _cpu.matmul_4bit(x, packed, scales, n, k, blocksize, quant_type, transposed)
 
 

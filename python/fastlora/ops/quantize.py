@@ -61,12 +61,13 @@ def _(
     packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
     dtype: torch.dtype, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256,
 ) -> torch.Tensor:
+    _nested.check(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     if _backend.uses_triton(packed.device):
         nested = _nested.triton_scales(nested_absmax, nested_code, nested_offset, nested_blocksize)
         return _backend.triton_kernels().dequantize.dequantize_4bit(
             packed, absmax, blocksize, quant_type, shape, dtype, nested=nested
         )
-    scales = _cpu.block_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    scales = _cpu.decoded_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     out = _cpu.empty_output(list(shape), dtype)
     return _cpu.dequantize_4bit_into(packed, scales, out.numel(), blocksize, quant_type, 0, out)
 
