@@ -1,6 +1,7 @@
 """The Rust CPU kernels behind the functional API, against bitsandbytes (byte for byte),
 the plain-PyTorch reference, and a float64 dense computation."""
 
+import threading
 
 import bitsandbytes
 import bitsandbytes.functional as bnbF
@@ -152,6 +153,37 @@ def test_thread_count_does_not_change_results():
     assert all(torch.equal(results[0], r) for r in results[1:])
     with pytest.raises(ValueError, match="n must be"):
         fastlora.set_num_threads(0)
+
+
+def test_small_jobs_on_the_calling_thread_match_the_shared_pool():
+    """Jobs under the binding's inline threshold (2**17 element operations) run on the calling
+    thread, larger ones on the shared pool: the same bytes either way, from any Python thread."""
+    w = random_weight((512, 512))
+    packed, state = fastlora.quantize_4bit(w, compress_statistics=False)
+    whole = torch.full((512 * 512,), float("nan"))
+    _cpu.dequantize_4bit_into(packed, state.absmax, whole.numel(), 64, "nf4", 0, whole)  # the pool
+
+    def in_pieces():
+        pieces = torch.full_like(whole, float("nan"))
+        for start in range(0, whole.numel(), 4096):  # each piece inline
+            _cpu.dequantize_4bit_into(packed, state.absmax, whole.numel(), 64, "nf4", start,
+                                      pieces[start:start + 4096])
+        return pieces
+
+    other_thread = {}
+    worker = threading.Thread(target=lambda: other_thread.setdefault("pieces", in_pieces()))
+    worker.start()
+    worker.join()
+    assert torch.equal(whole, in_pieces()) and torch.equal(whole, other_thread["pieces"])
+
+    w_small = random_weight((64, 512))
+    packed, state = fastlora.quantize_4bit(w_small, compress_statistics=False)
+    for transposed, width in ((False, 512), (True, 64)):
+        x = torch.randn(16, width)  # 16 rows at once: the pool; row by row: inline
+        y = _cpu.matmul_4bit(x, packed, state.absmax, 64, 512, 64, "nf4", transposed)
+        rows = [_cpu.matmul_4bit(x[i:i + 1], packed, state.absmax, 64, 512, 64, "nf4", transposed) for i in range(16)]
+        assert torch.equal(y, torch.cat(rows))
+    assert_matmul_close(y, x, dense_fp32(packed, state), transposed=True)
 
 
 @settings(max_examples=40, deadline=None)
