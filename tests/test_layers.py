@@ -18,10 +18,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
 from fastlora import reference
 from fastlora.formats import dynamic_map
+from fastlora.ops import _eager
 from fastlora.functional import block_scales
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -822,6 +825,39 @@ def tiny_lora_model(dtype=torch.float32) -> nn.Sequential:
         fastlora.Linear4bit(33, 20),
     )
     return model.to(dtype)
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_dispatcher_only_where_it_has_no_part(gen):
+    """Without an autograd graph, tracing, modes or tensor subclasses the layers call the ops'
+    implementations directly (`fastlora.ops._eager`): the same values as through the
+    dispatcher, and every other case still goes through `torch.ops.fastlora`."""
+    model = tiny_lora_model()
+    x = rand((5, 32), gen=gen)
+    plain = torch.ones(3)
+    with torch.no_grad():
+        assert _eager.direct(plain, None, nn.Parameter(plain))
+        direct = model(x)
+        with RecordOps() as mode:
+            assert not _eager.direct(plain)
+            recorded = model(x)
+    assert {"fastlora.lora_linear_4bit.default", "fastlora.matmul_4bit.default"} <= mode.seen
+    assert not _eager.direct(plain.clone().requires_grad_())
+    assert not _eager.direct(torch.ones(3, device="meta"))
+    with FakeTensorMode() as fake_mode:
+        assert not _eager.direct(fake_mode.from_tensor(plain))
+    through_autograd = model(x.clone().requires_grad_())  # the dispatcher's autograd path
+    assert torch.equal(direct, recorded) and torch.equal(direct, through_autograd)
+    assert torch.isfinite(direct).all()
 
 
 def compare_compiled(backend: str, dtype: torch.dtype, gen, rtol: float, atol: float) -> None:

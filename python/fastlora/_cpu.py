@@ -7,8 +7,8 @@ side checks lengths again.
 
 from __future__ import annotations
 
-import mmap
 import math
+import mmap
 
 import numpy as np
 import torch
@@ -22,13 +22,39 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
 
 
+class _Exported:
+    """Hands `np.from_dlpack` torch's versioned DLPack capsule directly: `Tensor.__dlpack__`
+    spends ~6 us in Python checks per tensor (8 tensors per matmul), this ~1 us."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __dlpack__(self, **_):
+        return _to_dlpack_versioned(self.tensor)
+
+    def __dlpack_device__(self):
+        return (1, 0)  # kDLCPU
+
+
+# Private but long-standing; without it (older torch) the public `__dlpack__` path is used.
+_to_dlpack_versioned = getattr(torch._C, "_to_dlpack_versioned", None)
+
+
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     """A flat numpy view of a contiguous CPU tensor (no copy). Through DLPack, since
     `Tensor.numpy()` marks the storage non-resizable, which breaks FSDP2's resharding."""
-    flat = t.detach().reshape(-1)
-    if t.dtype in (torch.bfloat16, torch.float16):
-        return np.from_dlpack(flat.view(torch.int16)).view(np.uint16)
-    return np.from_dlpack(flat)
+    if not t.is_contiguous():
+        raise ValueError("the CPU kernels take contiguous tensors")  # a flat view would be a copy
+    half = t.dtype in (torch.bfloat16, torch.float16)
+    if half:
+        t = t.view(torch.int16)
+    if _to_dlpack_versioned is not None and t.device.type == "cpu":
+        flat = np.from_dlpack(_Exported(t.detach())).reshape(-1)
+    else:
+        flat = np.from_dlpack(t.detach().reshape(-1))
+    return flat.view(np.uint16) if half else flat
 
 
 # Outputs at least this large get their own huge-page mapping (see `empty_output`). 32 MiB is

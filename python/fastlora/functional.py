@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from . import _checks, ops  # noqa: F401  (ops registers torch.ops.fastlora)
+from . import _checks, ops
 from .formats import NESTED_BLOCKSIZE, code_tensor, dynamic_map
 from .quant_state import QuantState
 
@@ -170,7 +170,7 @@ def matmul_4bit(
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     _checks.same_device(x=x, packed=flat, absmax=state.absmax, bias=bias)
     absmax, *nested = _scale_args(state)
-    y = torch.ops.fastlora.matmul_4bit(x, flat, absmax, n, k, state.blocksize, state.quant_type, False, *nested)
+    y = ops.matmul.matmul_4bit(x, flat, absmax, n, k, state.blocksize, state.quant_type, False, *nested)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y

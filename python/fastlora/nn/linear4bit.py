@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .. import _checks
+from .. import _checks, ops
 from ..formats import NESTED_BLOCKSIZE
 from ..functional import quantize_4bit
 from ..quant_state import QuantState
@@ -178,7 +178,7 @@ class Linear4bit(AtomicLoad, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features, self.compute_dtype)
         dtype = self.compute_dtype or x.dtype
-        y = torch.ops.fastlora.matmul_4bit(
+        y = ops.matmul.matmul_4bit(
             x.to(dtype), self.packed_bytes(), self.absmax, self.out_features, self.in_features,
             self.blocksize, self.quant_type, False, *self.nested_scale_args(),
         )

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from .. import ops
 from .linear4bit import AtomicLoad, Linear4bit, check_input
 
 INIT_CHOICES = (True, False, "gaussian")
@@ -115,7 +116,7 @@ class LoraLinear(AtomicLoad, nn.Module):
             check_input(x, self.in_features, base.compute_dtype)
             dtype = base.compute_dtype or x.dtype
             xc = x.to(dtype)
-            y = torch.ops.fastlora.lora_linear_4bit(
+            y = ops.lora.lora_linear_4bit(
                 xc, self.lora_dropout(xc), base.packed_bytes(), base.absmax, base.bias,
                 self.lora_A.weight, self.lora_B.weight, self.scaling, base.blocksize, base.quant_type,
                 *base.nested_scale_args(),

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _cpu
-from . import _nested
+from . import _eager, _nested
+from .matmul import matmul_4bit
 
 torch.library.define(
     "fastlora::lora_linear_4bit",
@@ -42,8 +43,7 @@ def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nes
     return x.new_empty((*x.shape[:-1], B.shape[0]))
 
 
-@torch.library.register_kernel("fastlora::lora_linear_4bit", ("cpu", "cuda"))
-def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax=None, nested_code=None,
+def _kernel(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax=None, nested_code=None,
       nested_offset=None, nested_blocksize=256):
     _nested.check(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     if _backend.uses_triton(x.device):  # bias and the LoRA term fused into the matmul's epilogue
@@ -53,6 +53,20 @@ def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nes
         )
     scales = _cpu.decoded_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     return _forward(x, x_drop, packed, scales, bias, A, B, scaling, blocksize, quant_type)
+
+
+torch.library.register_kernel("fastlora::lora_linear_4bit", ("cpu", "cuda"))(_kernel)
+
+
+def lora_linear_4bit(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax=None,
+                     nested_code=None, nested_offset=None, nested_blocksize=256) -> torch.Tensor:
+    """`torch.ops.fastlora.lora_linear_4bit`, or its implementation directly when the
+    dispatcher would only forward the call (`_eager.direct`)."""
+    args = (x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax, nested_code,
+            nested_offset, nested_blocksize)
+    if _eager.direct(x, x_drop, packed, absmax, bias, A, B, nested_absmax, nested_code, nested_offset):
+        return _kernel(*args)
+    return torch.ops.fastlora.lora_linear_4bit(*args)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -72,7 +86,7 @@ def _backward(ctx, grad: torch.Tensor):
     g = grad.reshape(-1, n)
     grad_x = grad_x_drop = grad_bias = grad_A = grad_B = None
     if needs_x:
-        grad_x = torch.ops.fastlora.matmul_4bit(
+        grad_x = matmul_4bit(
             grad, packed, absmax, n, k, blocksize, quant_type, True, nested_absmax, nested_code, nested_offset,
             nested_blocksize,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _cpu
-from . import _nested
+from . import _eager, _nested
 
 torch.library.define(
     "fastlora::matmul_4bit",
@@ -26,8 +26,7 @@ def _(
     return x.new_empty((*x.shape[:-1], k if transposed else n))
 
 
-@torch.library.register_kernel("fastlora::matmul_4bit", ("cpu", "cuda"))
-def _(
+def _kernel(
     x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int, quant_type: str,
     transposed: bool, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256,
 ) -> torch.Tensor:
@@ -39,6 +38,22 @@ def _(
         )
     scales = _cpu.decoded_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     return _cpu.matmul_4bit(x, packed, scales, n, k, blocksize, quant_type, transposed)
+
+
+torch.library.register_kernel("fastlora::matmul_4bit", ("cpu", "cuda"))(_kernel)
+
+
+def matmul_4bit(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int, quant_type: str,
+    transposed: bool, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256,
+) -> torch.Tensor:
+    """`torch.ops.fastlora.matmul_4bit`, or its implementation directly when the dispatcher
+    would only forward the call (`_eager.direct`)."""
+    args = (x, packed, absmax, n, k, blocksize, quant_type, transposed, nested_absmax, nested_code, nested_offset,
+            nested_blocksize)
+    if _eager.direct(x, packed, absmax, nested_absmax, nested_code, nested_offset):
+        return _kernel(*args)
+    return torch.ops.fastlora.matmul_4bit(*args)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -53,7 +68,7 @@ def _backward(ctx, grad: torch.Tensor):
     n, k, blocksize, quant_type, transposed, nested_blocksize = ctx.shape
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.fastlora.matmul_4bit(
+        grad_x = matmul_4bit(
             grad, packed, absmax, n, k, blocksize, quant_type, not transposed, nested_absmax, nested_code,
             nested_offset, nested_blocksize,
         )

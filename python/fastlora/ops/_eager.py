@@ -1,0 +1,38 @@
+"""When a call may skip the torch dispatcher and run an op's implementation directly.
+
+Going through `torch.ops.fastlora.*` costs 25-50 us of host time per call (argument boxing,
+the autograd wrapper, the redispatch), as much as a whole small CPU product and a large part
+of a GPU call's launch time. When no autograd graph is recorded, nothing traces (compile,
+export), no tensor subclass or Python mode intercepts ops and the tensors are real CPU/CUDA
+tensors, the dispatcher would only forward the call: the layers and the backward passes then
+call the implementation themselves. Otherwise they call the op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
+_DEVICES = ("cpu", "cuda")
+# Private checks for Python dispatch/function modes and functorch transforms (vmap, grad).
+# Where one is missing (another torch version) every call goes through the dispatcher.
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+_functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+_CHECKABLE = None not in (_dispatch_modes, _function_modes, _functorch)
+
+
+def direct(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call with these tensor arguments may run the implementation directly."""
+    if not _CHECKABLE or torch.compiler.is_compiling():
+        return False
+    if _dispatch_modes() or _function_modes() or _functorch() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN_TYPES or t.device.type not in _DEVICES or (grad and t.requires_grad):
+            return False
+    return True
