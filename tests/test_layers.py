@@ -853,8 +853,10 @@ def test_eager_calls_skip_the_dispatcher_only_where_it_has_no_part(gen):
     assert {"fastlora.lora_linear_4bit.default", "fastlora.matmul_4bit.default"} <= mode.seen
     assert not _eager.direct(plain.clone().requires_grad_())
     assert not _eager.direct(torch.ones(3, device="meta"))
-    with FakeTensorMode() as fake_mode:
-        assert not _eager.direct(fake_mode.from_tensor(plain))
+    assert not _eager.direct(FakeTensorMode().from_tensor(plain))  # a subclass, outside its mode
+    while_tracing = []
+    torch.jit.trace(lambda t: while_tracing.append(_eager.direct(t)) or t * 2, plain, check_trace=False)
+    assert while_tracing == [False]
     through_autograd = model(x.clone().requires_grad_())  # the dispatcher's autograd path
     assert torch.equal(direct, recorded) and torch.equal(direct, through_autograd)
     assert torch.isfinite(direct).all()

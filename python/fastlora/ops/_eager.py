@@ -3,7 +3,7 @@
 Going through `torch.ops.fastlora.*` costs 25-50 us of host time per call (argument boxing,
 the autograd wrapper, the redispatch), as much as a whole small CPU product and a large part
 of a GPU call's launch time. When no autograd graph is recorded, nothing traces (compile,
-export), no tensor subclass or Python mode intercepts ops and the tensors are real CPU/CUDA
+export, `torch.jit.trace`), no tensor subclass or Python mode intercepts ops and the tensors are real CPU/CUDA
 tensors, the dispatcher would only forward the call: the layers and the backward passes then
 call the implementation themselves. Otherwise they call the op.
 """
@@ -25,7 +25,7 @@ _CHECKABLE = None not in (_dispatch_modes, _function_modes, _functorch)
 
 def direct(*tensors: torch.Tensor | None) -> bool:
     """Whether a call with these tensor arguments may run the implementation directly."""
-    if not _CHECKABLE or torch.compiler.is_compiling():
+    if not _CHECKABLE or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if _dispatch_modes() or _function_modes() or _functorch() is not None:
         return False
