@@ -1,4 +1,4 @@
-"""`fastlora bench`: its cases build and run, and the model-step case compares like with like."""
+"""`fastlora bench`: its cases build and run, and the model cases compare like with like."""
 
 import json
 
@@ -18,6 +18,13 @@ def test_model_step_stacks_start_from_the_same_quantized_model_and_adapters():
     torch.testing.assert_close(losses["fastlora"], losses["bitsandbytes"], rtol=1e-5, atol=1e-5)
     assert abs(losses["dense"].item() - losses["fastlora"].item()) < 0.05
     assert all(torch.isfinite(loss) for loss in losses.values())
+
+
+def test_model_decode_stacks_generate_the_same_tokens():
+    impls = bench.build("model_decode", quick=True)
+    tokens = {name: run() for name, run in impls.items()}
+    # Same quantized bytes and adapters (LoRA B = 0): the same greedy tokens to the end.
+    assert torch.equal(tokens["fastlora"], tokens["bitsandbytes"])
 
 
 @pytest.mark.parametrize("case", sorted(bench.CASES))

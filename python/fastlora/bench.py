@@ -152,25 +152,48 @@ def bitsandbytes_peft_model(model: nn.Module, r: int, alpha: float, init: dict |
     return model
 
 
-def model_step_case(rows: int, length: int, hidden: int, layers: int, r: int) -> dict[str, Impl]:
-    """One QLoRA training step's forward + backward (gradient checkpointing on, as `fastlora
-    train` runs) of a Llama built from the shipped tiny config at the given width and depth:
-    fastlora, bitsandbytes + peft, and the unquantized model with plain-torch LoRA."""
+def _llama_models(hidden: int, layers: int, r: int, use_cache: bool) -> tuple[dict[str, nn.Module], int]:
+    """A Llama built from the shipped tiny config at the given width and depth, three ways:
+    fastlora (4-bit base + LoRA), bitsandbytes + peft (left out when not installed), and the
+    unquantized model with plain-torch LoRA; all from one base and one adapter
+    initialization. Returns the models and the vocabulary size."""
     from .model import lora_layers
     from .train import modeling
-    from .train.trainer import enable_gradient_checkpointing
 
     transformers = modeling._hf()
     config = transformers.AutoConfig.from_pretrained(str(modeling.embedded_model_dir()))
     config.hidden_size, config.intermediate_size = hidden, (hidden * 11 // 4) // 64 * 64
     config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads = layers, hidden // 64, hidden // 64
-    config.head_dim, config.use_cache = 64, False
-    ids = torch.randint(0, config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
+    config.head_dim, config.use_cache = 64, use_cache
 
     def base() -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return transformers.AutoModelForCausalLM.from_config(config, **modeling.dtype_kwarg(torch.float32))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        ours = fastlora.prepare_model(base(), r=r, lora_alpha=2 * r)
+    init = {name: (layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone())
+            for name, layer in lora_layers(ours).items()}
+    models = {"fastlora": ours}
+    try:
+        models["bitsandbytes"] = bitsandbytes_peft_model(base(), r, 2 * r, init)
+    except ImportError:  # bitsandbytes or peft not installed: that row is left out
+        pass
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        models["dense"] = fastlora.prepare_model(base(), r=r, lora_alpha=2 * r, quantize=False)
+    return models, config.vocab_size
+
+
+def model_step_case(rows: int, length: int, hidden: int, layers: int, r: int) -> dict[str, Impl]:
+    """One QLoRA training step's forward + backward (gradient checkpointing on, as `fastlora
+    train` runs) of a Llama (`_llama_models`), for each stack."""
+    from .train.trainer import enable_gradient_checkpointing
+
+    models, vocab = _llama_models(hidden, layers, r, use_cache=False)
+    ids = torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
 
     def step(model: nn.Module) -> Impl:
         enable_gradient_checkpointing(model)
@@ -184,34 +207,47 @@ def model_step_case(rows: int, length: int, hidden: int, layers: int, r: int) ->
 
         return run
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        ours = fastlora.prepare_model(base(), r=r, lora_alpha=2 * r)
-    init = {name: (layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone())
-            for name, layer in lora_layers(ours).items()}
-    impls: dict[str, Impl] = {"fastlora": step(ours)}
-    try:
-        impls["bitsandbytes"] = step(bitsandbytes_peft_model(base(), r, 2 * r, init))
-    except ImportError:  # bitsandbytes or peft not installed: that row is left out
-        pass
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        impls["dense"] = step(fastlora.prepare_model(base(), r=r, lora_alpha=2 * r, quantize=False))
-    return impls
+    return {name: step(model) for name, model in models.items()}
+
+
+def model_decode_case(prompt: int, tokens: int, hidden: int, layers: int, r: int) -> dict[str, Impl]:
+    """Greedy decoding with the KV cache, one token per forward, of a Llama with its adapters
+    attached (`_llama_models`): every linear layer multiplies a single row, so per-call host
+    overhead counts as much as the kernels."""
+    models, vocab = _llama_models(hidden, layers, r, use_cache=True)
+    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
+
+    def decode(model: nn.Module) -> Impl:
+        model.eval()
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                out = model(input_ids=ids, use_cache=True)
+                for _ in range(tokens - 1):
+                    token = out.logits[:, -1:].argmax(-1)
+                    out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            return out.logits[:, -1].argmax(-1)
+
+        return run
+
+    return {name: decode(model) for name, model in models.items()}
 
 
 # key: (builder of the implementations, measure memory); shapes are (m, n, k[, r]), or for
-# model_step (batch rows, tokens per row, hidden size, layers, r).
+# model_step (batch rows, tokens per row, hidden size, layers, r), for model_decode (prompt
+# tokens, tokens generated, hidden size, layers, r).
 FULL_SHAPES = {"dequantize": (4096, 4096), "matmul_m1": (1, 11008, 4096), "matmul_m512": (512, 4096, 4096),
-               "layer": (512, 4096, 4096, 16), "model_step": (4, 128, 512, 8, 16)}
+               "layer": (512, 4096, 4096, 16), "model_step": (4, 128, 512, 8, 16),
+               "model_decode": (16, 32, 512, 8, 16)}
 QUICK_SHAPES = {"dequantize": (1024, 1024), "matmul_m1": (1, 2752, 1024), "matmul_m512": (64, 1024, 1024),
-                "layer": (64, 1024, 1024, 16), "model_step": (2, 32, 128, 2, 8)}
+                "layer": (64, 1024, 1024, 16), "model_step": (2, 32, 128, 2, 8), "model_decode": (4, 8, 128, 2, 8)}
 CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
     "dequantize": (dequantize_case, False),
     "matmul_m1": (matmul_case, True),
     "matmul_m512": (matmul_case, True),
     "layer": (layer_case, True),
     "model_step": (model_step_case, True),
+    "model_decode": (model_decode_case, True),
 }
 
 
@@ -225,6 +261,9 @@ def title(key: str, quick: bool) -> str:
     if key == "model_step":
         rows, length, hidden, layers, r = shape
         return f"QLoRA step (fwd+bwd, checkpointing) fp32 Llama {layers}x{hidden} r={r}, {rows}x{length} tokens"
+    if key == "model_decode":
+        prompt, tokens, hidden, layers, r = shape
+        return f"greedy decode with KV cache fp32 Llama {layers}x{hidden} r={r}, {tokens} tokens after {prompt}"
     m, n, k = shape
     return f"matmul_4bit fp32 M={m} {n}x{k}"
 
