@@ -156,8 +156,9 @@ def test_thread_count_does_not_change_results():
 
 
 def test_small_jobs_on_the_calling_thread_match_the_shared_pool():
-    """Jobs under the binding's inline threshold (2**17 element operations) run on the calling
-    thread, larger ones on the shared pool: the same bytes either way, from any Python thread."""
+    """Jobs under the binding's inline threshold (2**18 dequantized elements, 2**20
+    multiply-adds) run on the calling thread, larger ones on the shared pool: the same bytes
+    either way, from any Python thread."""
     w = random_weight((512, 512))
     packed, state = fastlora.quantize_4bit(w, compress_statistics=False)
     whole = torch.full((512 * 512,), float("nan"))
@@ -176,12 +177,12 @@ def test_small_jobs_on_the_calling_thread_match_the_shared_pool():
     worker.join()
     assert torch.equal(whole, in_pieces()) and torch.equal(whole, other_thread["pieces"])
 
-    w_small = random_weight((64, 512))
+    w_small = random_weight((256, 512))
     packed, state = fastlora.quantize_4bit(w_small, compress_statistics=False)
-    for transposed, width in ((False, 512), (True, 64)):
+    for transposed, width in ((False, 512), (True, 256)):
         x = torch.randn(16, width)  # 16 rows at once: the pool; row by row: inline
-        y = _cpu.matmul_4bit(x, packed, state.absmax, 64, 512, 64, "nf4", transposed)
-        rows = [_cpu.matmul_4bit(x[i:i + 1], packed, state.absmax, 64, 512, 64, "nf4", transposed) for i in range(16)]
+        y = _cpu.matmul_4bit(x, packed, state.absmax, 256, 512, 64, "nf4", transposed)
+        rows = [_cpu.matmul_4bit(x[i:i + 1], packed, state.absmax, 256, 512, 64, "nf4", transposed) for i in range(16)]
         assert torch.equal(y, torch.cat(rows))
     assert_matmul_close(y, x, dense_fp32(packed, state), transposed=True)
 

@@ -55,11 +55,16 @@ fn pool() -> PyResult<Arc<rayon::ThreadPool>> {
     Ok(built)
 }
 
-/// Jobs of fewer element operations than this run on the calling thread. Handing a job to
-/// the pool wakes its sleeping threads and then the caller: 20-100 us on this project's 2-core
-/// VM, more than such a job takes on one core (measured: 2**16 dequantized elements take 37 us
-/// inline against 48 us handed off; 2**18, 92 us either way).
-const INLINE_MAX_OPS: usize = 1 << 17;
+/// Jobs costing less than this many element operations (one dequantized element each) run on
+/// the calling thread. Handing a job to the pool wakes its sleeping threads and then the
+/// caller, and on a loaded machine they compete with torch's threads: measured on this
+/// project's 2-core VM right after a torch op, 2**18 dequantized elements took about as long
+/// either way, and a one-row matmul ran faster inline up to ~4M weight elements (a 512x512
+/// weight: 76 us inline against 195 us handed off).
+const INLINE_MAX_OPS: usize = 1 << 18;
+/// Multiply-adds of the matmul and LoRA kernels per element operation: a fused
+/// multiply-add costs about a quarter of decoding and storing one element.
+const MACS_PER_OP: usize = 4;
 
 thread_local! {
     /// A one-thread pool made of the calling thread itself (rayon's `use_current_thread`), so a
@@ -313,7 +318,7 @@ fn matmul_4bit(
     let input = Input::new(x, dtype)?;
     let mut output = Output::new(y, dtype)?;
     let width = if transposed { k } else { n };
-    with_input_output!(input, output, "x and y", |x, y| run(py, x.len().saturating_mul(width), || if transposed {
+    with_input_output!(input, output, "x and y", |x, y| run(py, x.len().saturating_mul(width) / MACS_PER_OP, || if transposed {
         matmul::matmul_4bit_t(isa, x, &weight, n, k, y)
     } else {
         matmul::matmul_4bit(isa, x, &weight, n, k, y)
@@ -336,7 +341,7 @@ fn lora_down(
     let mut u_out = Output::new(u, dtype)?;
     with_input!(a_in, "a", |a| with_input_output!(x_in, u_out, "x and u", |x, u| {
         let a = same_type(a, x)?;
-        run(py, x.len().saturating_mul(r), || lora::lora_down(x, a, k, r, u))
+        run(py, x.len().saturating_mul(r) / MACS_PER_OP, || lora::lora_down(x, a, k, r, u))
     }))
 }
 
@@ -358,7 +363,7 @@ fn lora_up_add(
     let mut y_out = Output::new(y, dtype)?;
     with_input!(b_in, "b", |b| with_input_output!(u_in, y_out, "u and y", |u, y| {
         let b = same_type(b, u)?;
-        run(py, y.len().saturating_mul(r), || lora::lora_up_add(u, b, r, n, scale, y))
+        run(py, y.len().saturating_mul(r) / MACS_PER_OP, || lora::lora_up_add(u, b, r, n, scale, y))
     }))
 }
 
