@@ -12,9 +12,14 @@ and wraps it with `peft.get_peft_model`, then copies fastlora's initial LoRA wei
 start identical. With `--device cuda` both train as `fastlora train` does on a GPU (bf16
 model and 4-bit compute, bf16 autocast) and peak GPU memory is recorded too.
 The training loop is fastlora's `Trainer.train_step` for both (same sampler, micro-batches,
-token-mean loss, AdamW, warmup + cosine, clipping, gradient checkpointing), so only the
-model's forward and backward differ. Each stack runs in a fresh process, so its peak
-resident memory (Linux VmHWM, reset when training starts) is its own.
+token-mean loss, AdamW, warmup + cosine, clipping), so only the model's forward and backward
+differ. Gradient checkpointing is each stack's default: Hugging Face's full recompute for
+transformers + peft + bitsandbytes, `fastlora train`'s `--checkpoint-policy auto` for
+fastlora (selective on CPU: the 4-bit layers' outputs are kept, not recomputed; full on GPU).
+`--checkpoint-policy full` makes fastlora recompute everything too (like for like).
+Each stack runs in its own process, so its peak resident memory (Linux VmHWM, reset when
+training starts) is its own; the two processes take turns, one step each, so both see the
+same machine load.
 
 Prints step time, tokens per second, peak memory and both loss curves; writes
 `benches/results/train_compare-<size>[-cuda].json`.
@@ -23,6 +28,7 @@ Prints step time, tokens per second, peak memory and both loss curves; writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -95,14 +101,16 @@ def _lora_init(model, r: int, alpha: float, seed: int, compute_dtype=None) -> di
 
 
 def run_stack(stack: str, args: argparse.Namespace) -> dict:
-    """Trains one stack in this process and returns its measurements."""
+    """Trains one stack in this process and returns its measurements. Driven by the parent
+    (`_drive`): after setup it prints a ready line, then runs one step per "step" line read
+    from stdin, printing each step's record, so the parent can interleave two stacks' steps."""
     import torch
 
     import fastlora  # noqa: F401  (the custom ops)
     from fastlora.bench import bitsandbytes_peft_model
     from fastlora.train import TrainConfig, Trainer, data, modeling
     from fastlora.train.distributed import DistInfo
-    from fastlora.train.trainer import enable_gradient_checkpointing
+    from fastlora.train.trainer import checkpoint_policy, enable_gradient_checkpointing
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,8 +138,9 @@ def run_stack(stack: str, args: argparse.Namespace) -> dict:
         model = bitsandbytes_peft_model(model, args.lora_r, args.lora_alpha, init, compute_dtype, device)
     tokenizer = modeling.load_tokenizer(modeling.embedded_model_dir())
     dataset = data.load_dataset(modeling.default_data_path(), tokenizer, args.max_length, True, 0.0, args.seed)
+    policy = checkpoint_policy(args.checkpoint_policy, device) if stack == "fastlora" else "full"
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, policy=policy)
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r,
                       lora_alpha=args.lora_alpha, lora_dropout=0.0, max_length=args.max_length, seed=args.seed)
     trainer = Trainer(model, dataset, cfg, DistInfo("none", device=device), compute_dtype if on_gpu else None)
@@ -143,10 +152,14 @@ def run_stack(stack: str, args: argparse.Namespace) -> dict:
         gpu_ready = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     records = []
+    print(json.dumps({"ready": stack}), flush=True)
     for step in range(args.steps):
+        if sys.stdin.readline().strip() != "step":
+            raise SystemExit(f"{stack}: the parent stopped before step {step + 1}")
         records.append(trainer.train_step(step * trainer.global_batch))
         print(f"{stack} step {step + 1}/{args.steps}: loss {records[-1]['loss']:.4f} "
               f"{records[-1]['step_time_s']:.3f}s", file=sys.stderr, flush=True)
+        print(json.dumps({"step": step + 1}), flush=True)
     peak = _status_kib("VmHWM")
     gpu = {}
     if on_gpu:
@@ -157,6 +170,7 @@ def run_stack(stack: str, args: argparse.Namespace) -> dict:
     tokens = [r["tokens"] for r in records[args.warmup:]] or [r["tokens"] for r in records]
     return {
         "stack": stack,
+        "checkpointing": policy if args.gradient_checkpointing else "off",
         "parameters": params,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "step_time_s_median": statistics.median(timed),
@@ -182,6 +196,49 @@ def _machine() -> dict:
             "python": platform.python_version(), "load_average_start": os.getloadavg()}
 
 
+def _next_json(proc: subprocess.Popen) -> dict | None:
+    """The child's next JSON line on stdout (other output skipped); None if it ended."""
+    for line in proc.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
+def _drive(child_args: list[str], steps: int) -> dict | None:
+    """Runs both stacks, each in its own process (its own peak memory), stepping them in
+    turn: one steps while the other waits on its stdin, idle, and the order alternates every
+    step, so a shared machine's load drifts onto both stacks alike. Returns each stack's
+    measurements, or None if one failed."""
+    stacks = ("fastlora", "bitsandbytes")
+    procs = {stack: subprocess.Popen([sys.executable, __file__, *child_args, "--stack", stack], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True) for stack in stacks}
+    try:
+        ok = all(_next_json(procs[stack]) == {"ready": stack} for stack in stacks)
+        for step in range(steps if ok else 0):
+            for stack in stacks if step % 2 == 0 else stacks[::-1]:
+                try:
+                    procs[stack].stdin.write("step\n")
+                    procs[stack].stdin.flush()
+                except BrokenPipeError:  # the child died: reported below by its exit code
+                    ok = False
+                    break
+                if _next_json(procs[stack]) != {"step": step + 1}:
+                    ok = False
+                    break
+            if not ok:
+                break
+        results = {stack: _next_json(procs[stack]) for stack in stacks} if ok else {}
+    finally:
+        for proc in procs.values():
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+    failed = [stack for stack, proc in procs.items() if proc.wait() != 0 or not results.get(stack)]
+    if failed:
+        print(f"{', '.join(failed)} failed", file=sys.stderr)
+        return None
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -198,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: both stacks on the GPU in bf16 (needs bitsandbytes' CUDA build)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--checkpoint-policy", choices=("auto", "full", "selective"), default="auto",
+                        help="fastlora's gradient checkpointing (transformers+peft+bitsandbytes: always full)")
     parser.add_argument("--json", default=None, help="output file (default: benches/results/train_compare-SIZE.json)")
     parser.add_argument("--stack", choices=("fastlora", "bitsandbytes"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -213,15 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train_compare {args.model_size}: {args.steps} steps of {args.batch_size}x{args.max_length} tokens, "
           f"LoRA r={args.lora_r}, {info['cpu']}, {info['threads']} threads, load average {info['load_average_start']}",
           flush=True)
-    results = {}
-    child = list(argv if argv is not None else sys.argv[1:])
-    for stack in ("fastlora", "bitsandbytes"):
-        proc = subprocess.run([sys.executable, __file__, *child, "--stack", stack], stdout=subprocess.PIPE,
-                              text=True)
-        if proc.returncode != 0:
-            print(f"{stack} failed (exit {proc.returncode})", file=sys.stderr)
-            return 1
-        results[stack] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = _drive(list(argv if argv is not None else sys.argv[1:]), args.steps)
+    if results is None:
+        return 1
     info["load_average_end"] = os.getloadavg()
     ours, theirs = results["fastlora"], results["bitsandbytes"]
     diffs = [abs(a - b) for a, b in zip(ours["losses"], theirs["losses"])]
@@ -238,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| stack | step time (median) | tokens/s (median) | RSS after setup | peak RSS while training | growth in training |")
     print("|---|---|---|---|---|---|")
     for r in (ours, theirs):
-        print(f"| {r['stack']} | {r['step_time_s_median'] * 1e3:.0f} ms | {r['tokens_per_sec']:.0f} | "
+        print(f"| {r['stack']} ({r['checkpointing']} checkpointing) | {r['step_time_s_median'] * 1e3:.0f} ms | {r['tokens_per_sec']:.0f} | "
               f"{r['rss_after_setup_mib']:.0f} MiB | {r['peak_rss_training_mib']:.0f} MiB | "
               f"{r['peak_growth_training_mib']:.0f} MiB |")
     if args.device == "cuda":

@@ -1,6 +1,9 @@
 """`fastlora bench`: its cases build and run, and the model cases compare like with like."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +49,19 @@ def test_bench_writes_json_atomically(tmp_path, capsys):
 def test_unknown_case_is_rejected():
     with pytest.raises(ValueError, match="unknown case"):
         bench.run(quick=True, cases=["nope"])
+
+
+def test_train_compare_steps_both_stacks_in_turn(tmp_path):
+    """benches/train_compare.py: two processes stepped in turn, the same losses, each stack's
+    checkpointing recorded."""
+    path = tmp_path / "compare.json"
+    script = Path(__file__).resolve().parents[1] / "benches" / "train_compare.py"
+    proc = subprocess.run([sys.executable, str(script), "--steps", "2", "--warmup", "0", "--json", str(path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(path.read_text())
+    ours, theirs = report["results"]["fastlora"], report["results"]["bitsandbytes"]
+    assert (ours["checkpointing"], theirs["checkpointing"]) == ("selective", "full")
+    assert len(ours["losses"]) == len(theirs["losses"]) == 2
+    assert report["summary"]["max_abs_loss_diff"] < 1e-5
+    assert all(r["step_time_s_median"] > 0 and r["peak_rss_training_mib"] > 0 for r in (ours, theirs))

@@ -266,29 +266,49 @@ def test_grad_accum_gives_the_same_steps(tiny_model, task_file, tmp_path, packin
     assert_same_adapter(one / "adapter", two / "adapter", tol=1e-5)
 
 
-def test_gradient_checkpointing_recomputes_fastlora_ops(tiny_model):
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, monkeypatch, policy):
+    """Both checkpoint policies rerun each decoder layer in backward and give the gradients of
+    an uncheckpointed step; "selective" keeps the 4-bit layers' outputs, so their products
+    run once, not twice."""
+    from fastlora import _cpu
     from fastlora.train.trainer import enable_gradient_checkpointing, token_loss_sum
 
+    forward_products = [0]
+    product = _cpu.matmul_4bit
+
+    def counted(x, packed, absmax, n, k, blocksize, quant_type, transposed):
+        forward_products[0] += not transposed
+        return product(x, packed, absmax, n, k, blocksize, quant_type, transposed)
+
+    monkeypatch.setattr(_cpu, "matmul_4bit", counted)
     ids = torch.randint(0, 256, (2, 12))
-    grads, calls = [], []
+    grads, calls, products = [], [], []
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
-        fastlora.prepare_model(model, r=4, lora_alpha=8, init_lora_weights="gaussian")
+        fastlora.prepare_model(model, r=4, lora_alpha=8, init_lora_weights="gaussian", lora_dropout=0.1)
         for layer in lora_layers(model).values():
             torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
         if checkpointing:
-            assert enable_gradient_checkpointing(model)
+            assert enable_gradient_checkpointing(model, policy=policy)
         model.train()
         count = [0]
         next(iter(lora_layers(model).values())).register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        forward_products[0] = 0
+        torch.manual_seed(1)  # the same dropout masks in both runs
         token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
         calls.append(count[0])
+        products.append(forward_products[0])
     assert calls == [1, 2]  # the checkpointed layer ran again in backward
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    layers = len(lora_layers(model))  # 14: 2 decoder layers of 7 linear layers
+    assert products == [layers, layers if policy == "selective" else 2 * layers]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * layers
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="policy must be"):
+        enable_gradient_checkpointing(model, policy="some")
 
 
 def test_merge_writes_the_merged_dense_model(tiny_model, task_file, tmp_path):
@@ -451,6 +471,9 @@ def test_cli_errors_are_one_line(tiny_model, task_file, tmp_path, capsys):
     not_a_model.mkdir()
     assert main(base + ["--model", str(not_a_model), "--data", str(task_file)]) == 2
     assert "no config.json" in _error_line(capsys)
+
+    with pytest.raises(TrainError, match="--checkpoint-policy: expected one of auto, full, selective"):
+        fastlora.train(model=str(tiny_model), data=str(task_file), output_dir=out, checkpoint_policy="most")
 
     assert main(base + ["--model", str(tiny_model), "--data", str(task_file), "--lora-r", "0"]) == 2
     assert "--lora-r must be an integer in [1, inf]" in _error_line(capsys)

@@ -3,7 +3,8 @@
 The base model's linear layers become frozen 4-bit `Linear4bit` layers with trainable LoRA
 adapters (`fastlora.prepare_model`); AdamW updates the adapters only, under a linear-warmup
 plus cosine learning-rate schedule, with gradient accumulation, gradient clipping, gradient
-checkpointing (Hugging Face's, non-reentrant), bf16 autocast on GPU and fp32 on CPU. The loss
+checkpointing (Hugging Face's, non-reentrant; see `CHECKPOINT_POLICIES` for what backward
+recomputes), bf16 autocast on GPU and fp32 on CPU. The loss
 of a step is the mean over every loss-carrying token of the global batch, however it is
 split into micro-batches and processes, so `--grad-accum` and `torchrun` change the
 arithmetic's order but not the result.
@@ -17,6 +18,7 @@ model to `<output-dir>/merged`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from ..adapter import load_adapter, save_adapter
 from ..model import lora_layers, merge_and_unload, prepare_model
@@ -43,6 +46,14 @@ CONFIG_NAME = "train_config.json"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 PRECISIONS = ("auto", "fp32", "bf16")
+# What backward recomputes under gradient checkpointing. "full": every activation inside a
+# decoder layer (Hugging Face's default; least memory). "selective": everything but the
+# outputs of fastlora's 4-bit layers, which are kept from the forward pass: the recompute
+# skips those matmuls, a third of a step's matmul work, for the memory of the layers'
+# outputs (on the 92M Llama of benches/train_compare.py, 8x128 tokens: 1.25-1.3x faster per
+# step, +~0.4 GB). "auto": selective on CPU, where compute is short and memory is not; full
+# on GPU, where memory is what QLoRA saves.
+CHECKPOINT_POLICIES = ("auto", "full", "selective")
 QUANT_TYPES = ("nf4", "fp4")
 
 
@@ -77,6 +88,7 @@ class TrainConfig:
     overwrite: bool = False
     merge: bool = False
     gradient_checkpointing: bool = True
+    checkpoint_policy: str = "auto"  # see CHECKPOINT_POLICIES
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     distributed: str = "auto"  # auto: DDP when WORLD_SIZE > 1
     device: str = "auto"
@@ -123,6 +135,9 @@ def _check_config(cfg: TrainConfig) -> None:
     number("lora_dropout", float, 0, 1, high_open=True)
     if cfg.quant_type not in QUANT_TYPES:
         raise TrainError(f"--quant-type: expected one of {', '.join(QUANT_TYPES)}, got {cfg.quant_type!r}")
+    if cfg.checkpoint_policy not in CHECKPOINT_POLICIES:
+        raise TrainError(f"--checkpoint-policy: expected one of {', '.join(CHECKPOINT_POLICIES)}, "
+                         f"got {cfg.checkpoint_policy!r}")
     if cfg.precision not in PRECISIONS:
         raise TrainError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.distributed not in distributed.MODES:
@@ -361,10 +376,29 @@ def _merge(cfg: TrainConfig, adapter_dir: Path, out_dir: Path, tokenizer, autoca
     return final
 
 
-def enable_gradient_checkpointing(model: nn.Module, info: DistInfo | None = None) -> bool:
+def checkpoint_policy(policy: str, device: torch.device) -> str:
+    """The policy "auto" stands for on `device`: "selective" on CPU, "full" elsewhere."""
+    if policy == "auto":
+        return "selective" if device.type == "cpu" else "full"
+    return policy
+
+
+def _keep_4bit_layer_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing: fastlora's 4-bit layers' outputs are saved, the rest recomputed."""
+    if op in (torch.ops.fastlora.lora_linear_4bit.default, torch.ops.fastlora.matmul_4bit.default):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def enable_gradient_checkpointing(model: nn.Module, info: DistInfo | None = None, policy: str = "full") -> bool:
     """Hugging Face's activation checkpointing, non-reentrant (it recomputes fastlora's custom
-    ops like any other; the reentrant form would also need inputs that require grad)."""
-    kwargs = {"use_reentrant": False}
+    ops like any other; the reentrant form would also need inputs that require grad).
+    `policy` is "full" or "selective" (see `CHECKPOINT_POLICIES`)."""
+    kwargs: dict = {"use_reentrant": False}
+    if policy == "selective":
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_4bit_layer_outputs)
+    elif policy != "full":
+        raise ValueError(f"policy must be 'full' or 'selective', got {policy!r}")
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):
@@ -451,8 +485,8 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                                 records=records)
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model, info)
+    policy = checkpoint_policy(cfg.checkpoint_policy, info.device)
+    checkpointing = cfg.gradient_checkpointing and enable_gradient_checkpointing(model, info, policy)
     state = {"step": 0, "samples_seen": 0}
     if resume_from is not None:
         state = checkpoint.read_state(resume_from)
@@ -482,7 +516,8 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                f"{stats['train_rows']} train / {stats['eval_rows']} eval rows of <= {cfg.max_length} tokens; "
                f"device {info.device}, {info.mode if info.enabled else 'single process'}"
                f"{f' x{info.world_size}' if info.enabled else ''}, "
-               f"{'bf16 autocast' if autocast_dtype else 'fp32'}, global batch {trainer.global_batch}")
+               f"{'bf16 autocast' if autocast_dtype else 'fp32'}, global batch {trainer.global_batch}, "
+               f"{f'{policy} gradient checkpointing' if checkpointing else 'no gradient checkpointing'}")
     for key, what in (("split", "texts longer than --max-length were split"),
                       ("truncated", "prompt/response pairs were truncated to --max-length"),
                       ("dropped", "pairs were dropped: the prompt fills --max-length")):
