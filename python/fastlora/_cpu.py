@@ -130,9 +130,11 @@ def dequantize_blockwise(
 FUSED_MAX_ROWS = 16
 # fp32 bytes of weight dequantized at a time on the tiled path: transient memory stays at one tile.
 TILE_BYTES = 4 << 20
-# The transposed product adds each tile's share into the whole output: its tiles grow (up to
-# four times TILE_BYTES) to bring the passes over that output towards this many.
-TRANSPOSED_PASSES = 4
+# The transposed product adds each tile's share into the whole output, so its tiles are four
+# times larger: one tile (a single GEMM) for weights up to 16 MiB in fp32. Measured against
+# tiles a quarter of the weight (2026-11-30, M = 1024): 4-8% faster on 2304x768 and 768x2304,
+# 2% on 4096x4096.
+TRANSPOSED_TILE_FACTOR = 4
 
 
 def decoded_scales(
@@ -183,10 +185,8 @@ def _matmul_tiled(
     if n == 0 or k == 0:  # an empty weight: an empty product, or sums of nothing
         return torch.zeros((x2d.shape[0], k if transposed else n), dtype=torch.float32)
     x32 = x2d.float()
-    rows_per_tile = max(1, min(n, TILE_BYTES // (4 * k)))
-    if transposed:
-        # Each tile adds into all of dx: fewer, larger tiles (see TRANSPOSED_PASSES).
-        rows_per_tile = max(rows_per_tile, min(4 * rows_per_tile, -(-n // TRANSPOSED_PASSES)))
+    tile_bytes = TILE_BYTES * (TRANSPOSED_TILE_FACTOR if transposed else 1)
+    rows_per_tile = max(1, min(n, tile_bytes // (4 * k)))
     tile = torch.empty((rows_per_tile, k), dtype=torch.float32)
     y = torch.empty((x2d.shape[0], k if transposed else n), dtype=torch.float32)
     for r0 in range(0, n, rows_per_tile):
