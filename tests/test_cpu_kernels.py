@@ -77,6 +77,28 @@ def test_native_kernels_write_every_element_of_a_poisoned_output():
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("versioned", [True, False])
+def test_tensors_reach_rust_as_writable_views(monkeypatch, versioned):
+    """Through torch's versioned DLPack capsule, or (older torch or numpy) `__dlpack__`:
+    either way a flat view of the tensor's own memory, and a non-contiguous tensor is refused."""
+    if not versioned:
+        monkeypatch.setattr(_cpu, "_to_dlpack_versioned", None)
+    for dtype in DTYPES:
+        t = torch.randn(2, 3).to(dtype)
+        view = _cpu.as_numpy(t)
+        assert view.shape == (6,) and view.flags.writeable
+        view[4] = view[0]
+        assert t.flatten()[4] == t.flatten()[0]
+    y = torch.full((3, 37), float("nan"))
+    x = torch.randn(3, 70)
+    packed, state = fastlora.quantize_4bit(random_weight((37, 70)), blocksize=32)
+    _native.matmul_4bit(_cpu.as_numpy(x), _cpu.as_numpy(packed), _cpu.as_numpy(state.absmax), 37, 70, 32, "nf4",
+                        False, _cpu.as_numpy(y), "float32")
+    assert_matmul_close(y, x, dense_fp32(packed, state))
+    with pytest.raises(ValueError, match="contiguous"):
+        _cpu.as_numpy(torch.randn(4, 4).t())
+
+
 def dense_fp32(packed, state):
     return reference.dequantize_4bit(packed, block_scales(state), state.blocksize, state.quant_type, state.shape,
                                      torch.float32)

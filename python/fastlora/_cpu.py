@@ -38,8 +38,14 @@ class _Exported:
         return (1, 0)  # kDLCPU
 
 
-# Private but long-standing; without it (older torch) the public `__dlpack__` path is used.
-_to_dlpack_versioned = getattr(torch._C, "_to_dlpack_versioned", None)
+def _numpy_takes_versioned_capsules() -> bool:
+    major, minor = (int(part) for part in np.__version__.split(".")[:2])
+    return (major, minor) >= (2, 1)
+
+
+# Private, so looked up: without it (older torch) or a numpy before 2.1 (which reads only
+# unversioned capsules) the public `__dlpack__` path is used.
+_to_dlpack_versioned = getattr(torch._C, "_to_dlpack_versioned", None) if _numpy_takes_versioned_capsules() else None
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
