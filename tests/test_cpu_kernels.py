@@ -122,6 +122,7 @@ def assert_matmul_close(y, x, w_dense, transposed=False):
 def test_matmul_forward_and_backward_against_float64(monkeypatch, quant_type, dtype, m, n, k, blocksize, tile_rows):
     if tile_rows is not None:  # many tiles on the path above FUSED_MAX_ROWS rows, a short last one
         monkeypatch.setattr(_cpu, "TILE_BYTES", 4 * k * tile_rows)
+        monkeypatch.setattr(_cpu, "WHOLE_WEIGHT_MAX_BYTES", 0)
     w = random_weight((n, k), dtype)
     packed, state = fastlora.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
     # The kernels use the exact fp32 values code * absmax, not values rounded to W's dtype.
