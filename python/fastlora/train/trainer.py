@@ -50,9 +50,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # decoder layer (Hugging Face's default; least memory). "selective": everything but the
 # outputs of fastlora's 4-bit layers, which are kept from the forward pass: the recompute
 # skips those matmuls, a third of a step's matmul work, for the memory of the layers'
-# outputs (on the 92M Llama of benches/train_compare.py, 8x128 tokens: 1.25-1.3x faster per
-# step, +~0.4 GB). "auto": selective on CPU, where compute is short and memory is not; full
-# on GPU, where memory is what QLoRA saves.
+# outputs (the 92M Llama of benches/train_compare.py, 8x128 tokens, 2-core CPU: steps ~1.35x
+# faster than with "full", +~0.3-0.4 GB peak). "auto": selective on CPU, where compute is
+# short and memory is not; full on GPU, where memory is what QLoRA saves.
 CHECKPOINT_POLICIES = ("auto", "full", "selective")
 QUANT_TYPES = ("nf4", "fp4")
 
