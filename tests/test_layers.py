@@ -15,7 +15,7 @@ import random
 import bitsandbytes as bnb
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -53,6 +53,13 @@ def exact_weight(packed: torch.Tensor, state: fastlora.QuantState) -> torch.Tens
 
 def layer_weight(layer: fastlora.Linear4bit) -> torch.Tensor:
     return exact_weight(layer.packed_bytes(), layer.quant_state)
+
+
+def assume_representable(dtype: torch.dtype, *bounds: torch.Tensor) -> None:
+    """Discards an example whose results may exceed the dtype's range (fp16 tops out at 65504):
+    such a result is inf in any implementation, not an error of the kernel's."""
+    limit = torch.finfo(dtype).max / 2
+    assume(all(bound.max().item() < limit for bound in bounds))
 
 
 def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, tol: float, what: str) -> None:
@@ -131,11 +138,13 @@ def test_matmul_4bit_forward_and_backward_against_float64(nk, batch, blocksize, 
     x64 = x.detach().double()
     expected = x64 @ w.t() + (bias.detach().double() if with_bias else 0)
     bound = x64.abs() @ w.abs().t() + (bias.detach().double().abs() if with_bias else 0)
+    assume_representable(dtype, bound)
     assert_within(y, expected, bound, TOL[dtype], "y")
 
     grad = rand(y.shape, dtype, g)
     y.backward(grad)
     g64 = grad.double()
+    assume_representable(dtype, g64.abs() @ w.abs())
     assert x.grad.dtype == dtype
     assert_within(x.grad, g64 @ w, g64.abs() @ w.abs(), TOL[dtype], "dx")
     if with_bias:
@@ -185,6 +194,7 @@ def test_lora_linear_4bit_op_gradients_against_float64(nk, batch, r, blocksize, 
     a = {name: t.detach().double().abs() for name, t in ref.items()}
     ad = a["x_drop"] if separate_drop else a["x"]
     bound = a["x"] @ w.abs().t() + (a["bias"] if bias is not None else 0) + scaling * (ad @ a["A"].t()) @ a["B"].t()
+    assume_representable(dtype, bound)
     assert_within(y, expected, bound, TOL[dtype], "y")
 
     grad = rand(y.shape, dtype, g)
@@ -199,6 +209,7 @@ def test_lora_linear_4bit_op_gradients_against_float64(nk, batch, r, blocksize, 
         "B": scaling * g64.reshape(-1, n).t() @ (ad @ a["A"].t()).reshape(-1, r),
         "bias": g64.reshape(-1, n).sum(0),
     }
+    assume_representable(dtype, *bounds.values())
     for name, t in leaves.items():
         if not t.requires_grad:
             assert t.grad is None

@@ -188,8 +188,9 @@ def _llama_models(hidden: int, layers: int, r: int, use_cache: bool) -> tuple[di
 
 
 def model_step_case(rows: int, length: int, hidden: int, layers: int, r: int) -> dict[str, Impl]:
-    """One QLoRA training step's forward + backward (gradient checkpointing on, as `fastlora
-    train` runs) of a Llama (`_llama_models`), for each stack."""
+    """One QLoRA training step's forward + backward of a Llama (`_llama_models`) with full
+    gradient checkpointing on every stack, so the layers are compared like for like
+    (`fastlora train` on CPU recomputes less by default: benches/train_compare.py)."""
     from .train.trainer import enable_gradient_checkpointing
 
     models, vocab = _llama_models(hidden, layers, r, use_cache=False)
@@ -260,7 +261,7 @@ def title(key: str, quick: bool) -> str:
         return f"Linear4bit + LoRA r={r} fwd+bwd fp32 M={m} {n}x{k}"
     if key == "model_step":
         rows, length, hidden, layers, r = shape
-        return f"QLoRA step (fwd+bwd, checkpointing) fp32 Llama {layers}x{hidden} r={r}, {rows}x{length} tokens"
+        return f"QLoRA step (fwd+bwd, full checkpointing) fp32 Llama {layers}x{hidden} r={r}, {rows}x{length} tokens"
     if key == "model_decode":
         prompt, tokens, hidden, layers, r = shape
         return f"greedy decode with KV cache fp32 Llama {layers}x{hidden} r={r}, {tokens} tokens after {prompt}"
