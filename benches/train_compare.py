@@ -240,6 +240,8 @@ def _drive(child_args: list[str], steps: int) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastlora.train.trainer import CHECKPOINT_POLICIES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model-size", choices=sorted(SIZES), default="tiny", help="Llama shape (see SIZES)")
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: both stacks on the GPU in bf16 (needs bitsandbytes' CUDA build)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--checkpoint-policy", choices=("auto", "full", "selective"), default="auto",
+    parser.add_argument("--checkpoint-policy", choices=CHECKPOINT_POLICIES, default="auto",
                         help="fastlora's gradient checkpointing (transformers+peft+bitsandbytes: always full)")
     parser.add_argument("--json", default=None, help="output file (default: benches/results/train_compare-SIZE.json)")
     parser.add_argument("--stack", choices=("fastlora", "bitsandbytes"), default=None, help=argparse.SUPPRESS)

@@ -57,7 +57,7 @@ def test_train_compare_steps_both_stacks_in_turn(tmp_path):
     path = tmp_path / "compare.json"
     script = Path(__file__).resolve().parents[1] / "benches" / "train_compare.py"
     proc = subprocess.run([sys.executable, str(script), "--steps", "2", "--warmup", "0", "--json", str(path)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(path.read_text())
     ours, theirs = report["results"]["fastlora"], report["results"]["bitsandbytes"]

@@ -3,9 +3,9 @@
 Going through `torch.ops.fastlora.*` costs 25-50 us of host time per call (argument boxing,
 the autograd wrapper, the redispatch), as much as a whole small CPU product and a large part
 of a GPU call's launch time. When no autograd graph is recorded, nothing traces (compile,
-export, `torch.jit.trace`), no tensor subclass or Python mode intercepts ops and the tensors are real CPU/CUDA
-tensors, the dispatcher would only forward the call: the layers and the backward passes then
-call the implementation themselves. Otherwise they call the op.
+export, `torch.jit.trace`), no tensor subclass or Python mode intercepts ops and the tensors
+are real CPU/CUDA tensors, the dispatcher would only forward the call: the layers and the
+backward passes then call the implementation themselves. Otherwise they call the op.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def _forward(
     n, k = B.shape[0], A.shape[1]
     y = _cpu.matmul_4bit(x, packed, scales, n, k, blocksize, quant_type, False)
     if bias is not None:
-        y = y + bias.to(y.dtype)
+        y.add_(bias.to(y.dtype))  # y is this call's own fresh tensor
     lora = (x_drop.to(A.dtype) @ A.t()) @ B.t()
     return y.add_(lora.to(y.dtype), alpha=scaling)
 
@@ -73,14 +73,14 @@ def _setup_context(ctx, inputs, output) -> None:
     x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax, nested_code, \
         nested_offset, nested_blocksize = inputs
     ctx.save_for_backward(x_drop, packed, absmax, A, B, nested_absmax, nested_code, nested_offset)
-    ctx.args = (scaling, blocksize, quant_type, x.dtype, None if bias is None else bias.dtype, nested_blocksize)
+    ctx.args = (scaling, blocksize, quant_type, None if bias is None else bias.dtype, nested_blocksize)
     # Without dropout x_drop is x: both gradients then go into one tensor (see _backward).
     ctx.x_drop_is_x = x_drop is x
 
 
 def _backward(ctx, grad: torch.Tensor):
     x_drop, packed, absmax, A, B, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
-    scaling, blocksize, quant_type, x_dtype, bias_dtype, nested_blocksize = ctx.args
+    scaling, blocksize, quant_type, bias_dtype, nested_blocksize = ctx.args
     needs_x, needs_x_drop, _, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:7]
     n, k = B.shape[0], A.shape[1]
     g = grad.reshape(-1, n)

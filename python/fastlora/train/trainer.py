@@ -383,9 +383,14 @@ def checkpoint_policy(policy: str, device: torch.device) -> str:
     return policy
 
 
+# The ops whose outputs selective checkpointing keeps (registered by `..model`'s imports).
+_SAVED_OPS = frozenset((torch.ops.fastlora.lora_linear_4bit.default, torch.ops.fastlora.matmul_4bit.default))
+
+
 def _keep_4bit_layer_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective checkpointing: fastlora's 4-bit layers' outputs are saved, the rest recomputed."""
-    if op in (torch.ops.fastlora.lora_linear_4bit.default, torch.ops.fastlora.matmul_4bit.default):
+    """Selective checkpointing: fastlora's 4-bit layers' outputs are saved, the rest recomputed
+    (called for every op inside a checkpointed layer)."""
+    if op in _SAVED_OPS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -317,8 +317,9 @@ fn matmul_4bit(
     let isa = simd::active();
     let input = Input::new(x, dtype)?;
     let mut output = Output::new(y, dtype)?;
-    let width = if transposed { k } else { n };
-    with_input_output!(input, output, "x and y", |x, y| run(py, x.len().saturating_mul(width) / MACS_PER_OP, || if transposed {
+    let outputs_per_row = if transposed { k } else { n };
+    let ops = |inputs: usize| inputs.saturating_mul(outputs_per_row) / MACS_PER_OP;
+    with_input_output!(input, output, "x and y", |x, y| run(py, ops(x.len()), || if transposed {
         matmul::matmul_4bit_t(isa, x, &weight, n, k, y)
     } else {
         matmul::matmul_4bit(isa, x, &weight, n, k, y)
