@@ -233,7 +233,7 @@ def cublas_threshold(rows: float):
     try:
         yield
     finally:
-        for name, value in zip(names, saved):
+        for name, value in zip(names, saved, strict=False):
             setattr(fl_matmul, name, value)
 
 
@@ -280,9 +280,9 @@ def run_matmul(report: Report, weights, rows, device: torch.device, bandwidth: f
                     report.timing("matmul dy@W", case, impl, ms, TFLOP_per_s=flops / (ms * 1e9))
                 if times["fastlora fused forced"] <= times["fastlora dequantize+cuBLAS forced"]:
                     fused_faster_up_to = m
-                del x, g
+                x = g = None  # freed before the next shape's tensors
             crossover[f"{n}x{k}"] = fused_faster_up_to
-            del dense_w, w
+            dense_w = w = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     report.notes["fused_faster_up_to_rows"] = crossover
@@ -387,7 +387,7 @@ def run_lora_layer(report: Report, weights, m: int, device: torch.device) -> Non
                     report.timing("lora layer fwd+bwd", f"M={m} {n}x{k} r={LORA_RANK}", impl, ms,
                                   peak_MiB=None if peak is None else peak / 2**20,
                                   peak_over_start_MiB=None if peak is None else (peak - before) / 2**20)
-                    del layer, x
+                    layer = x = None  # freed before empty_cache
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
 

@@ -96,8 +96,8 @@ def _lora_init(model, r: int, alpha: float, seed: int, compute_dtype=None) -> di
 
     torch.manual_seed(seed)
     prepared = fastlora.prepare_model(model, r=r, lora_alpha=alpha, lora_dropout=0.0, compute_dtype=compute_dtype)
-    return prepared, {n: (l.lora_A.weight.detach().clone(), l.lora_B.weight.detach().clone())
-                      for n, l in lora_layers(prepared).items()}
+    return prepared, {n: (layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone())
+                      for n, layer in lora_layers(prepared).items()}
 
 
 def run_stack(stack: str, args: argparse.Namespace) -> dict:
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     info["load_average_end"] = os.getloadavg()
     ours, theirs = results["fastlora"], results["bitsandbytes"]
-    diffs = [abs(a - b) for a, b in zip(ours["losses"], theirs["losses"])]
+    diffs = [abs(a - b) for a, b in zip(ours["losses"], theirs["losses"], strict=False)]
     summary = {
         "speedup_step_time": theirs["step_time_s_median"] / ours["step_time_s_median"],
         "peak_rss_training_ratio": ours["peak_rss_training_mib"] / theirs["peak_rss_training_mib"],
@@ -290,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"\nmodel: {ours['parameters'] / 1e6:.1f}M parameters, {ours['trainable'] / 1e6:.2f}M trainable "
           f"(bitsandbytes+peft: {theirs['trainable'] / 1e6:.2f}M)")
-    print("| stack | step time (median) | tokens/s (median) | RSS after setup | peak RSS while training | growth in training |")
+    print("| stack | step time (median) | tokens/s (median) | RSS after setup | peak RSS while training "
+          "| growth in training |")
     print("|---|---|---|---|---|---|")
     for r in (ours, theirs):
-        print(f"| {r['stack']} ({r['checkpointing']} checkpointing) | {r['step_time_s_median'] * 1e3:.0f} ms | {r['tokens_per_sec']:.0f} | "
+        print(f"| {r['stack']} ({r['checkpointing']} checkpointing) | {r['step_time_s_median'] * 1e3:.0f} ms "
+              f"| {r['tokens_per_sec']:.0f} | "
               f"{r['rss_after_setup_mib']:.0f} MiB | {r['peak_rss_training_mib']:.0f} MiB | "
               f"{r['peak_growth_training_mib']:.0f} MiB |")
     if args.device == "cuda":
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['max_abs_loss_diff']:.2e}")
     print("\n| step | fastlora loss | bitsandbytes+peft loss | difference |")
     print("|---|---|---|---|")
-    for i, (a, b) in enumerate(zip(ours["losses"], theirs["losses"]), 1):
+    for i, (a, b) in enumerate(zip(ours["losses"], theirs["losses"], strict=False), 1):
         print(f"| {i} | {a:.5f} | {b:.5f} | {a - b:+.2e} |")
     suffix = "-cuda" if args.device == "cuda" else ""
     path = Path(args.json) if args.json else RESULTS / f"train_compare-{args.model_size}{suffix}.json"

@@ -3,7 +3,6 @@ the plain-PyTorch reference, and a float64 dense computation."""
 
 import threading
 
-import bitsandbytes
 import bitsandbytes.functional as bnbF
 import numpy as np
 import pytest
@@ -12,16 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastlora
+import oracles
 from fastlora import _cpu, _native, reference
 from fastlora.functional import block_scales
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 QUANT_TYPES = ["nf4", "fp4"]
-
-
-def bnb_dequantize(packed, state):
-    """bitsandbytes' dequantize, reshaped: it returns 1-D and single-row shapes transposed."""
-    return bnbF.dequantize_4bit(packed, state).reshape(state.shape)
 
 
 def random_weight(shape, dtype=torch.float32):
@@ -30,7 +25,8 @@ def random_weight(shape, dtype=torch.float32):
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((33, 65), 32), ((7,), 4096), ((3, 5, 129), 128), ((1,), 32)])
+@pytest.mark.parametrize("shape,blocksize",
+                         [((64, 128), 64), ((33, 65), 32), ((7,), 4096), ((3, 5, 129), 128), ((1,), 32)])
 def test_quantize_and_dequantize_match_bitsandbytes_byte_for_byte(quant_type, dtype, shape, blocksize):
     w = random_weight(shape, dtype)
     packed, state = fastlora.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
@@ -38,7 +34,7 @@ def test_quantize_and_dequantize_match_bitsandbytes_byte_for_byte(quant_type, dt
     assert torch.equal(packed, bnb_packed)
     assert torch.equal(state.absmax, bnb_state.absmax)
     out = fastlora.dequantize_4bit(packed, state)
-    expected = bnb_dequantize(bnb_packed, bnb_state)
+    expected = oracles.dequantize(bnb_packed, bnb_state)
     assert out.dtype == dtype and out.shape == w.shape
     assert torch.equal(out, expected)
 
@@ -53,14 +49,14 @@ def test_double_quantization_matches_bitsandbytes(quant_type, dtype):
     assert torch.equal(state.absmax, bnb_state.absmax)
     assert torch.equal(state.state2.absmax, bnb_state.state2.absmax)
     assert torch.equal(torch.as_tensor(state.offset), torch.as_tensor(bnb_state.offset))
-    assert torch.equal(fastlora.dequantize_4bit(packed, state), bnb_dequantize(bnb_packed, bnb_state))
+    assert torch.equal(fastlora.dequantize_4bit(packed, state), oracles.dequantize(bnb_packed, bnb_state))
 
 
 def test_dequantize_accepts_a_state_quantized_by_bitsandbytes():
     w = random_weight((128, 192), torch.bfloat16)
     bnb_packed, bnb_state = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     state = fastlora.QuantState.from_dict(bnb_state.as_dict(packed=True), device="cpu")
-    assert torch.equal(fastlora.dequantize_4bit(bnb_packed, state), bnb_dequantize(bnb_packed, bnb_state))
+    assert torch.equal(fastlora.dequantize_4bit(bnb_packed, state), oracles.dequantize(bnb_packed, bnb_state))
 
 
 def test_native_kernels_write_every_element_of_a_poisoned_output():
@@ -142,7 +138,7 @@ def test_matmul_matches_bitsandbytes_with_bias_and_batch_dims():
     x = torch.randn(2, 5, 96)
     packed, state = fastlora.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     bnb_packed, bnb_state = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-    expected = bitsandbytes.matmul_4bit(x, bnb_packed.t(), bnb_state, bias=bias)
+    expected = oracles.matmul(x, bnb_packed.t(), bnb_state, bias=bias)
     torch.testing.assert_close(fastlora.matmul_4bit(x, packed, state, bias=bias), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -226,7 +222,7 @@ def test_property_kernels_agree_with_bitsandbytes_and_float64(rows, cols, blocks
     packed, state = fastlora.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
     bnb_packed, bnb_state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
     assert torch.equal(packed, bnb_packed) and torch.equal(state.absmax, bnb_state.absmax)
-    assert torch.equal(fastlora.dequantize_4bit(packed, state), bnb_dequantize(bnb_packed, bnb_state))
+    assert torch.equal(fastlora.dequantize_4bit(packed, state), oracles.dequantize(bnb_packed, bnb_state))
     x = torch.randn(m, cols, generator=gen).to(dtype)
     assert_matmul_close(fastlora.matmul_4bit(x, packed, state), x, dense_fp32(packed, state))
 
@@ -278,8 +274,9 @@ class TestBadInput:
         with pytest.raises(ValueError, match="out of range"):
             _cpu.dequantize_4bit_into(self.packed, self.state.absmax, 16 * 64, 64, "nf4", 16 * 64 - 5, bad_out)
         with pytest.raises(ValueError):
-            _native.matmul_4bit(_cpu.as_numpy(torch.randn(3)), _cpu.as_numpy(self.packed), _cpu.as_numpy(self.state.absmax),
-                                16, 64, 64, "nf4", False, _cpu.as_numpy(torch.empty(16)), "float32")
+            _native.matmul_4bit(_cpu.as_numpy(torch.randn(3)), _cpu.as_numpy(self.packed),
+                                _cpu.as_numpy(self.state.absmax), 16, 64, 64, "nf4", False,
+                                _cpu.as_numpy(torch.empty(16)), "float32")
         with pytest.raises(ValueError, match="dtype"):
             _native.matmul_4bit(_cpu.as_numpy(torch.randn(64)), _cpu.as_numpy(self.packed),
                                 _cpu.as_numpy(self.state.absmax), 16, 64, 64, "nf4", False,

@@ -52,9 +52,8 @@ def _tail(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from test_train import save_tiny_llama
-
     from fastlora.train import modeling
+    from test_train import save_tiny_llama
 
     root = tmp_path_factory.mktemp("dist")
     model = save_tiny_llama(root / "model")

@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import oracles
 from fastlora import formats, reference
 from fastlora.quant_state import QuantState
 
@@ -56,7 +57,8 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def bnb_dequantize(packed: torch.Tensor, state: bnbF.QuantState) -> torch.Tensor:
-    """bitsandbytes' dequantization, in the original shape.
+    """bitsandbytes' dequantization, in the original shape, where it is right on this CPU
+    (`oracles.dequantize`).
 
     Two quirks of bitsandbytes are undone here: its CPU kernel returns a 1-D
     shape of even length as ``(1, n)``, and its functional wrapper transposes
@@ -70,7 +72,7 @@ def bnb_dequantize(packed: torch.Tensor, state: bnbF.QuantState) -> torch.Tensor
         dense = torch.ops.bitsandbytes.dequantize_4bit(
             packed, absmax, state.blocksize, state.quant_type, state.shape, state.dtype
         )
-    return dense.reshape(state.shape)
+    return oracles.dequantize(packed, state, kernel_output=dense)
 
 
 def assert_matches_bitsandbytes(A: torch.Tensor, blocksize: int, quant_type: str) -> None:
@@ -95,7 +97,7 @@ def assert_nested_matches_bitsandbytes(A: torch.Tensor, blocksize: int, quant_ty
     assert torch.equal(bits(formats.dynamic_map()), bits(state.state2.code))
     assert (state.state2.blocksize, state.state2.dtype) == (formats.NESTED_BLOCKSIZE, torch.float32)
     scales = reference.dequantize_nested_absmax(qabsmax, nested_absmax, offset, formats.dynamic_map())
-    assert torch.equal(bits(scales), bits(bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset))
+    assert torch.equal(bits(scales), bits(oracles.absmax(state)))
     dense = reference.dequantize_4bit(ref_packed, scales, blocksize, quant_type, A.shape, A.dtype)
     assert torch.equal(dense, bnb_dequantize(packed, state))
 
@@ -222,7 +224,7 @@ def test_quantize_blockwise_matches_bitsandbytes(gen):
         bnb_q, bnb_state = bnbF.quantize_blockwise(A, code=code, blocksize=256)
         assert torch.equal(q, bnb_q)
         assert torch.equal(bits(absmax), bits(bnb_state.absmax))
-        expected = bnbF.dequantize_blockwise(bnb_q, absmax=bnb_state.absmax, code=code, blocksize=256)
+        expected = oracles.dequantize_blockwise(bnb_q, bnb_state)
         assert torch.equal(bits(reference.dequantize_blockwise(q, absmax, code, 256)), bits(expected))
 
 

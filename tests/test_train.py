@@ -71,7 +71,7 @@ def read_metrics(out: Path) -> list[dict]:
 
 def assert_same_metrics(a: list[dict], b: list[dict], tol: float = 1e-6) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=False):
         for key in DETERMINISTIC:
             assert (key in ra) == (key in rb), key
             if key in ra:
@@ -100,7 +100,7 @@ def test_shipped_tokenizer_loads_offline_and_is_byte_level():
 def test_embedded_model_is_fixed_and_fits_the_tokenizer():
     a, b = modeling.build_embedded(), modeling.build_embedded()
     assert a.config.vocab_size == 259 and a.config.model_type == "llama"
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=False):
         assert torch.equal(pa, pb), name
 
 
@@ -202,7 +202,7 @@ def test_train_end_to_end(tiny_model, task_file, tmp_path):
     assert records[-1]["eval_loss"] < records[1]["eval_loss"]
     # Warmup (round(0.05 * 6) = 0 steps), then cosine from the peak towards zero.
     lrs = [r["lr"] for r in records]
-    assert lrs[0] == pytest.approx(3e-3) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[0] == pytest.approx(3e-3) and all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
     # One checkpoint kept, complete, with no pickle anywhere.
     assert [s for s, _ in checkpoint.list_checkpoints(out)] == [6]
     ckpt = out / "checkpoint-6"
@@ -294,7 +294,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, monkeypatch
             assert enable_gradient_checkpointing(model, policy=policy)
         model.train()
         count = [0]
-        next(iter(lora_layers(model).values())).register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        first_layer = next(iter(lora_layers(model).values()))
+        first_layer.register_forward_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
         forward_products[0] = 0
         torch.manual_seed(1)  # the same dropout masks in both runs
         token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids).backward()

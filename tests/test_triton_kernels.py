@@ -308,7 +308,7 @@ def test_lora_layers_on_triton_match_rust(monkeypatch, dtype, fused):
     # Errors relative to each result's largest magnitude: fp32 rounding, or (fp16) the weight
     # rounded to fp16 on Triton's tensor-core path where Rust multiplies by the fp32 value.
     tol = 1e-5 if dtype == torch.float32 else 3e-3
-    for name, got, want in zip(["y", "plain y", "dx", "dA", "dB", "dbias"], triton_results, rust_results):
+    for name, got, want in zip(["y", "plain y", "dx", "dA", "dB", "dbias"], triton_results, rust_results, strict=False):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
 
 
@@ -397,5 +397,5 @@ def test_cuda_lora_layer_trains_like_the_cpu_layer():
         results.append([t.detach().cpu().float() for t in (layer(xd), xd.grad, layer.lora_A.weight.grad,
                                                             layer.lora_B.weight.grad)])
         layer.zero_grad()
-    for name, got, want in zip(["y", "dx", "dA", "dB"], results[1], results[0]):
+    for name, got, want in zip(["y", "dx", "dA", "dB"], results[1], results[0], strict=False):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item(), msg=name)

@@ -11,12 +11,14 @@ kernels. The functional API mirrors `bitsandbytes.functional`:
 
 from . import _native
 from ._threads import get_num_threads, set_num_threads
-from .functional import dequantize_4bit, matmul_4bit, quantize_4bit
 from .adapter import load_adapter, save_adapter
+from .functional import dequantize_4bit, matmul_4bit, quantize_4bit
 from .model import merge_and_unload, prepare_model
 from .nn import Linear4bit, LoraLinear
 from .quant_state import QuantState
-from . import train  # fastlora.train(...) trains (the package is callable)
+
+# isort: split
+from . import train  # fastlora.train(...) trains (the package is callable); it uses the API above
 
 __version__ = "0.1.0"
 

@@ -99,7 +99,8 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
 
 
 def dequantize_4bit_into(
-    packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int, quant_type: str, start: int, out: torch.Tensor
+    packed: torch.Tensor, absmax: torch.Tensor, numel: int, blocksize: int, quant_type: str, start: int,
+    out: torch.Tensor,
 ) -> torch.Tensor:
     """Writes elements `start .. start + out.numel()` of the weight into `out`."""
     _threads.sync()

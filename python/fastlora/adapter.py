@@ -69,7 +69,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     if not layers:
         raise ValueError("model has no LoRA layers; call fastlora.prepare_model first")
     first = next(iter(layers.values()))
-    if any((l.r, l.lora_alpha, l.use_rslora) != (first.r, first.lora_alpha, first.use_rslora) for l in layers.values()):
+    settings = (first.r, first.lora_alpha, first.use_rslora)
+    if any((layer.r, layer.lora_alpha, layer.use_rslora) != settings for layer in layers.values()):
         raise ValueError("save_adapter needs one r, lora_alpha and use_rslora across layers (PEFT's config has one)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, **prepare_kwarg
         for name, layer in layers.items():
             if (layer.r, layer.lora_alpha, layer.use_rslora) != (r, alpha, use_rslora):
                 raise ValueError(f"{name}: layer has r={layer.r}, lora_alpha={layer.lora_alpha}, use_rslora="
-                                 f"{layer.use_rslora}; the adapter has r={r}, lora_alpha={alpha}, use_rslora={use_rslora}")
+                                 f"{layer.use_rslora}; the adapter has r={r}, lora_alpha={alpha}, "
+                                 f"use_rslora={use_rslora}")
         features = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
     else:
         options = {

@@ -8,6 +8,8 @@ and bitsandbytes allocations alike and no allocator cache from earlier calls hid
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -114,7 +116,8 @@ def layer_case(m: int, n: int, k: int, r: int) -> dict[str, Impl]:
 
 
 def bitsandbytes_peft_model(model: nn.Module, r: int, alpha: float, init: dict | None = None,
-                            compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+                            compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                            ) -> nn.Module:
     """The stack users run today: every linear layer of `model` (fastlora's "all-linear")
     replaced by `bitsandbytes.nn.Linear4bit` (NF4, double quantization, quantized on
     `device`), then `peft.get_peft_model`. `init` ({module name: (A, B)}) sets the initial
@@ -163,7 +166,8 @@ def _llama_models(hidden: int, layers: int, r: int, use_cache: bool) -> tuple[di
     transformers = modeling._hf()
     config = transformers.AutoConfig.from_pretrained(str(modeling.embedded_model_dir()))
     config.hidden_size, config.intermediate_size = hidden, (hidden * 11 // 4) // 64 * 64
-    config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads = layers, hidden // 64, hidden // 64
+    config.num_hidden_layers = layers
+    config.num_attention_heads = config.num_key_value_heads = hidden // 64
     config.head_dim, config.use_cache = 64, use_cache
 
     def base() -> nn.Module:
@@ -252,6 +256,22 @@ CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
 }
 
 
+# Optional packages a case cannot run without; a missing one skips the case with a note.
+# (A missing bitsandbytes or peft only leaves that column empty.)
+REQUIRES = {"model_step": ("transformers",), "model_decode": ("transformers",)}
+INSTALL_HINT = "pip install 'fastlora[bench]'"
+
+
+def missing_packages(key: str) -> list[str]:
+    missing = []
+    for name in REQUIRES.get(key, ()):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def title(key: str, quick: bool) -> str:
     shape = (QUICK_SHAPES if quick else FULL_SHAPES)[key]
     if key == "dequantize":
@@ -330,7 +350,8 @@ def run_case(key: str, quick: bool, repeats: int) -> Case:
 
 def format_table(cases: list[Case]) -> str:
     lines = [
-        "| case | fastlora ms | bitsandbytes ms | dense ms | vs bitsandbytes | vs dense | peak MiB fastlora / bnb / dense |",
+        "| case | fastlora ms | bitsandbytes ms | dense ms | vs bitsandbytes | vs dense "
+        "| peak MiB fastlora / bnb / dense |",
         "|---|---|---|---|---|---|---|",
     ]
     for case in cases:
@@ -338,7 +359,8 @@ def format_table(cases: list[Case]) -> str:
         ours = t["fastlora"]
         bnb = t.get("bitsandbytes")
         dense = t.get("dense", t.get("dense copy"))
-        mem = " / ".join(f"{case.peak_mib[k]:.0f}" if k in case.peak_mib else "-" for k in ("fastlora", "bitsandbytes", "dense"))
+        mem = " / ".join(f"{case.peak_mib[k]:.0f}" if k in case.peak_mib else "-"
+                         for k in ("fastlora", "bitsandbytes", "dense"))
         lines.append(
             f"| {case.name} | {ours:.2f} | {bnb:.2f} | {dense:.2f} | {bnb / ours:.2f}x faster | "
             f"{ours / dense:.2f}x the time | {mem} |"
@@ -356,8 +378,16 @@ def machine() -> dict[str, object]:
         "threads": fastlora.get_num_threads(),
         "simd": fastlora.simd_level(),
         "torch": torch.__version__,
+        "bitsandbytes": _version("bitsandbytes"),
         "python": platform.python_version(),
     }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _cpu_name() -> str:
@@ -381,9 +411,15 @@ def run(quick: bool = False, repeats: int | None = None, json_path: str | None =
         raise ValueError(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
     info = machine()
     print(f"fastlora bench {info['date']}: {info['cpu']}, {info['threads']} threads, simd={info['simd']}, "
-          f"torch {info['torch']}, median of {repeats}")
+          f"torch {info['torch']}, bitsandbytes {info['bitsandbytes'] or 'not installed'}, median of {repeats}")
+    if info["bitsandbytes"] is None:
+        print(f"note: bitsandbytes is not installed, so its column stays empty ({INSTALL_HINT})")
     results = []
     for key in keys:
+        missing = missing_packages(key)
+        if missing:
+            print(f"note: skipped {title(key, quick)}: needs {', '.join(missing)} ({INSTALL_HINT})", flush=True)
+            continue
         results.append(run_case(key, quick, repeats))
         print(format_table(results[-1:]).splitlines()[-1], flush=True)
     print()

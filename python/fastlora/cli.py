@@ -147,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 9, quick 3)")
     bench.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
     bench.add_argument("--case", dest="cases", action="append", default=None,
-                       help="run only this case (repeatable): dequantize, matmul_m1, matmul_m512, layer")
+                       help="run only this case (repeatable): dequantize, matmul_m1, matmul_m512, layer, model_step, "
+                            "model_decode")
     _add_train(commands)
     _add_quantize(commands)
     return parser

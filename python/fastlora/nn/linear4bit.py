@@ -237,7 +237,8 @@ class Linear4bit(AtomicLoad, nn.Module):
             missing_keys.append(weight_key)
             return
         if not any(k.startswith("quant_state.bitsandbytes__") for k in known):
-            raise ValueError(f"{weight_key}.quant_state.bitsandbytes__{self.quant_type}: missing; not a 4-bit state dict")
+            raise ValueError(
+                f"{weight_key}.quant_state.bitsandbytes__{self.quant_type}: missing; not a 4-bit state dict")
         try:
             # Copies: the layer must not alias the caller's state dict tensors.
             copies = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sub.items() if k in known}
@@ -261,7 +262,8 @@ class Linear4bit(AtomicLoad, nn.Module):
         if self.bias is not None and bias is not None and (
             not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,)
         ):
-            raise ValueError(f"{bias_key}: expected shape ({self.out_features},), got {tuple(getattr(bias, 'shape', ()))}")
+            raise ValueError(
+                f"{bias_key}: expected shape ({self.out_features},), got {tuple(getattr(bias, 'shape', ()))}")
         storage = packed.reshape(-1).view(torch.uint8).reshape(-1, 1).to(self.weight.device)
         if self.quant_storage != torch.uint8 and needed % torch.empty((), dtype=self.quant_storage).element_size() == 0:
             storage = storage.reshape(-1).view(self.quant_storage).unsqueeze(1)

@@ -88,12 +88,14 @@ def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
 
 
 @torch.library.register_fake("fastlora::dequantize_blockwise")
-def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor) -> torch.Tensor:
+def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor
+      ) -> torch.Tensor:
     return quantized.new_empty(quantized.shape, dtype=torch.float32)
 
 
 @torch.library.register_kernel("fastlora::dequantize_blockwise", ("cpu", "cuda"))
-def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor) -> torch.Tensor:
+def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor
+      ) -> torch.Tensor:
     if _backend.uses_triton(quantized.device):
         return _backend.triton_kernels().dequantize.dequantize_blockwise(quantized, absmax, code, blocksize, offset)
     return _cpu.dequantize_blockwise(quantized, absmax, code, blocksize, float(offset))

@@ -2,9 +2,9 @@
 
 A JSONL line is `{"text": ...}` (loss on every token) or `{"prompt": ..., "response": ...}`
 (loss on the response and the end-of-sequence token only); a `.json` file may hold a list of
-such records. Any other file is plain text: documents separated by blank lines. Every example becomes `bos + tokens + eos` (where the
-tokenizer has those tokens); a text longer than `max_length` is cut into consecutive pieces,
-a prompt/response pair is truncated.
+such records. Any other file is plain text: documents separated by blank lines. Every example
+becomes `bos + tokens + eos` (where the tokenizer has those tokens); a text longer than
+`max_length` is cut into consecutive pieces, a prompt/response pair is truncated.
 
 Batches are drawn from a fixed order: epoch `e` visits the training rows in the permutation
 seeded by `seed + e`, and step `s` takes global samples `[s * G, (s + 1) * G)` of that endless
@@ -133,7 +133,10 @@ def read_records(path: str | Path) -> list[Record]:
     """A `.jsonl`/`.ndjson` file (one record per line), a `.json` list of records, or plain text."""
     path = Path(path)
     suffix = path.suffix.lower()
-    records = read_jsonl(path) if suffix in JSONL_SUFFIXES else read_json(path) if suffix == ".json" else read_text(path)
+    if suffix in JSONL_SUFFIXES:
+        records = read_jsonl(path)
+    else:
+        records = read_json(path) if suffix == ".json" else read_text(path)
     if not records:
         raise TrainError(f"{path}: holds no examples")
     return records

@@ -143,9 +143,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     if info.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
 
         # The quantization statistics are constant buffers: synced once at construction, never per step.
         params = inspect.signature(DistributedDataParallel).parameters

@@ -252,8 +252,8 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for ids in data.eval_batches(len(held), self.cfg.batch_size, self.info.rank, self.info.world_size):
-            examples = [held[i] if i is not None else data.Example(held[0].input_ids, [data.IGNORE_INDEX] * len(held[0]))
-                        for i in ids]
+            filler = data.Example(held[0].input_ids, [data.IGNORE_INDEX] * len(held[0]))
+            examples = [held[i] if i is not None else filler for i in ids]
             total += self._forward_loss(self._batch(examples)).item()
             count += data.loss_tokens(examples)
         self.model.train()

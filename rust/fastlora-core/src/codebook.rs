@@ -3,7 +3,9 @@
 
 use crate::error::{ensure, Error};
 
-/// bitsandbytes' NormalFloat4 values, indexed by the 4-bit code.
+/// bitsandbytes' NormalFloat4 values, indexed by the 4-bit code. Written with the digits of
+/// bitsandbytes' float64 table; each literal rounds to the f32 bitsandbytes stores.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -29,7 +31,7 @@ pub const FP4_CODE: [f32; 16] = [
     0.0,
     0.0625 / 12.0,
     8.0 / 12.0,
-    12.0 / 12.0,
+    1.0,
     4.0 / 12.0,
     6.0 / 12.0,
     2.0 / 12.0,
@@ -55,9 +57,7 @@ impl QuantType {
         match name {
             "nf4" => Ok(QuantType::Nf4),
             "fp4" => Ok(QuantType::Fp4),
-            _ => Err(Error::InvalidArgument(format!(
-                "quant_type must be 'nf4' or 'fp4', got {name:?}"
-            ))),
+            _ => Err(Error::InvalidArgument(format!("quant_type must be 'nf4' or 'fp4', got {name:?}"))),
         }
     }
 
@@ -96,8 +96,7 @@ impl Encoder4bit {
             let (va, vb) = (code[a as usize], code[b as usize]);
             va.partial_cmp(&vb).expect("code values are finite").then(a.cmp(&b))
         });
-        let midpoints =
-            std::array::from_fn(|i| (code[order[i] as usize] + code[order[i + 1] as usize]) / 2.0);
+        let midpoints = std::array::from_fn(|i| (code[order[i] as usize] + code[order[i + 1] as usize]) / 2.0);
         Encoder4bit { midpoints, sorted_to_code: order }
     }
 

@@ -15,7 +15,15 @@ fn widen<T: Element>(v: &[T]) -> Vec<f32> {
 }
 
 /// `out = x @ w.T (* scale) (+ out)` for `x` `(m, k)`, `w` `(n, k)`, `out` `(m, n)`.
-fn linear<T: Element>(x: &[T], w: &[T], k: usize, n: usize, scale: f32, accumulate: bool, out: &mut [T]) -> Result<(), Error> {
+fn linear<T: Element>(
+    x: &[T],
+    w: &[T],
+    k: usize,
+    n: usize,
+    scale: f32,
+    accumulate: bool,
+    out: &mut [T],
+) -> Result<(), Error> {
     ensure!(k > 0 && n > 0, "inner and output sizes must be positive, got k={k}, n={n}");
     ensure!(x.len() % k == 0, "x holds {} values, not a whole number of rows of {k}", x.len());
     ensure!(w.len() == n * k, "weight must hold {} values for shape ({n}, {k}), got {}", n * k, w.len());

@@ -79,11 +79,31 @@ fn with_f32_output<T: Element>(out: &mut [T], compute: impl FnOnce(&mut [f32])) 
 /// `inner x cols` with strides (`rsb`, `csb`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn sgemm(
-    rows: usize, inner: usize, cols: usize, a: *const f32, b: *const f32, rsb: usize, csb: usize, c: *mut f32,
+    rows: usize,
+    inner: usize,
+    cols: usize,
+    a: *const f32,
+    b: *const f32,
+    rsb: usize,
+    csb: usize,
+    c: *mut f32,
     ldc: usize,
 ) {
     matrixmultiply::sgemm(
-        rows, inner, cols, 1.0, a, inner as isize, 1, b, rsb as isize, csb as isize, 0.0, c, ldc as isize, 1,
+        rows,
+        inner,
+        cols,
+        1.0,
+        a,
+        inner as isize,
+        1,
+        b,
+        rsb as isize,
+        csb as isize,
+        0.0,
+        c,
+        ldc as isize,
+        1,
     );
 }
 
@@ -179,7 +199,8 @@ pub fn matmul_4bit<T: Element>(
                 let bytes = &weight.packed[r * half..(r + 1) * half];
                 let scales = &weight.absmax[r * blocks_per_row..(r + 1) * blocks_per_row];
                 for (g, out_group) in out_row.chunks_mut(MAX_ROWS).enumerate() {
-                    let xs: Vec<&[f32]> = laid[g * MAX_ROWS..g * MAX_ROWS + out_group.len()].iter().map(|v| v.as_slice()).collect();
+                    let xs: Vec<&[f32]> =
+                        laid[g * MAX_ROWS..g * MAX_ROWS + out_group.len()].iter().map(|v| v.as_slice()).collect();
                     simd::fused_row_dot(isa, weight.quant_type.code(), bytes, scales, block_bytes, &xs, out_group);
                 }
             }

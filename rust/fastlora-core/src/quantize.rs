@@ -152,11 +152,8 @@ pub fn quantize_blockwise_8bit(
         absmax.len()
     );
     let code_of_grid_point = grid_codes(code);
-    quantized
-        .par_chunks_mut(blocksize)
-        .zip(values.par_chunks(blocksize))
-        .zip(absmax.par_iter_mut())
-        .for_each(|((q, block), scale)| {
+    quantized.par_chunks_mut(blocksize).zip(values.par_chunks(blocksize)).zip(absmax.par_iter_mut()).for_each(
+        |((q, block), scale)| {
             *scale = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             if *scale == 0.0 {
                 q.fill(0);
@@ -168,7 +165,8 @@ pub fn quantize_blockwise_8bit(
                 let point = ((normed + 1.0) * 0.5 * (GRID_POINTS - 1) as f32 + 0.5) as usize;
                 *qi = code_of_grid_point[point.min(GRID_POINTS - 1)];
             }
-        });
+        },
+    );
     Ok(())
 }
 

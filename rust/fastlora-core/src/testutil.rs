@@ -33,9 +33,6 @@ impl Rng {
 pub fn assert_close(actual: &[f32], expected: &[f32], rtol: f32, atol: f32, what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: lengths differ");
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
-        assert!(
-            (a - e).abs() <= atol + rtol * e.abs(),
-            "{what}: element {i}: {a} vs expected {e}"
-        );
+        assert!((a - e).abs() <= atol + rtol * e.abs(), "{what}: element {i}: {a} vs expected {e}");
     }
 }

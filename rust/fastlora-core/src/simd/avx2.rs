@@ -42,6 +42,10 @@ unsafe fn horizontal_sum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// [`super::decode_pairs`] on AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA, and `out` must hold at least `2 * bytes.len()` values.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn decode_pairs(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32]) {
     let (low_table, high_table) = load_tables(table);
@@ -83,10 +87,8 @@ unsafe fn byte_plane_tables(table: &[f32; 16]) -> [__m256i; 4] {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn decode32(ptr: *const u8, planes: &[__m256i; 4]) -> [__m256; 4] {
     let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(ptr as *const __m128i));
-    let codes = _mm256_and_si256(
-        _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
-        _mm256_set1_epi8(0x0f),
-    );
+    let codes =
+        _mm256_and_si256(_mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0f));
     let b0 = _mm256_shuffle_epi8(planes[0], codes);
     let b1 = _mm256_shuffle_epi8(planes[1], codes);
     let b2 = _mm256_shuffle_epi8(planes[2], codes);
@@ -103,6 +105,11 @@ unsafe fn decode32(ptr: *const u8, planes: &[__m256i; 4]) -> [__m256; 4] {
     ]
 }
 
+/// [`super::fused_row_dot`] on AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA, and the slices must have the lengths
+/// [`super::fused_row_dot`] checks.
 pub unsafe fn fused_row_dot(
     table: &[f32; 16],
     bytes: &[u8],
@@ -159,6 +166,11 @@ unsafe fn row_dot<const ROWS: usize>(
     }
 }
 
+/// [`super::fused_row_axpy`] on AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA, and the slices must have the lengths
+/// [`super::fused_row_axpy`] checks.
 pub unsafe fn fused_row_axpy(
     table: &[f32; 16],
     bytes: &[u8],

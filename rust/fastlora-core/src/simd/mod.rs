@@ -7,9 +7,9 @@
 
 use std::sync::OnceLock;
 
-pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+pub mod scalar;
 
 /// The largest number of activation rows one fused kernel call handles at once.
 pub const MAX_ROWS: usize = 4;
@@ -114,7 +114,7 @@ pub fn fused_row_dot(
     out: &mut [f32],
 ) {
     let rows = out.len();
-    assert!(rows >= 1 && rows <= MAX_ROWS && xs.len() == rows);
+    assert!((1..=MAX_ROWS).contains(&rows) && xs.len() == rows);
     assert!(block_bytes % CHUNK_BYTES == 0 && bytes.len() == scales.len() * block_bytes);
     assert!(xs.iter().all(|x| x.len() >= 2 * bytes.len()));
     match isa {
@@ -128,6 +128,7 @@ pub fn fused_row_dot(
 /// Adds one packed weight row, scaled, into up to [`MAX_ROWS`] accumulators:
 /// `acc_even[m][j] += coef[m] * w[2j]`, `acc_odd[m][j] += coef[m] * w[2j + 1]` where
 /// `w = table[code] * scales[block]`. The transpose of [`fused_row_dot`].
+#[allow(clippy::too_many_arguments)]
 pub fn fused_row_axpy(
     isa: Isa,
     table: &[f32; 16],
@@ -139,18 +140,14 @@ pub fn fused_row_axpy(
     acc_odd: &mut [&mut [f32]],
 ) {
     let rows = coef.len();
-    assert!(rows >= 1 && rows <= MAX_ROWS && acc_even.len() == rows && acc_odd.len() == rows);
+    assert!((1..=MAX_ROWS).contains(&rows) && acc_even.len() == rows && acc_odd.len() == rows);
     assert_eq!(bytes.len(), scales.len() * block_bytes);
     assert!(acc_even.iter().chain(acc_odd.iter()).all(|a| a.len() >= bytes.len()));
     match isa {
-        Isa::Scalar => {
-            scalar::fused_row_axpy(table, bytes, scales, block_bytes, coef, acc_even, acc_odd)
-        }
+        Isa::Scalar => scalar::fused_row_axpy(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `decode_pairs`; slice lengths were checked above.
-        Isa::Avx2 => unsafe {
-            avx2::fused_row_axpy(table, bytes, scales, block_bytes, coef, acc_even, acc_odd)
-        },
+        Isa::Avx2 => unsafe { avx2::fused_row_axpy(table, bytes, scales, block_bytes, coef, acc_even, acc_odd) },
     }
 }
 

@@ -39,7 +39,12 @@ fn every_isa_fused_dot_matches_scalar_and_the_plain_definition() {
                 let mut weights = vec![0.0f32; 2 * len];
                 for (b, &scale) in scales.iter().enumerate() {
                     let range = b * block_bytes..(b + 1) * block_bytes;
-                    scalar::decode_pairs(table, &bytes[range.clone()], scale, &mut weights[2 * range.start..2 * range.end]);
+                    scalar::decode_pairs(
+                        table,
+                        &bytes[range.clone()],
+                        scale,
+                        &mut weights[2 * range.start..2 * range.end],
+                    );
                 }
                 let expected: Vec<f32> = plain.iter().map(|x| dot(x, &weights)).collect();
                 for isa in available() {
