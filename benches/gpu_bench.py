@@ -58,7 +58,6 @@ from torch import nn  # noqa: E402
 import fastlora  # noqa: E402
 from fastlora import reference  # noqa: E402
 from fastlora.formats import dynamic_map  # noqa: E402
-from fastlora.functional import block_scales  # noqa: E402
 from fastlora.kernels import dequantize as fl_dequantize  # noqa: E402
 from fastlora.kernels import lora as fl_lora  # noqa: E402
 from fastlora.kernels import matmul as fl_matmul  # noqa: E402
@@ -223,20 +222,6 @@ def run_dequantize(report: Report, weights, device: torch.device) -> None:
             report.timing("dequantize", f"{n}x{k}", "bitsandbytes", ms, GB_per_s=moved / (ms * 1e6))
 
 
-@contextlib.contextmanager
-def cublas_threshold(rows: float):
-    """Forces fastlora's dispatch: `math.inf` always fuses, 0 always dequantizes + cuBLAS."""
-    names = ("DEQUANTIZE_CUBLAS_MIN_ROWS", "DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED")
-    saved = [getattr(fl_matmul, name) for name in names]
-    for name in names:
-        setattr(fl_matmul, name, rows)
-    try:
-        yield
-    finally:
-        for name, value in zip(names, saved, strict=False):
-            setattr(fl_matmul, name, value)
-
-
 def run_matmul(report: Report, weights, rows, device: torch.device, bandwidth: float | None) -> None:
     compute_dtype = DTYPE if device.type == "cuda" else torch.float32
     crossover: dict[str, int | None] = {}
@@ -244,7 +229,7 @@ def run_matmul(report: Report, weights, rows, device: torch.device, bandwidth: f
         with report.section(f"matmul {n}x{k}"):
             w = random_weight(n, k, device)
             packed, state = fastlora.quantize_4bit(w, compress_statistics=True)
-            scales = block_scales(state)
+            scales = state.block_scales().decoded()
             nested = fl_dequantize.NestedScales(state.state2.absmax, state.state2.code, state.offset)
             bnb, bnb_functional = bitsandbytes_modules()
             bnb_packed, bnb_state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
@@ -264,8 +249,8 @@ def run_matmul(report: Report, weights, rows, device: torch.device, bandwidth: f
                     "dense cuBLAS": bench_ms(lambda: x @ dense_w.t(), device),
                 }
                 backward = {"dense cuBLAS": bench_ms(lambda: g @ dense_w, device)}
-                for impl, threshold in (("fastlora fused forced", math.inf), ("fastlora dequantize+cuBLAS forced", 0)):
-                    with cublas_threshold(threshold):
+                for impl, path in (("fastlora fused forced", "fused"), ("fastlora dequantize+cuBLAS forced", "cublas")):
+                    with fl_matmul.forced_path(path):
                         times[impl] = bench_ms(lambda: fastlora.matmul_4bit(x, packed, state), device)
                         backward[impl] = bench_ms(
                             lambda: fl_matmul.matmul_4bit(g, packed, scales, n, k, 64, "nf4", True), device)

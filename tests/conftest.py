@@ -1,6 +1,7 @@
 import os
 import shutil
 import sys
+import zlib
 
 # Without a GPU, Triton's kernels run on CPU tensors under its interpreter, which must be
 # chosen before triton is first imported (torch may import it): so here, before torch, and
@@ -14,10 +15,29 @@ import torch  # noqa: E402
 pytest_plugins = ["pytester"]
 
 
+# One seeding policy for the suite: fresh random data on every run, from a session seed that
+# the header prints; `FASTLORA_SEED=N pytest` replays a run. Each test's seed is derived from
+# the session seed and the test's id, so it does not depend on which other tests ran.
+SESSION_SEED = int(os.environ.get("FASTLORA_SEED") or int.from_bytes(os.urandom(4), "little"))
+
+
+def pytest_report_header(config):
+    return f"fastlora random seed: FASTLORA_SEED={SESSION_SEED}"
+
+
+def seed_for(nodeid: str) -> int:
+    return (SESSION_SEED + zlib.crc32(nodeid.encode())) % 2**32
+
+
 @pytest.fixture(autouse=True)
-def _seed():
-    # Fresh random data per test, reproducible per test run.
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little") if os.environ.get("FASTLORA_RANDOM_SEED") else 1234)
+def _seed(request):
+    torch.manual_seed(seed_for(request.node.nodeid))
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator for the test's data, seeded by the suite's policy (see `SESSION_SEED`)."""
+    return torch.Generator().manual_seed(seed_for(request.node.nodeid))
 
 
 @pytest.hookimpl(wrapper=True)

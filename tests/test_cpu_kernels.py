@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import fastlora
 import oracles
-from fastlora import _cpu, _native, reference
-from fastlora.functional import block_scales
+from fastlora import _native, reference
+from fastlora.backends import cpu as _cpu
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 QUANT_TYPES = ["nf4", "fp4"]
@@ -96,7 +96,7 @@ def test_tensors_reach_rust_as_writable_views(monkeypatch, versioned):
 
 
 def dense_fp32(packed, state):
-    return reference.dequantize_4bit(packed, block_scales(state), state.blocksize, state.quant_type, state.shape,
+    return reference.dequantize_4bit(packed, state.absmax_fp32(), state.blocksize, state.quant_type, state.shape,
                                      torch.float32)
 
 
@@ -150,14 +150,27 @@ def test_matmul_agrees_with_the_reference():
     torch.testing.assert_close(fastlora.matmul_4bit(x, packed, state), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_pieces_against_float64():
-    x, a, b = torch.randn(7, 33), torch.randn(4, 33), torch.randn(10, 4)
-    u = _cpu.lora_down(x, a)
-    torch.testing.assert_close(u.double(), x.double() @ a.double().t(), rtol=1e-5, atol=1e-5)
-    y = torch.randn(7, 10)
-    expected = y.double() + 0.25 * u.double() @ b.double().t()
-    _cpu.lora_up_add_(y, u, b, 0.25)
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_prepared_weight_with_lora_against_float64(dtype, m):
+    """The call plan's CPU product: the base and the LoRA term in one native call (up to 16
+    rows; from 17 rows torch's BLAS), an adapter in another dtype added by torch."""
+    w = random_weight((10, 128))
+    packed, state = fastlora.quantize_4bit(w, compress_statistics=True, blocksize=32)
+    prepared = _cpu.prepare(packed.reshape(-1), state.block_scales(), 10, 128, 32, "nf4")
+    weight = dense_fp32(packed, state).double()
+    x, a, b = torch.randn(m, 128).to(dtype), torch.randn(4, 128), torch.randn(10, 4)
+    for adapter_dtype in (dtype, torch.float32):
+        a_, b_ = a.to(adapter_dtype), b.to(adapter_dtype)
+        y = prepared.matmul(x, lora=(a_, b_, 0.25))
+        assert y.dtype == dtype and y.shape == (m, 10)
+        xd = x.double()
+        expected = xd @ weight.t() + 0.25 * (xd @ a_.double().t()) @ b_.double().t()
+        bound = xd.abs() @ weight.abs().t() + 0.25 * (xd.abs() @ a_.double().abs().t()) @ b_.double().abs().t()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert ((y.double() - expected).abs() <= tol * bound + tol).all()
+    dx = prepared.matmul(torch.randn(m, 10).to(dtype), transposed=True)
+    assert dx.shape == (m, 128) and torch.isfinite(dx).all()
 
 
 def test_thread_count_does_not_change_results():
@@ -200,8 +213,8 @@ def test_small_jobs_on_the_calling_thread_match_the_shared_pool():
     packed, state = fastlora.quantize_4bit(w_small, compress_statistics=False)
     for transposed, width in ((False, 512), (True, 256)):
         x = torch.randn(16, width)  # 16 rows at once: the pool; row by row: inline
-        y = _cpu.matmul_4bit(x, packed, state.absmax, 256, 512, 64, "nf4", transposed)
-        rows = [_cpu.matmul_4bit(x[i:i + 1], packed, state.absmax, 256, 512, 64, "nf4", transposed) for i in range(16)]
+        y = _cpu.product(x, packed, state.absmax, 256, 512, 64, "nf4", transposed)
+        rows = [_cpu.product(x[i:i + 1], packed, state.absmax, 256, 512, 64, "nf4", transposed) for i in range(16)]
         assert torch.equal(y, torch.cat(rows))
     assert_matmul_close(y, x, dense_fp32(packed, state), transposed=True)
 
@@ -281,3 +294,43 @@ class TestBadInput:
             _native.matmul_4bit(_cpu.as_numpy(torch.randn(64)), _cpu.as_numpy(self.packed),
                                 _cpu.as_numpy(self.state.absmax), 16, 64, 64, "nf4", False,
                                 _cpu.as_numpy(torch.empty(16)), "float64")
+
+
+def test_the_binding_stubs_list_what_the_binding_has():
+    """`_native.pyi` is written by hand: it must name exactly the binding's functions and
+    classes, with the same parameter names."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    tree = ast.parse(Path(_native.__file__).with_name("_native.pyi").read_text())
+    stubbed = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    stubbed |= {node.target.id: node for node in tree.body if isinstance(node, ast.AnnAssign)}
+    public = {name for name in dir(_native) if not name.startswith("_")}
+    assert set(stubbed) == public
+    for name, node in stubbed.items():
+        if isinstance(node, ast.FunctionDef):
+            params = list(inspect.signature(getattr(_native, name)).parameters)
+            assert [a.arg for a in node.args.args] == params, name
+    methods = {n.name: n for n in stubbed["PackedWeight"].body if isinstance(n, ast.FunctionDef)}
+    params = list(inspect.signature(_native.PackedWeight.matmul).parameters)
+    assert [a.arg for a in methods["matmul"].args.args] == params
+
+
+def test_a_prepared_weight_refuses_what_does_not_fit():
+    packed, state = fastlora.quantize_4bit(random_weight((16, 64)))
+    with pytest.raises(ValueError, match="absmax holds"):
+        _native.PackedWeight(_cpu.as_numpy(packed), _cpu.as_numpy(state.absmax[:-1].contiguous()), 16, 64, 64, "nf4")
+    with pytest.raises(ValueError, match="packed holds"):
+        _native.PackedWeight(_cpu.as_numpy(packed), _cpu.as_numpy(state.absmax), 16, 128, 64, "nf4")
+    with pytest.raises(ValueError, match="quant_type"):
+        _native.PackedWeight(_cpu.as_numpy(packed), _cpu.as_numpy(state.absmax), 16, 64, 64, "int4")
+    prepared = _cpu.prepare(packed.reshape(-1), state.block_scales(), 16, 64, 64, "nf4")
+    with pytest.raises(ValueError, match="invalid data pointer"):
+        prepared.native.matmul(0, 1, 0, "float32", False)
+    with pytest.raises(ValueError, match="dtype"):
+        prepared.native.matmul(0, 0, 0, "float64", False)
+    with pytest.raises(ValueError, match="x must be a CPU float tensor"):
+        prepared.matmul(torch.randn(2, 63))
+    with pytest.raises(ValueError, match="x must be a CPU float tensor"):
+        prepared.matmul(torch.randn(2, 64, dtype=torch.float64))

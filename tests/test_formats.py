@@ -3,13 +3,12 @@
 bitsandbytes 0.50.2 on CPU is the oracle: the reference must reproduce its packed
 bytes, scales and double-quantized scales bit for bit, and QuantState
 dictionaries must round-trip between the two libraries. Every test draws fresh
-random data; the seed is printed, and shown by pytest when a test fails.
+random data from the suite's seed (conftest.py: the header prints it, FASTLORA_SEED replays it).
 """
 
 from __future__ import annotations
 
 import json
-import random
 from math import prod
 
 import bitsandbytes.functional as bnbF
@@ -36,13 +35,6 @@ def _eager_bitsandbytes():
     torch._dynamo.config.disable = True
     yield
     torch._dynamo.config.disable = previous
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = random.SystemRandom().randrange(2**32)
-    print(f"random seed: {seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import random
 from pathlib import Path
 
 import peft
@@ -22,14 +21,6 @@ import fastlora.adapter
 from fastlora.nn import Linear4bit, LoraLinear
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = random.SystemRandom().randrange(2**32)
-    print(f"random seed: {seed}")
-    torch.manual_seed(seed)  # model initializations
-    return torch.Generator().manual_seed(seed)
 
 
 def llama(tie: bool = False) -> LlamaForCausalLM:

@@ -9,15 +9,13 @@ bf16 cases the interpreter cannot run); the CPU backend tests then skip.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import fastlora
-from fastlora import _backend, reference
+from fastlora import backends as _backend
+from fastlora import reference
 from fastlora.formats import dynamic_map
-from fastlora.functional import block_scales
 from fastlora.kernels import dequantize, lora, matmul
 
 ON_GPU = torch.cuda.is_available()
@@ -132,15 +130,17 @@ MATMUL_CASES = [
 ]
 
 
-def force_fused_kernels(monkeypatch):
-    """The fused kernels at every row count (the default sends larger M to cuBLAS)."""
-    monkeypatch.setattr(matmul, "DEQUANTIZE_CUBLAS_MIN_ROWS", math.inf)
-    monkeypatch.setattr(matmul, "DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED", math.inf)
+def force_fused_kernels(request):
+    """The fused kernels at every row count (the default sends larger M to cuBLAS), until the
+    test ends."""
+    forced = matmul.forced_path("fused")
+    forced.__enter__()
+    request.addfinalizer(lambda: forced.__exit__(None, None, None))
 
 
 @pytest.fixture
-def fused_kernels_only(monkeypatch):
-    force_fused_kernels(monkeypatch)
+def fused_kernels_only(request):
+    force_fused_kernels(request)
 
 
 @pytest.mark.usefixtures("fused_kernels_only")
@@ -214,13 +214,17 @@ def test_lora_linear_4bit_against_float64(m, rank, dtype, nested):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dequantize_then_cublas_path_when_the_heuristic_picks_it(monkeypatch, dtype):
-    monkeypatch.setattr(matmul, "DEQUANTIZE_CUBLAS_MIN_ROWS", 8)
-    monkeypatch.setattr(matmul, "DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED", 3)
-    assert matmul.use_dequantize_then_cublas(8, 40, 128) and not matmul.use_dequantize_then_cublas(7, 40, 128)
-    assert matmul.use_dequantize_then_cublas(3, 40, 128, True)
-    assert not matmul.use_dequantize_then_cublas(2, 40, 128, True)
-    n, k, m, rank = 40, 128, 9, 4
+def test_dequantize_then_cublas_path_when_the_heuristic_picks_it(dtype):
+    rows = matmul.DEQUANTIZE_CUBLAS_MIN_ROWS
+    assert matmul.use_dequantize_then_cublas(rows, 40, 128) and not matmul.use_dequantize_then_cublas(rows - 1, 40, 128)
+    assert matmul.use_dequantize_then_cublas(1, 40, 128, True)
+    with matmul.forced_path("fused"):
+        assert not matmul.use_dequantize_then_cublas(rows, 40, 128)
+    with matmul.forced_path("cublas"):
+        assert matmul.use_dequantize_then_cublas(1, 40, 128)
+    with pytest.raises(ValueError, match="path must be one of"):
+        matmul.forced_path("tensor-cores").__enter__()
+    n, k, m, rank = 40, 128, rows + 4, 4
     packed, scales, nested_scales, _, weight = quantized((n, k), 32, "fp4", True)
     x, A, B, bias = torch.randn(m, k).to(dtype), torch.randn(rank, k), torch.randn(n, rank), torch.randn(n)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
@@ -253,9 +257,9 @@ def run_with_backend(monkeypatch, backend: str, fn):
 @needs_interpreter
 @pytest.mark.parametrize("fused", [False, True], ids=["default-dispatch", "fused"])
 @pytest.mark.parametrize("quant_type,blocksize,nested", [("nf4", 64, True), ("fp4", 32, False)])
-def test_functional_api_on_triton_matches_rust(monkeypatch, quant_type, blocksize, nested, fused):
+def test_functional_api_on_triton_matches_rust(request, monkeypatch, quant_type, blocksize, nested, fused):
     if fused:
-        force_fused_kernels(monkeypatch)
+        force_fused_kernels(request)
     w = random_weight((24, 97))
     x = torch.randn(2, 3, 97)
     grad = torch.randn(2, 3, 24)
@@ -282,9 +286,9 @@ def test_functional_api_on_triton_matches_rust(monkeypatch, quant_type, blocksiz
 @needs_interpreter
 @pytest.mark.parametrize("fused", [False, True], ids=["default-dispatch", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_lora_layers_on_triton_match_rust(monkeypatch, dtype, fused):
+def test_lora_layers_on_triton_match_rust(request, monkeypatch, dtype, fused):
     if fused:
-        force_fused_kernels(monkeypatch)
+        force_fused_kernels(request)
     torch.manual_seed(7)
     layer = fastlora.LoraLinear(fastlora.Linear4bit(80, 36, compress_statistics=True), r=5, lora_alpha=10,
                                 init_lora_weights=False)
@@ -360,17 +364,17 @@ def test_triton_backend_without_the_interpreter_is_an_error(monkeypatch):
 @pytest.mark.parametrize("fused", [False, True], ids=["default-dispatch", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("m", [1, 16, 300])
-def test_cuda_ops_match_the_cpu_path(monkeypatch, dtype, m, fused):
+def test_cuda_ops_match_the_cpu_path(request, monkeypatch, dtype, m, fused):
     if fused:
-        force_fused_kernels(monkeypatch)
+        force_fused_kernels(request)
     w = random_weight((256, 320), dtype)
     packed, state = fastlora.quantize_4bit(w, compress_statistics=True)
     cuda_packed, cuda_state = fastlora.quantize_4bit(w.cuda(), compress_statistics=True)
     assert torch.equal(cuda_packed.cpu(), packed)
     # The offset is each device's own absmax.mean() (as in bitsandbytes): the nested codes may
     # differ where the last bit of the mean moves a value across a grid point.
-    scales = block_scales(cuda_state).cpu()
-    torch.testing.assert_close(scales, block_scales(state), rtol=1e-2, atol=0)
+    scales = cuda_state.block_scales().decoded().cpu()
+    torch.testing.assert_close(scales, state.block_scales().decoded(), rtol=1e-2, atol=0)
     expected = reference.dequantize_4bit(packed, scales, 64, "nf4", (256, 320), dtype)
     assert torch.equal(fastlora.dequantize_4bit(cuda_packed, cuda_state).cpu(), expected)
     weight = reference.dequantize_4bit(packed, scales, 64, "nf4", (256, 320), torch.float32).double()

@@ -9,6 +9,8 @@ kernels. The functional API mirrors `bitsandbytes.functional`:
     >>> y = fastlora.matmul_4bit(torch.randn(3, 512), packed, state)
 """
 
+import importlib.metadata
+
 from . import _native
 from ._threads import get_num_threads, set_num_threads
 from .adapter import load_adapter, save_adapter
@@ -20,7 +22,7 @@ from .quant_state import QuantState
 # isort: split
 from . import train  # fastlora.train(...) trains (the package is callable); it uses the API above
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("fastlora")
 
 
 def simd_level() -> str:

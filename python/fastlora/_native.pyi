@@ -7,6 +7,8 @@ Arrays are 1-D contiguous numpy views of torch tensors; bf16/fp16 travel as uint
 import numpy as np
 import numpy.typing as npt
 
+FUSED_MAX_ROWS: int  # up to this many rows `matmul_4bit` decodes in registers; callers GEMM above
+
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_level() -> str: ...
@@ -55,20 +57,25 @@ def matmul_4bit(
     y: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
     dtype: str,
 ) -> None: ...
-def lora_down(
-    x: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
-    a: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
-    k: int,
-    r: int,
-    u: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
-    dtype: str,
-) -> None: ...
-def lora_up_add(
-    u: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
-    b: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
-    r: int,
-    n: int,
-    scale: float,
-    y: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
-    dtype: str,
-) -> None: ...
+class PackedWeight:
+    """A frozen packed weight and its fp32 scales, held for many calls (`backends.cpu.PreparedWeight`)."""
+
+    def __init__(
+        self,
+        packed: npt.NDArray[np.uint8],
+        absmax: npt.NDArray[np.float32],
+        n: int,
+        k: int,
+        blocksize: int,
+        quant_type: str,
+    ) -> None: ...
+    def matmul(
+        self,
+        x: int,
+        rows: int,
+        y: int,
+        dtype: str,
+        transposed: bool,
+        lora: tuple[int, int, int, float] | None = None,
+    ) -> None:
+        """`x` and `y` (and A, B in `lora`) are data addresses of tensors the caller has checked."""

@@ -22,6 +22,13 @@ def get_num_threads() -> int:
     return _user_threads if _user_threads is not None else torch.get_num_threads()
 
 
+_synced: int | None = None
+
+
 def sync() -> None:
-    """Sizes the kernels' pool before a call (cheap when unchanged)."""
-    _native.set_num_threads(get_num_threads())
+    """Sizes the kernels' pool before a call (a comparison when unchanged)."""
+    global _synced
+    n = get_num_threads()
+    if n != _synced:
+        _native.set_num_threads(n)
+        _synced = n

@@ -9,12 +9,15 @@ the two libraries unchanged. Arguments are checked here; the work is done by the
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
-from . import _checks, ops
+from . import _checks
 from .formats import NESTED_BLOCKSIZE, code_tensor, dynamic_map
+from .plan import WeightPlan
 from .quant_state import QuantState
+from .scales import BlockScales
 
 
 def quantize_4bit(
@@ -89,54 +92,19 @@ def _check_state(quant_state: object) -> QuantState:
         raise TypeError(f"quant_state must be a fastlora.QuantState, got {type(quant_state).__name__}")
     _checks.blocksize(quant_state.blocksize)
     _checks.quant_type(quant_state.quant_type)
-    numel = math.prod(quant_state.shape)
-    blocks = -(-numel // quant_state.blocksize)
-    absmax = _checks.tensor("quant_state.absmax", quant_state.absmax)
-    if absmax.numel() != blocks:
-        raise ValueError(
-            f"quant_state.absmax holds {absmax.numel()} scales but shape {tuple(quant_state.shape)} in blocks of "
-            f"{quant_state.blocksize} needs {blocks}"
-        )
+    _checks.tensor("quant_state.absmax", quant_state.absmax)
     if quant_state.nested:
-        if absmax.dtype != torch.uint8:
-            raise TypeError(f"quant_state.absmax must be uint8 when nested, got {absmax.dtype}")
-        state2 = quant_state.state2
-        nested = _checks.tensor("quant_state.state2.absmax", state2.absmax)
-        if nested.dtype != torch.float32 or nested.numel() != -(-blocks // state2.blocksize):
-            raise ValueError(
-                f"quant_state.state2.absmax must be float32 with {-(-blocks // state2.blocksize)} values, got "
-                f"{nested.dtype} with {nested.numel()}"
-            )
-        code2 = _checks.tensor("quant_state.state2.code", state2.code)
-        if code2.dtype != torch.float32 or code2.numel() != 256:
-            raise ValueError("quant_state.state2.code must be 256 float32 values")
+        _checks.tensor("quant_state.state2.absmax", quant_state.state2.absmax)
+        _checks.tensor("quant_state.state2.code", quant_state.state2.code)
         if quant_state.offset is None:
             raise ValueError("quant_state.offset is missing for a nested state")
-    elif absmax.dtype != torch.float32:
-        raise TypeError(f"quant_state.absmax must be float32, got {absmax.dtype}")
     return quant_state
 
 
-def block_scales(quant_state: QuantState) -> torch.Tensor:
-    """The fp32 scale of every block, decoding double-quantized statistics."""
-    if not quant_state.nested:
-        return quant_state.absmax
-    state2 = quant_state.state2
-    offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=quant_state.absmax.device)
-    return torch.ops.fastlora.dequantize_blockwise(
-        quant_state.absmax.contiguous(), state2.absmax.contiguous(), state2.code.contiguous(), state2.blocksize, offset
-    )
-
-
-def _scale_args(quant_state: QuantState) -> tuple:
-    """The block-scale arguments of the 4-bit ops for a checked state: `absmax` and, when
-    double-quantized, the second-level state the kernels decode it with."""
-    if not quant_state.nested:
-        return (quant_state.absmax.contiguous(), None, None, None, NESTED_BLOCKSIZE)
-    state2 = quant_state.state2
-    offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=quant_state.absmax.device)
-    return (quant_state.absmax.contiguous(), state2.absmax.contiguous(), state2.code.contiguous(), offset,
-            state2.blocksize)
+def _scales(quant_state: QuantState) -> BlockScales:
+    """The checked block scales of a checked state."""
+    blocks = -(-math.prod(quant_state.shape) // quant_state.blocksize)
+    return quant_state.block_scales().check(blocks, name="quant_state.absmax")
 
 
 def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
@@ -144,7 +112,7 @@ def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tens
     state = _check_state(quant_state)
     flat = _packed_bytes(packed, state)
     _checks.same_device(packed=flat, absmax=state.absmax)
-    absmax, *nested = _scale_args(state)
+    absmax, *nested = _scales(state).op_args()
     return torch.ops.fastlora.dequantize_4bit(
         flat, absmax, state.blocksize, state.quant_type, list(state.shape), state.dtype, *nested
     )
@@ -155,22 +123,57 @@ def matmul_4bit(
 ) -> torch.Tensor:
     """`x @ dequantize_4bit(packed, quant_state).T + bias` in x's dtype, without building the
     dense weight. The weight has shape `(out_features, in_features)`; x is `(..., in_features)`.
-    Differentiable in `x` and `bias`."""
-    state = _check_state(quant_state)
-    x = _checks.float_tensor("x", x)
-    if len(state.shape) != 2:
-        raise ValueError(f"quant_state.shape must be 2-D (out_features, in_features), got {tuple(state.shape)}")
-    n, k = state.shape
+    Differentiable in `x` and `bias`.
+
+    The weight's checks and preparation are kept for the next call with the same `packed` and
+    `quant_state` (a call plan, `fastlora.plan`), so repeated calls check only `x` and `bias`."""
+    plan = _plans.get(quant_state) if isinstance(quant_state, QuantState) else None
+    if plan is None or not plan.is_current(packed) or not _made_from(plan, quant_state):
+        plan = _matmul_plan(packed, quant_state)
+    n, k = plan.n, plan.k
+    if not isinstance(x, torch.Tensor) or x.dtype not in _checks.FLOAT_DTYPES:
+        _checks.float_tensor("x", x)
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x must have shape (..., {k}) for a weight of shape ({n}, {k}), got {tuple(x.shape)}")
-    flat = _packed_bytes(packed, state)
+    if x.device != plan.device:
+        raise ValueError(f"tensors must be on one device: x on {x.device}, packed on {plan.device}")
     if bias is not None:
         bias = _checks.float_tensor("bias", bias)
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    _checks.same_device(x=x, packed=flat, absmax=state.absmax, bias=bias)
-    absmax, *nested = _scale_args(state)
-    y = ops.matmul.matmul_4bit(x, flat, absmax, n, k, state.blocksize, state.quant_type, False, *nested)
+        _checks.same_device(x=x, bias=bias)
+    y = plan.matmul(x)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y
+
+
+# The call plan of each live QuantState's last weight (dropped with the state).
+_plans: weakref.WeakKeyDictionary[QuantState, WeightPlan] = weakref.WeakKeyDictionary()
+
+
+def _made_from(plan: WeightPlan, state: QuantState) -> bool:
+    """Whether `plan` still describes `state` (its fields may have been reassigned)."""
+    scales = plan.scales
+    if state.absmax is not scales.absmax or (state.blocksize, state.quant_type) != (plan.blocksize, plan.quant_type):
+        return False
+    if tuple(state.shape) != (plan.n, plan.k):
+        return False
+    nested = scales.nested
+    if nested is None:
+        return state.state2 is None
+    state2 = state.state2
+    return (state2 is not None and state2.absmax is nested.absmax and state2.code is nested.code
+            and state.offset is nested.offset)
+
+
+def _matmul_plan(packed: object, quant_state: object) -> WeightPlan:
+    state = _check_state(quant_state)
+    if len(state.shape) != 2:
+        raise ValueError(f"quant_state.shape must be 2-D (out_features, in_features), got {tuple(state.shape)}")
+    n, k = state.shape
+    flat = _packed_bytes(packed, state)
+    _checks.same_device(packed=flat, absmax=state.absmax)
+    plan = WeightPlan(packed, _scales(state), n, k, state.blocksize, state.quant_type)
+    _plans[state] = plan
+    return plan

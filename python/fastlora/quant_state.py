@@ -16,6 +16,7 @@ import torch
 
 from .formats import BLOCKSIZES, QUANT_TYPES, code_tensor
 from .reference import dequantize_nested_absmax
+from .scales import BlockScales, NestedScales
 
 # The dtypes a 4-bit tensor may be dequantized to, by their name in the packed JSON.
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -67,6 +68,14 @@ class QuantState:
     def nested(self) -> bool:
         """Whether the scales are double-quantized (``absmax`` holds uint8 codes)."""
         return self.state2 is not None
+
+    def block_scales(self) -> BlockScales:
+        """The block scales as the ops take them (double-quantized ones as stored)."""
+        if not self.nested:
+            return BlockScales(self.absmax)
+        state2 = self.state2
+        offset = torch.as_tensor(self.offset, dtype=torch.float32, device=self.absmax.device)
+        return BlockScales(self.absmax, NestedScales(state2.absmax, state2.code, offset, state2.blocksize))
 
     def absmax_fp32(self) -> torch.Tensor:
         """The float32 scale of every block, decoding double-quantized scales."""

@@ -21,8 +21,6 @@ decoded on the fly (`code2[q] * absmax2[i // 256] + offset`), so no fp32 copy of
 scales and no full-precision copy of the weight is ever written.
 """
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +28,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from ..formats import code_tensor
 from ..reference import _nibble_bounds
+from ..scales import NestedScales
 
 # Launch parameters on a GPU: bytes (dequantize) or elements (quantize) per program.
 _DEQUANTIZE_BYTES = 2048
@@ -38,20 +37,6 @@ _QUANTIZE_ELEMENTS = 2048
 _GRID_STEPS = 65535.0
 
 _tables: dict[tuple[str, str, torch.device], torch.Tensor] = {}
-
-
-@dataclass(frozen=True)
-class NestedScales:
-    """What decodes uint8 (double-quantized) block scales: `code[q] * absmax[i // blocksize] + offset`.
-
-    `absmax` is the fp32 `state2.absmax`, `code` the 256-entry map, `offset` a 0-d fp32
-    tensor on the device (read by the kernel, never synchronized to the host).
-    """
-
-    absmax: torch.Tensor
-    code: torch.Tensor
-    offset: torch.Tensor
-    blocksize: int = 256
 
 
 def code_table(quant_type: str, device: torch.device) -> torch.Tensor:

@@ -27,6 +27,7 @@ fp32 activations use IEEE fp32 products unless torch allows TF32
 one fixed configuration runs instead of autotuning.
 """
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -42,14 +43,27 @@ SMALL_M_MAX_ROWS = 16
 # rows to a 16-row tensor-core tile (tune on the GPU: benches/gpu_bench.py).
 GEMV_MAX_ROWS = 4
 # From these row counts on, dequantize W once and let cuBLAS multiply (bitsandbytes'
-# approach). Measured on an H200 (benches/gpu_bench.py, 2026-11-29, benches/GPU_NOTES.md):
-# the tensor-core fused kernel reached 42 TFLOP/s forward and 23 backward against cuBLAS's
-# 700 at M = 4096, and lost to dequantize + cuBLAS at M = 16 forward and at every row count
-# measured (1, 16, 4096) backward; the fused GEMV won at M = 1 on two of three weights. Rows
-# 5 to 15 were not measured: they follow the padded 16-row tile's result. `math.inf` forces
-# the fused kernels, 0 forces cuBLAS.
+# approach): the tensor-core fused kernel is far slower than cuBLAS at large M and lost at
+# every measured row count backward (benches/GPU_NOTES.md has the H200 figures).
 DEQUANTIZE_CUBLAS_MIN_ROWS = GEMV_MAX_ROWS + 1
 DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED = 1
+PATHS = ("auto", "fused", "cublas")
+_path = "auto"
+
+
+@contextlib.contextmanager
+def forced_path(path: str):
+    """Within the block, every 4-bit matmul takes `path`: "fused" (the Triton kernels at any
+    row count, the tensor-core one above `GEMV_MAX_ROWS`: experimental, for measuring and
+    testing it), "cublas" (dequantize + cuBLAS at any row count) or "auto" (the default)."""
+    global _path
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    saved, _path = _path, path
+    try:
+        yield
+    finally:
+        _path = saved
 
 
 def use_dequantize_then_cublas(m: int, n: int, k: int, transposed: bool = False) -> bool:
@@ -60,6 +74,8 @@ def use_dequantize_then_cublas(m: int, n: int, k: int, transposed: bool = False)
     extra cost over cuBLAS grows with `M * N * K`. N and K cancel out of the comparison, so
     the crossover is a row count per orientation.
     """
+    if _path != "auto":
+        return _path == "cublas"
     return m >= (DEQUANTIZE_CUBLAS_MIN_ROWS_TRANSPOSED if transposed else DEQUANTIZE_CUBLAS_MIN_ROWS)
 
 

@@ -18,7 +18,9 @@ from torch import nn
 from .. import _checks, ops
 from ..formats import NESTED_BLOCKSIZE
 from ..functional import quantize_4bit
+from ..plan import WeightPlan
 from ..quant_state import QuantState
+from ..scales import BlockScales, NestedScales
 
 # Buffers that hold quantization statistics: never cast by `.to(dtype)`/`.half()`.
 _STAT_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
@@ -135,6 +137,7 @@ class Linear4bit(AtomicLoad, nn.Module):
         self.blocksize = state.blocksize
         self.quant_type = state.quant_type
         self.compress_statistics = state.nested
+        self._plan = None
         for name in _STAT_BUFFERS:
             self._buffers.pop(name, None)
         self.register_buffer("absmax", state.absmax, persistent=False)
@@ -161,30 +164,40 @@ class Linear4bit(AtomicLoad, nn.Module):
     def packed_bytes(self) -> torch.Tensor:
         return self.weight.view(torch.uint8).reshape(-1)
 
-    def nested_scale_args(self) -> tuple:
-        """The 4-bit ops' trailing arguments: the second-level state that decodes the uint8
-        `absmax` in the kernels when double-quantized, else none."""
+    def block_scales(self) -> BlockScales:
+        """The block scales as the ops take them, from the layer's buffers."""
         if not self.compress_statistics:
-            return (None, None, None, self.nested_blocksize)
-        return (self.nested_absmax, self.nested_quant_map, self.nested_offset, self.nested_blocksize)
+            return BlockScales(self.absmax)
+        return BlockScales(self.absmax, NestedScales(self.nested_absmax, self.nested_quant_map, self.nested_offset,
+                                                     self.nested_blocksize))
+
+    def plan(self) -> WeightPlan:
+        """The layer's call plan (`fastlora.plan`), made again when the weight changed."""
+        plan, weight = self._plan, self._parameters["weight"]
+        if plan is None or not plan.is_current(weight) or plan.scales.absmax is not self._buffers["absmax"]:
+            plan = self._plan = WeightPlan(weight, self.block_scales(), self.out_features, self.in_features,
+                                           self.blocksize, self.quant_type)
+        return plan
 
     def dequantize(self) -> torch.Tensor:
         """The dense weight in its original dtype (for merging and inspection)."""
-        return torch.ops.fastlora.dequantize_4bit(
-            self.packed_bytes(), self.absmax, self.blocksize, self.quant_type,
-            [self.out_features, self.in_features], self.weight_dtype, *self.nested_scale_args(),
-        )
+        return self.plan().dequantize(self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features, self.compute_dtype)
         dtype = self.compute_dtype or x.dtype
-        y = ops.matmul.matmul_4bit(
-            x.to(dtype), self.packed_bytes(), self.absmax, self.out_features, self.in_features,
-            self.blocksize, self.quant_type, False, *self.nested_scale_args(),
-        )
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.to(x.dtype)
+        xc = x if x.dtype == dtype else x.to(dtype)
+        if torch.compiler.is_compiling():  # traced: the op on the layer's tensors (a plan is eager state)
+            y = ops.matmul.matmul_4bit(xc, self.packed_bytes(), self.block_scales(), self.out_features,
+                                       self.in_features, self.blocksize, self.quant_type, False)
+        else:
+            plan = self.plan()
+            plan.check_input(x)
+            y = plan.matmul(xc)
+        bias = self.bias
+        if bias is not None:
+            y = y + bias.to(dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -195,6 +208,7 @@ class Linear4bit(AtomicLoad, nn.Module):
     def _apply(self, fn, recurse=True):
         # `.to(dtype)`, `.half()` and friends must move the 4-bit data, never cast it.
         before = {name: t.data for name, t in self._quant_tensors().items()}
+        self._plan = None
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = getattr(self, name)
@@ -205,6 +219,10 @@ class Linear4bit(AtomicLoad, nn.Module):
                 else:
                     self._buffers[name] = restored
         return self
+
+    def __getstate__(self):
+        # A plan holds native handles (not copyable); copies and pickles make their own.
+        return {**super().__getstate__(), "_plan": None}
 
     def _quant_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"weight": self.weight}

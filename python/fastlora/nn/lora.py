@@ -115,13 +115,16 @@ class LoraLinear(AtomicLoad, nn.Module):
         if isinstance(base, Linear4bit):
             check_input(x, self.in_features, base.compute_dtype)
             dtype = base.compute_dtype or x.dtype
-            xc = x.to(dtype)
-            y = ops.lora.lora_linear_4bit(
-                xc, self.lora_dropout(xc), base.packed_bytes(), base.absmax, base.bias,
-                self.lora_A.weight, self.lora_B.weight, self.scaling, base.blocksize, base.quant_type,
-                *base.nested_scale_args(),
-            )
-            return y.to(x.dtype)
+            xc = x if x.dtype == dtype else x.to(dtype)
+            x_drop, A, B = self.lora_dropout(xc), self.lora_A.weight, self.lora_B.weight
+            if torch.compiler.is_compiling():  # traced: the op on the layer's tensors (a plan is eager state)
+                y = ops.lora.lora_linear_4bit(xc, x_drop, base.packed_bytes(), base.block_scales(), base.bias, A, B,
+                                              self.scaling, base.blocksize, base.quant_type)
+            else:
+                plan = base.plan()
+                plan.check_input(x)
+                y = plan.lora_linear(xc, x_drop, base.bias, A, B, self.scaling)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         y = base(x)
         lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
         return y + (lora * self.scaling).to(y.dtype)

@@ -1,12 +1,13 @@
-"""fastlora's torch custom ops (namespace `torch.ops.fastlora`).
+"""fastlora's torch custom ops (namespace `torch.ops.fastlora`), one module per op.
 
-Each op is declared once with `torch.library`, with a fake implementation (shapes only, for
-`torch.compile` and meta tensors) and the implementation beside it: the Triton kernels on
-CUDA, the Rust kernels on CPU (or the Triton ones there, under `FASTLORA_BACKEND=triton`; see
-`fastlora._backend`).
-Arguments are validated by the public API (`fastlora.functional`) before they get here.
-The layers call `matmul.matmul_4bit` and `lora.lora_linear_4bit`: the op, or its
-implementation directly where the dispatcher would only forward the call (`_eager`).
+Each op is declared once with `torch.library`: its schema, its fake implementation (shapes
+only, for `torch.compile` and meta tensors), its autograd formula, and one implementation
+registered for the cpu and cuda keys that runs the backend `fastlora.backends.select` picks
+(Rust on CPU, Triton on CUDA or under `FASTLORA_BACKEND=triton`). Block scales travel as
+`fastlora.scales.BlockScales`, flattened into the op's arguments (`BlockScales.op_args`).
+Arguments are validated before they get here (the public API, the call plans); the
+`ops.<op>.<op>` functions call the op through the dispatcher only where it has a part
+(`_eager`).
 """
 
 from . import lora, matmul, quantize

@@ -1,20 +1,21 @@
-"""When a call may skip the torch dispatcher and run an op's implementation directly.
+"""How an op is called: through the torch dispatcher, or straight into its backend.
 
 Going through `torch.ops.fastlora.*` costs 25-50 us of host time per call (argument boxing,
 the autograd wrapper, the redispatch), as much as a whole small CPU product and a large part
 of a GPU call's launch time. When no autograd graph is recorded, nothing traces (compile,
 export, `torch.jit.trace`), no tensor subclass or Python mode intercepts ops and the tensors
-are real CPU/CUDA tensors, the dispatcher would only forward the call: the layers and the
-backward passes then call the implementation themselves. Otherwise they call the op.
+are real CPU/CUDA tensors, the dispatcher would only forward the call: `call` then runs the
+backend's implementation itself. Every op and call plan goes through `call` or `direct`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 _PLAIN_TYPES = (torch.Tensor, nn.Parameter)
-_DEVICES = ("cpu", "cuda")
 # Private checks for Python dispatch/function modes and functorch transforms (vmap, grad).
 # Where one is missing (another torch version) every call goes through the dispatcher.
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
@@ -24,7 +25,7 @@ _CHECKABLE = None not in (_dispatch_modes, _function_modes, _functorch)
 
 
 def direct(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call with these tensor arguments may run the implementation directly."""
+    """Whether a call with these tensor arguments may skip the dispatcher."""
     if not _CHECKABLE or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if _dispatch_modes() or _function_modes() or _functorch() is not None:
@@ -33,6 +34,13 @@ def direct(*tensors: torch.Tensor | None) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if type(t) not in _PLAIN_TYPES or t.device.type not in _DEVICES or (grad and t.requires_grad):
+        if type(t) not in _PLAIN_TYPES or not (t.is_cpu or t.is_cuda) or (grad and t.requires_grad):
             return False
     return True
+
+
+def call(op: Callable, implementation: Callable, *args):
+    """`implementation(*args)` where the dispatcher would only forward the call, else `op(*args)`."""
+    if direct(*(a for a in args if isinstance(a, torch.Tensor))):
+        return implementation(*args)
+    return op(*args)

@@ -4,37 +4,24 @@ x_drop (dropout's output, which autograd carries back to x), bias, A and B.
 
 Backward forms the rank-r products first (`g @ B`, then `@ A`), never `B @ A`, and gets
 `dx` from the transposed 4-bit product (`fastlora.ops.matmul`): only the packed weight and
-its scales are saved for it. The LoRA term
-runs in the adapter's dtype (fp32 adapters over a bf16 base, as PEFT does) and is added to
-y in y's dtype.
+its scales are saved for it. The LoRA term runs in the adapter's dtype (fp32 adapters over a
+bf16 base, as PEFT does) and is added to y in y's dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import _backend, _cpu
-from . import _eager, _nested
+from .. import backends
+from ..scales import OP_SCHEMA, BlockScales
+from . import _eager
 from .matmul import matmul_4bit
 
 torch.library.define(
     "fastlora::lora_linear_4bit",
     "(Tensor x, Tensor x_drop, Tensor packed, Tensor absmax, Tensor? bias, Tensor A, Tensor B, float scaling, "
-    f"int blocksize, str quant_type, {_nested.SCHEMA}) -> Tensor",
+    f"int blocksize, str quant_type, {OP_SCHEMA}) -> Tensor",
 )
-
-
-def _forward(
-    x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-    A: torch.Tensor, B: torch.Tensor, scaling: float, blocksize: int, quant_type: str,
-) -> torch.Tensor:
-    """The CPU path (Rust 4-bit product, torch for the rest), `scales` in fp32."""
-    n, k = B.shape[0], A.shape[1]
-    y = _cpu.matmul_4bit(x, packed, scales, n, k, blocksize, quant_type, False)
-    if bias is not None:
-        y.add_(bias.to(y.dtype))  # y is this call's own fresh tensor
-    lora = (x_drop.to(A.dtype) @ A.t()) @ B.t()
-    return y.add_(lora.to(y.dtype), alpha=scaling)
 
 
 @torch.library.register_fake("fastlora::lora_linear_4bit")
@@ -43,30 +30,23 @@ def _(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nes
     return x.new_empty((*x.shape[:-1], B.shape[0]))
 
 
-def _kernel(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax=None, nested_code=None,
-      nested_offset=None, nested_blocksize=256):
-    _nested.check(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
-    if _backend.uses_triton(x.device):  # bias and the LoRA term fused into the matmul's epilogue
-        nested = _nested.triton_scales(nested_absmax, nested_code, nested_offset, nested_blocksize)
-        return _backend.triton_kernels().lora.lora_linear_4bit(
-            x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested=nested
-        )
-    scales = _cpu.decoded_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
-    return _forward(x, x_drop, packed, scales, bias, A, B, scaling, blocksize, quant_type)
+def _implementation(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax=None,
+                    nested_code=None, nested_offset=None, nested_blocksize=256):
+    scales = BlockScales.from_op_args(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    return backends.select(x.device).lora_linear_4bit(x, x_drop, packed, scales, bias, A, B, scaling, blocksize,
+                                                      quant_type)
 
 
-torch.library.register_kernel("fastlora::lora_linear_4bit", ("cpu", "cuda"))(_kernel)
+torch.library.register_kernel("fastlora::lora_linear_4bit", ("cpu", "cuda"))(_implementation)
 
 
-def lora_linear_4bit(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax=None,
-                     nested_code=None, nested_offset=None, nested_blocksize=256) -> torch.Tensor:
-    """`torch.ops.fastlora.lora_linear_4bit`, or its implementation directly when the
-    dispatcher would only forward the call (`_eager.direct`)."""
-    args = (x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, quant_type, nested_absmax, nested_code,
-            nested_offset, nested_blocksize)
-    if _eager.direct(x, x_drop, packed, absmax, bias, A, B, nested_absmax, nested_code, nested_offset):
-        return _kernel(*args)
-    return torch.ops.fastlora.lora_linear_4bit(*args)
+def lora_linear_4bit(x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor, scales: BlockScales,
+                     bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scaling: float, blocksize: int,
+                     quant_type: str) -> torch.Tensor:
+    """The op on `scales` (through the dispatcher only where it has a part: `_eager.call`)."""
+    absmax, *nested = scales.op_args()
+    return _eager.call(torch.ops.fastlora.lora_linear_4bit, _implementation, x, x_drop, packed, absmax, bias, A, B,
+                       scaling, blocksize, quant_type, *nested)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -86,10 +66,8 @@ def _backward(ctx, grad: torch.Tensor):
     g = grad.reshape(-1, n)
     grad_x = grad_x_drop = grad_bias = grad_A = grad_B = None
     if needs_x:
-        grad_x = matmul_4bit(
-            grad, packed, absmax, n, k, blocksize, quant_type, True, nested_absmax, nested_code, nested_offset,
-            nested_blocksize,
-        )
+        scales = BlockScales.from_op_args(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+        grad_x = matmul_4bit(grad, packed, scales, n, k, blocksize, quant_type, True)
     if needs_bias:
         # Summed in fp32: an fp32 bias under bf16/fp16 activations keeps an fp32-accurate grad.
         grad_bias = g.sum(0, dtype=torch.float32).to(bias_dtype)
@@ -107,7 +85,8 @@ def _backward(ctx, grad: torch.Tensor):
             grad_x.add_((g_u @ A).reshape(grad_x.shape))
         elif needs_x_drop:
             grad_x_drop = (g_u @ A).to(x_drop.dtype).reshape(x_drop.shape)
-    return grad_x, grad_x_drop, None, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None, None
+    grads = (grad_x, grad_x_drop, None, None, grad_bias, grad_A, grad_B)
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 torch.library.register_autograd("fastlora::lora_linear_4bit", _backward, setup_context=_setup_context)

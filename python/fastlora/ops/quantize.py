@@ -1,6 +1,6 @@
 """Ops: 4-bit blockwise quantize/dequantize, and the 8-bit blockwise quantization of the
-scales that double quantization uses. Each runs the Triton kernels on CUDA, and on CPU the
-Rust kernels or, with `FASTLORA_BACKEND=triton`, the Triton ones (`fastlora._backend`)."""
+scales that double quantization uses; each runs on the backend `fastlora.backends.select`
+picks for its device."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _backend, _cpu
-from . import _nested
+from .. import backends
+from ..scales import OP_SCHEMA, BlockScales
 
 torch.library.define(
     "fastlora::quantize_4bit", "(Tensor A, int blocksize, str quant_type) -> (Tensor packed, Tensor absmax)"
@@ -17,7 +17,7 @@ torch.library.define(
 torch.library.define(
     "fastlora::dequantize_4bit",
     "(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype, "
-    f"{_nested.SCHEMA}) -> Tensor",
+    f"{OP_SCHEMA}) -> Tensor",
 )
 torch.library.define(
     "fastlora::quantize_blockwise", "(Tensor A, Tensor code, int blocksize) -> (Tensor quantized, Tensor absmax)"
@@ -43,9 +43,7 @@ def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, t
 
 @torch.library.register_kernel("fastlora::quantize_4bit", ("cpu", "cuda"))
 def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if _backend.uses_triton(A.device):
-        return _backend.triton_kernels().dequantize.quantize_4bit(A, blocksize, quant_type)
-    return _cpu.quantize_4bit(A, blocksize, quant_type)
+    return backends.select(A.device).quantize_4bit(A, blocksize, quant_type)
 
 
 @torch.library.register_fake("fastlora::dequantize_4bit")
@@ -61,15 +59,8 @@ def _(
     packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Sequence[int],
     dtype: torch.dtype, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256,
 ) -> torch.Tensor:
-    _nested.check(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
-    if _backend.uses_triton(packed.device):
-        nested = _nested.triton_scales(nested_absmax, nested_code, nested_offset, nested_blocksize)
-        return _backend.triton_kernels().dequantize.dequantize_4bit(
-            packed, absmax, blocksize, quant_type, shape, dtype, nested=nested
-        )
-    scales = _cpu.decoded_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
-    out = _cpu.empty_output(list(shape), dtype)
-    return _cpu.dequantize_4bit_into(packed, scales, out.numel(), blocksize, quant_type, 0, out)
+    scales = BlockScales.from_op_args(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    return backends.select(packed.device).dequantize_4bit(packed, scales, blocksize, quant_type, list(shape), dtype)
 
 
 @torch.library.register_fake("fastlora::quantize_blockwise")
@@ -82,9 +73,7 @@ def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
 
 @torch.library.register_kernel("fastlora::quantize_blockwise", ("cpu", "cuda"))
 def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if _backend.uses_triton(A.device):
-        return _backend.triton_kernels().dequantize.quantize_blockwise(A, code, blocksize)
-    return _cpu.quantize_blockwise(A, code, blocksize)
+    return backends.select(A.device).quantize_blockwise(A, code, blocksize)
 
 
 @torch.library.register_fake("fastlora::dequantize_blockwise")
@@ -96,6 +85,4 @@ def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksi
 @torch.library.register_kernel("fastlora::dequantize_blockwise", ("cpu", "cuda"))
 def _(quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor
       ) -> torch.Tensor:
-    if _backend.uses_triton(quantized.device):
-        return _backend.triton_kernels().dequantize.dequantize_blockwise(quantized, absmax, code, blocksize, offset)
-    return _cpu.dequantize_blockwise(quantized, absmax, code, blocksize, float(offset))
+    return backends.select(quantized.device).dequantize_blockwise(quantized, absmax, code, blocksize, offset)

@@ -172,15 +172,15 @@ def _check_cpu_storages_resizable() -> None:
     """FSDP2 frees each unsharded parameter after use by resizing its storage to 0. A CPU kernel
     that hands torch storage to numpy through `Tensor.numpy()` marks it non-resizable, and the
     reshard then fails deep inside FSDP; say so up front instead."""
-    from .. import _cpu
+    from ..backends import cpu
 
     probe = torch.empty(4, dtype=torch.uint8)
-    _cpu.as_numpy(probe)
+    cpu.as_numpy(probe)
     try:
         probe.untyped_storage().resize_(0)
     except RuntimeError:
         raise TrainError("--distributed fsdp on CPU: fastlora's CPU kernels pin the storages they read "
-                         "(fastlora._cpu.as_numpy uses Tensor.numpy()), which FSDP2 cannot free when it "
+                         "(fastlora.backends.cpu.as_numpy uses Tensor.numpy()), which FSDP2 cannot free when it "
                          "reshards; use --distributed ddp") from None
 
 

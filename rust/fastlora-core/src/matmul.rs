@@ -2,17 +2,12 @@
 //! `y = x @ W.T` (the forward of a linear layer) and `dx = dy @ W` (its input gradient),
 //! for a packed weight `W` of shape `(n, k)` and activations of any number of rows `m`.
 //!
-//! Few activation rows (up to [`FUSED_MAX_ROWS`]): when every weight row starts a block
-//! (`k % blocksize == 0`, true for real models) the fused SIMD kernels decode each packed
-//! byte straight into registers, up to [`simd::MAX_ROWS`] activation rows per decode; other
-//! shapes decode one weight row at a time into a small buffer.
-//!
-//! More rows: each task dequantizes a tile of the weight (about [`TILE_BYTES`] of fp32)
-//! into its own buffer and multiplies it with `matrixmultiply`'s packed SIMD GEMM, so the
-//! dequantization is paid once per tile for all rows and memory stays at one tile per thread.
-//! (The Python package sends more than [`FUSED_MAX_ROWS`] rows to torch's BLAS on tiles from
-//! `quantize::dequantize_4bit` instead: inside a training step a second thread pool competes
-//! with torch's for the cores. This path serves Rust users and the tests.)
+//! When every weight row starts a block (`k % blocksize == 0`, true for real models) the
+//! fused SIMD kernels decode each packed byte straight into registers, up to
+//! [`simd::MAX_ROWS`] activation rows per decode; other shapes decode one weight row at a
+//! time into a small buffer. Meant for few rows (up to [`FUSED_MAX_ROWS`]); with more, a
+//! caller dequantizes weight tiles and multiplies them with a GEMM, as the Python package
+//! does with torch's BLAS (whose threads are the ones the rest of a training step runs on).
 
 use rayon::prelude::*;
 
@@ -24,124 +19,10 @@ use crate::simd::{self, dot, Isa, MAX_ROWS};
 
 /// Weight columns per task of the fused transposed product (rounded to whole blocks).
 const COLUMNS_PER_TASK: usize = 512;
-/// Up to this many activation rows the fused kernels beat dequantize-then-GEMM.
+/// Up to this many activation rows the fused kernels beat dequantizing the weight and
+/// multiplying with a GEMM (callers with more rows do that: the Python package dequantizes
+/// tiles with `quantize::dequantize_4bit` for torch's BLAS).
 pub const FUSED_MAX_ROWS: usize = 16;
-/// fp32 bytes of weight one task dequantizes at a time on the GEMM path.
-pub const TILE_BYTES: usize = 4 << 20;
-
-/// A raw output pointer shared by tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint elements, and the buffer outlives the parallel section.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// Through a method, so closures capture the `Send` wrapper rather than the raw field.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
-/// Tile extent along a dimension of `total`, about `TILE_BYTES / (4 * other)` wide, a
-/// multiple of `multiple`, and small enough to give every thread a few tasks.
-fn tile_extent(total: usize, other: usize, multiple: usize) -> usize {
-    let by_bytes = (TILE_BYTES / (4 * other.max(1))).max(multiple);
-    let by_tasks = total.div_ceil(4 * rayon::current_num_threads()).max(multiple);
-    let extent = by_bytes.min(by_tasks);
-    (extent / multiple).max(1) * multiple
-}
-
-fn widen_all<T: Element>(x: &[T]) -> std::borrow::Cow<'_, [f32]> {
-    match T::as_f32(x) {
-        Some(x) => std::borrow::Cow::Borrowed(x),
-        None => {
-            let mut out = vec![0.0f32; x.len()];
-            T::widen_into(x, &mut out);
-            std::borrow::Cow::Owned(out)
-        }
-    }
-}
-
-/// Writes an fp32 result into `out`, in place when `out` is already fp32.
-fn with_f32_output<T: Element>(out: &mut [T], compute: impl FnOnce(&mut [f32])) {
-    match T::as_f32_mut(out) {
-        Some(out) => compute(out),
-        None => {
-            let mut tmp = vec![0.0f32; out.len()];
-            compute(&mut tmp);
-            T::narrow_from(&tmp, out);
-        }
-    }
-}
-
-/// `c (rows x cols, row stride ldc) = a (rows x inner, row-major) @ b` where `b` is
-/// `inner x cols` with strides (`rsb`, `csb`).
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(
-    rows: usize,
-    inner: usize,
-    cols: usize,
-    a: *const f32,
-    b: *const f32,
-    rsb: usize,
-    csb: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
-    matrixmultiply::sgemm(
-        rows,
-        inner,
-        cols,
-        1.0,
-        a,
-        inner as isize,
-        1,
-        b,
-        rsb as isize,
-        csb as isize,
-        0.0,
-        c,
-        ldc as isize,
-        1,
-    );
-}
-
-/// `y = x @ W.T` through dequantized tiles of weight rows.
-fn forward_tiled(isa: Isa, x: &[f32], weight: &Packed4bit<'_>, n: usize, k: usize, m: usize, y: &mut [f32]) {
-    let rows = tile_extent(n, k, 8);
-    let out = SharedOut(y.as_mut_ptr());
-    (0..n.div_ceil(rows)).into_par_iter().for_each_init(
-        || vec![0.0f32; rows * k],
-        |tile, t| {
-            let r0 = t * rows;
-            let r1 = (r0 + rows).min(n);
-            let tile = &mut tile[..(r1 - r0) * k];
-            decode_span(isa, weight, r0 * k, tile);
-            // SAFETY: the slices are sized above; this task writes columns r0..r1 of y only.
-            unsafe { sgemm(m, k, r1 - r0, x.as_ptr(), tile.as_ptr(), 1, k, out.at(r0), n) };
-        },
-    );
-}
-
-/// `dx = dy @ W` through dequantized tiles of weight columns.
-fn transposed_tiled(isa: Isa, dy: &[f32], weight: &Packed4bit<'_>, n: usize, k: usize, m: usize, dx: &mut [f32]) {
-    let columns = tile_extent(k, n, 8.min(k));
-    let out = SharedOut(dx.as_mut_ptr());
-    (0..k.div_ceil(columns)).into_par_iter().for_each_init(
-        || vec![0.0f32; n * columns],
-        |tile, t| {
-            let c0 = t * columns;
-            let width = columns.min(k - c0);
-            let tile = &mut tile[..n * width];
-            for (r, row) in tile.chunks_exact_mut(width).enumerate() {
-                decode_span(isa, weight, r * k + c0, row);
-            }
-            // SAFETY: the slices are sized above; this task writes columns c0..c0+width of dx only.
-            unsafe { sgemm(m, n, width, dy.as_ptr(), tile.as_ptr(), width, 1, out.at(c0), k) };
-        },
-    );
-}
 
 fn check_shapes(weight: &Packed4bit<'_>, n: usize, k: usize) -> Result<(), Error> {
     ensure!(n > 0 && k > 0, "the weight shape must be positive, got ({n}, {k})");
@@ -171,11 +52,6 @@ pub fn matmul_4bit<T: Element>(
     let m = rows_of(x.len(), k, "x")?;
     ensure!(y.len() == m * n, "y must hold {} values for shape ({m}, {n}), got {}", m * n, y.len());
     if m == 0 {
-        return Ok(());
-    }
-    if m > FUSED_MAX_ROWS {
-        let x32 = widen_all(x);
-        with_f32_output(y, |y| forward_tiled(isa, &x32, weight, n, k, m, y));
         return Ok(());
     }
     // Results are produced weight row by weight row: y transposed, shape (n, m).
@@ -243,11 +119,6 @@ pub fn matmul_4bit_t<T: Element>(
     let m = rows_of(dy.len(), n, "dy")?;
     ensure!(dx.len() == m * k, "dx must hold {} values for shape ({m}, {k}), got {}", m * k, dx.len());
     if m == 0 {
-        return Ok(());
-    }
-    if m > FUSED_MAX_ROWS {
-        let dy32 = widen_all(dy);
-        with_f32_output(dx, |dx| transposed_tiled(isa, &dy32, weight, n, k, m, dx));
         return Ok(());
     }
     let mut dy32 = vec![0.0f32; dy.len()];

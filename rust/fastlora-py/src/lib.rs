@@ -7,10 +7,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use fastlora_core::{lora, matmul, quantize, simd, Element, Error, Packed4bit, QuantType};
+use fastlora_core::{lora, matmul, quantize, simd, Error, Packed4bit, QuantType};
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
-use numpy::{PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
+use numpy::{PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -326,55 +326,161 @@ fn matmul_4bit(
     }))
 }
 
-/// `u = x @ a.T` for `x` `(m, k)`, `a` `(r, k)`.
-#[pyfunction]
-fn lora_down(
-    py: Python<'_>,
-    x: &Bound<'_, PyAny>,
-    a: &Bound<'_, PyAny>,
-    k: usize,
-    r: usize,
-    u: &Bound<'_, PyAny>,
-    dtype: &str,
-) -> PyResult<()> {
-    let a_in = Input::new(a, dtype)?;
-    let x_in = Input::new(x, dtype)?;
-    let mut u_out = Output::new(u, dtype)?;
-    with_input!(a_in, "a", |a| with_input_output!(x_in, u_out, "x and u", |x, u| {
-        let a = same_type(a, x)?;
-        run(py, x.len().saturating_mul(r) / MACS_PER_OP, || lora::lora_down(x, a, k, r, u))
-    }))
-}
-
-/// `y += scale * u @ b.T` for `u` `(m, r)`, `b` `(n, r)`.
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn lora_up_add(
-    py: Python<'_>,
-    u: &Bound<'_, PyAny>,
-    b: &Bound<'_, PyAny>,
-    r: usize,
+/// A frozen 4-bit weight prepared once for many calls: its packed bytes and fp32 block
+/// scales (numpy views of the layer's tensors, kept alive here), shape and format, parsed and
+/// validated at construction. A call passes only the activation and output, as the data
+/// pointers of tensors the Python caller (`fastlora.plan`) has checked to be contiguous CPU
+/// tensors of `dtype` with `rows` rows of the right width; lengths follow from `rows` and the
+/// weight's shape, so nothing a call passes can make a kernel read past the weight.
+#[pyclass(frozen, module = "fastlora._native")]
+struct PackedWeight {
+    packed: Py<numpy::PyArray1<u8>>,
+    absmax: Py<numpy::PyArray1<f32>>,
     n: usize,
-    scale: f32,
-    y: &Bound<'_, PyAny>,
-    dtype: &str,
-) -> PyResult<()> {
-    let b_in = Input::new(b, dtype)?;
-    let u_in = Input::new(u, dtype)?;
-    let mut y_out = Output::new(y, dtype)?;
-    with_input!(b_in, "b", |b| with_input_output!(u_in, y_out, "u and y", |u, y| {
-        let b = same_type(b, u)?;
-        run(py, y.len().saturating_mul(r) / MACS_PER_OP, || lora::lora_up_add(u, b, r, n, scale, y))
-    }))
+    k: usize,
+    blocksize: usize,
+    quant_type: QuantType,
 }
 
-/// Re-types `a` as a slice of `x`'s element type; both came from one dtype name.
-fn same_type<'a, A: 'static, T: Element>(a: &'a [A], _x: &[T]) -> PyResult<&'a [T]> {
-    if std::any::TypeId::of::<A>() != std::any::TypeId::of::<T>() {
-        return Err(PyValueError::new_err("operands must share one dtype"));
+/// A slice over `len` elements at `ptr`, an address the caller vouches for (see `PackedWeight`).
+///
+/// # Safety
+/// `ptr` must point to `len` initialized elements of `T` that nothing else writes during the call.
+unsafe fn raw_slice<'a, T>(ptr: usize, len: usize, name: &str) -> PyResult<&'a [T]> {
+    if len == 0 {
+        return Ok(&[]);
     }
-    // SAFETY: A and T are the same type (checked above).
-    Ok(unsafe { std::slice::from_raw_parts(a.as_ptr() as *const T, a.len()) })
+    if ptr == 0 || ptr % std::mem::align_of::<T>() != 0 {
+        return Err(PyValueError::new_err(format!("{name}: invalid data pointer {ptr:#x}")));
+    }
+    Ok(std::slice::from_raw_parts(ptr as *const T, len))
+}
+
+/// As [`raw_slice`], writable.
+///
+/// # Safety
+/// As [`raw_slice`], and nothing else reads or writes the elements during the call.
+unsafe fn raw_slice_mut<'a, T>(ptr: usize, len: usize, name: &str) -> PyResult<&'a mut [T]> {
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    if ptr == 0 || ptr % std::mem::align_of::<T>() != 0 {
+        return Err(PyValueError::new_err(format!("{name}: invalid data pointer {ptr:#x}")));
+    }
+    Ok(std::slice::from_raw_parts_mut(ptr as *mut T, len))
+}
+
+/// Runs `$body` with `$x: &[T]` and `$y: &mut [T]` made from raw addresses for dtype `$dtype`.
+macro_rules! with_raw {
+    ($dtype:expr, ($x:ident, $x_len:expr), ($y:ident, $y_len:expr), $body:expr) => {
+        match parse_dtype($dtype)? {
+            Dtype::F32 => {
+                // SAFETY: see `PackedWeight`: the caller passes checked tensors' addresses.
+                let ($x, $y) = unsafe { (raw_slice::<f32>($x, $x_len, "x")?, raw_slice_mut::<f32>($y, $y_len, "y")?) };
+                $body
+            }
+            Dtype::Bf16 => {
+                // SAFETY: as above.
+                let ($x, $y) =
+                    unsafe { (raw_slice::<bf16>($x, $x_len, "x")?, raw_slice_mut::<bf16>($y, $y_len, "y")?) };
+                $body
+            }
+            Dtype::F16 => {
+                // SAFETY: as above.
+                let ($x, $y) = unsafe { (raw_slice::<f16>($x, $x_len, "x")?, raw_slice_mut::<f16>($y, $y_len, "y")?) };
+                $body
+            }
+        }
+    };
+}
+
+impl PackedWeight {
+    fn weight<'a>(
+        &self,
+        packed: &'a Bound<'_, numpy::PyArray1<u8>>,
+        absmax: &'a Bound<'_, numpy::PyArray1<f32>>,
+    ) -> PyResult<Packed4bit<'a>> {
+        // SAFETY: the arrays are views of the layer's frozen tensors; no one writes them.
+        let (packed, absmax) = unsafe { (packed.as_slice(), absmax.as_slice()) };
+        let (packed, absmax) = (
+            packed.map_err(|_| PyValueError::new_err("packed must be contiguous"))?,
+            absmax.map_err(|_| PyValueError::new_err("absmax must be contiguous"))?,
+        );
+        Packed4bit::new(packed, absmax, self.n * self.k, self.blocksize, self.quant_type).map_err(to_py)
+    }
+}
+
+#[pymethods]
+impl PackedWeight {
+    #[new]
+    fn new(
+        packed: Bound<'_, numpy::PyArray1<u8>>,
+        absmax: Bound<'_, numpy::PyArray1<f32>>,
+        n: usize,
+        k: usize,
+        blocksize: usize,
+        quant_type: &str,
+    ) -> PyResult<Self> {
+        n.checked_mul(k).ok_or_else(|| PyValueError::new_err("weight shape overflows"))?;
+        let made = PackedWeight {
+            packed: packed.clone().unbind(),
+            absmax: absmax.clone().unbind(),
+            n,
+            k,
+            blocksize,
+            quant_type: QuantType::parse(quant_type).map_err(to_py)?,
+        };
+        made.weight(&packed, &absmax)?;
+        Ok(made)
+    }
+
+    /// `y = x @ W.T` (or `x @ W` when `transposed`) for `rows` activation rows at address `x`
+    /// into the output at address `y`; with `lora` = (A address, B address, r, scaling) in
+    /// the same dtype, also `y += scaling * (x @ A.T) @ B.T`.
+    #[pyo3(signature = (x, rows, y, dtype, transposed, lora=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        py: Python<'_>,
+        x: usize,
+        rows: usize,
+        y: usize,
+        dtype: &str,
+        transposed: bool,
+        lora: Option<(usize, usize, usize, f32)>,
+    ) -> PyResult<()> {
+        let (packed, absmax) = (self.packed.bind(py), self.absmax.bind(py));
+        let weight = self.weight(packed, absmax)?;
+        let (n, k) = (self.n, self.k);
+        let (inner, outer) = if transposed { (n, k) } else { (k, n) };
+        let isa = simd::active();
+        let x_len = rows.checked_mul(inner).ok_or_else(|| PyValueError::new_err("rows overflow"))?;
+        let y_len = rows.checked_mul(outer).ok_or_else(|| PyValueError::new_err("rows overflow"))?;
+        let ops = x_len.saturating_mul(outer) / MACS_PER_OP;
+        with_raw!(dtype, (x, x_len), (y, y_len), {
+            let adapter = match lora {
+                None => None,
+                Some((a, b, r, scaling)) => {
+                    // SAFETY: as for x: addresses of checked (r, k) and (n, r) tensors of this dtype.
+                    let (a, b) = unsafe { (raw_slice(a, r * k, "A")?, raw_slice(b, n * r, "B")?) };
+                    Some((a, b, r, scaling))
+                }
+            };
+            run(py, ops, || {
+                if transposed {
+                    matmul::matmul_4bit_t(isa, x, &weight, n, k, y)
+                } else {
+                    matmul::matmul_4bit(isa, x, &weight, n, k, y)?;
+                    if let Some((a, b, r, scaling)) = adapter {
+                        let mut u = vec![Default::default(); rows * r];
+                        lora::lora_down(x, a, k, r, &mut u)?;
+                        lora::lora_up_add(&u, b, r, n, scaling, y)?;
+                    }
+                    Ok(())
+                }
+            })
+        })
+    }
 }
 
 #[pymodule]
@@ -387,7 +493,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_blockwise_8bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_blockwise_8bit, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_4bit, m)?)?;
-    m.add_function(wrap_pyfunction!(lora_down, m)?)?;
-    m.add_function(wrap_pyfunction!(lora_up_add, m)?)?;
+    m.add_class::<PackedWeight>()?;
+    m.add("FUSED_MAX_ROWS", matmul::FUSED_MAX_ROWS)?;
     Ok(())
 }

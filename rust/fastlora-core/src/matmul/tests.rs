@@ -57,7 +57,7 @@ const SHAPES: &[(usize, usize, usize, usize)] = &[
     (2, 5, 33, 32),
     (5, 7, 70, 64),
     (1, 1, 1, 32),
-    // More rows than the fused kernels take: the tiled GEMM path.
+    // More rows than the fused kernels are meant for: still right, row group by row group.
     (17, 9, 128, 64),
     (40, 33, 130, 32),
     (20, 3, 7, 32),

@@ -1,8 +1,10 @@
-"""CPU implementations of fastlora's ops: the Rust kernels of `fastlora._native`.
+"""The CPU backend: fastlora's ops on the Rust kernels of `fastlora._native`.
 
 Tensors reach Rust as 1-D numpy views sharing their memory (bf16/fp16 as uint16, which
-numpy can represent). The callers (`fastlora.ops`) have validated shapes and dtypes; the Rust
-side checks lengths again.
+numpy can represent), or, on a call plan's hot path (`PreparedWeight`), as the addresses of
+tensors checked here. The callers (`fastlora.ops`, `fastlora.plan`) have validated shapes and
+dtypes; the Rust side checks lengths again. Double-quantized scales are decoded to fp32 once
+per op call, or once per plan.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import mmap
 import numpy as np
 import torch
 
-from . import _native, _threads
+from .. import _native, _threads
+from ..scales import BlockScales
 
+NAME = "cpu"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -122,19 +126,19 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
 
 
 def dequantize_blockwise(
-    quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: float
+    quantized: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | float
 ) -> torch.Tensor:
     out = torch.empty(quantized.shape, dtype=torch.float32)
     _native.dequantize_blockwise_8bit(
         as_numpy(quantized.contiguous()), as_numpy(code.contiguous()), as_numpy(absmax.contiguous()),
-        blocksize, offset, as_numpy(out),
+        blocksize, float(offset), as_numpy(out),
     )
     return out
 
 
 # Up to this many activation rows the fused Rust kernel (weight decoded in registers) runs;
 # above, Rust dequantizes weight tiles and torch's BLAS multiplies them (`_matmul_tiled`).
-FUSED_MAX_ROWS = 16
+FUSED_MAX_ROWS = _native.FUSED_MAX_ROWS
 # fp32 bytes of weight dequantized at a time on the tiled path: transient memory stays at one tile.
 TILE_BYTES = 4 << 20
 # A weight up to this size in fp32 is dequantized whole (one GEMM, one contiguous output):
@@ -148,17 +152,38 @@ WHOLE_WEIGHT_MAX_BYTES = 16 << 20
 TRANSPOSED_TILE_FACTOR = 4
 
 
-def decoded_scales(
-    absmax: torch.Tensor, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
-    nested_offset: torch.Tensor | None, nested_blocksize: int,
-) -> torch.Tensor:
+def fp32_scales(scales: BlockScales) -> torch.Tensor:
     """The fp32 block scales: `absmax` itself, or its double-quantized codes decoded."""
-    if nested_absmax is None:
-        return absmax
-    return dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize, float(nested_offset))
+    nested = scales.nested
+    if nested is None:
+        return scales.absmax
+    return dequantize_blockwise(scales.absmax, nested.absmax, nested.code, nested.blocksize, nested.offset)
 
 
-def matmul_4bit(
+def dequantize_4bit(packed: torch.Tensor, scales: BlockScales, blocksize: int, quant_type: str, shape: list[int],
+                    dtype: torch.dtype) -> torch.Tensor:
+    out = empty_output(list(shape), dtype)
+    return dequantize_4bit_into(packed, fp32_scales(scales), out.numel(), blocksize, quant_type, 0, out)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
+                quant_type: str, transposed: bool) -> torch.Tensor:
+    return product(x, packed, fp32_scales(scales), n, k, blocksize, quant_type, transposed)
+
+
+def lora_linear_4bit(x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor, scales: BlockScales,
+                     bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scaling: float, blocksize: int,
+                     quant_type: str) -> torch.Tensor:
+    """The 4-bit product in Rust, bias and the LoRA term (in the adapter's dtype) in torch."""
+    n, k = B.shape[0], A.shape[1]
+    y = product(x, packed, fp32_scales(scales), n, k, blocksize, quant_type, False)
+    if bias is not None:
+        y.add_(bias.to(y.dtype))  # y is this call's own fresh tensor
+    lora = (x_drop.to(A.dtype) @ A.t()) @ B.t()
+    return y.add_(lora.to(y.dtype), alpha=scaling)
+
+
+def product(
     x: torch.Tensor,
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -168,7 +193,8 @@ def matmul_4bit(
     quant_type: str,
     transposed: bool,
 ) -> torch.Tensor:
-    """`x @ W.T` (or `x @ W` when `transposed`) for x of shape (..., k) (or (..., n))."""
+    """`x @ W.T` (or `x @ W` when `transposed`) for x of shape (..., k) (or (..., n)), fp32
+    block scales `absmax`."""
     inner, outer = (n, k) if transposed else (k, n)
     x2d = x.reshape(-1, inner).contiguous()
     m = x2d.shape[0]
@@ -214,21 +240,58 @@ def _matmul_tiled(
     return y
 
 
-def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """`x @ a.T` for x (..., k) and a (r, k)."""
-    r, k = a.shape
-    x2d = x.reshape(-1, k).contiguous()
-    u = torch.empty((x2d.shape[0], r), dtype=x.dtype)
-    _threads.sync()
-    _native.lora_down(as_numpy(x2d), as_numpy(a.contiguous()), k, r, as_numpy(u), dtype_name(x.dtype))
-    return u.reshape(*x.shape[:-1], r)
+class PreparedWeight:
+    """A frozen 4-bit weight made ready for many CPU calls (the CPU half of a call plan,
+    `fastlora.plan`): fp32 block scales decoded once, and a native handle holding the packed
+    bytes and scales, so a call of up to `FUSED_MAX_ROWS` rows hands Rust only the addresses
+    of its activation and output, after checking them here."""
+
+    __slots__ = ("packed", "absmax", "native", "n", "k", "blocksize", "quant_type")
+
+    def __init__(self, packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
+                 quant_type: str) -> None:
+        self.packed, self.absmax = packed, fp32_scales(scales).contiguous()
+        self.n, self.k, self.blocksize, self.quant_type = n, k, blocksize, quant_type
+        self.native = _native.PackedWeight(as_numpy(packed), as_numpy(self.absmax), n, k, blocksize, quant_type)
+
+    def matmul(self, x: torch.Tensor, transposed: bool = False, lora: tuple | None = None) -> torch.Tensor:
+        """`x @ W.T` (`x @ W` when `transposed`) for a CPU float tensor x of shape (..., k)
+        (or (..., n)); with `lora` = (A, B, scaling), plus `scaling * (x @ A.T) @ B.T`."""
+        n, k = self.n, self.k
+        inner, outer = (n, k) if transposed else (k, n)
+        if x.dtype not in _DTYPE_NAMES or not x.is_cpu or x.shape[-1] != inner:
+            raise ValueError(f"x must be a CPU float tensor of shape (..., {inner}), got {x.dtype} {tuple(x.shape)} "
+                             f"on {x.device}")
+        flat = x.dim() == 2
+        x2d = x if flat else x.reshape(-1, inner)
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        m = x2d.shape[0]
+        if m > FUSED_MAX_ROWS:
+            y = product(x2d, self.packed, self.absmax, n, k, self.blocksize, self.quant_type, transposed).to(x.dtype)
+            if lora is not None:
+                a, b, scaling = lora
+                y.add_(((x2d.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype), alpha=scaling)
+            return y.reshape(*x.shape[:-1], outer)
+        native_lora, torch_lora = None, None
+        if lora is not None:
+            a, b, scaling = lora
+            fits = (a.dtype == x.dtype and b.dtype == x.dtype and a.dim() == 2 and a.shape[1] == k
+                    and tuple(b.shape) == (n, a.shape[0]) and a.is_cpu and b.is_cpu and a.is_contiguous()
+                    and b.is_contiguous() and not transposed)
+            if fits:  # in the same native call: `y += scaling * (x @ A.T) @ B.T`
+                native_lora = (a.data_ptr(), b.data_ptr(), a.shape[0], float(scaling))
+            else:  # an adapter in another dtype than x (fp32 over a bf16 base): torch adds it
+                torch_lora = lora
+        y = torch.empty((m, outer), dtype=x.dtype)
+        _threads.sync()
+        self.native.matmul(x2d.data_ptr(), m, y.data_ptr(), _DTYPE_NAMES[x.dtype], transposed, native_lora)
+        if torch_lora is not None:
+            a, b, scaling = torch_lora
+            y.add_(((x2d.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype), alpha=scaling)
+        return y if flat else y.reshape(*x.shape[:-1], outer)
 
 
-def lora_up_add_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """`y += scale * u @ b.T` in place, for contiguous y (..., n), u (..., r), b (n, r)."""
-    n, r = b.shape
-    _threads.sync()
-    _native.lora_up_add(
-        as_numpy(u.contiguous()), as_numpy(b.contiguous()), r, n, float(scale), as_numpy(y), dtype_name(y.dtype)
-    )
-    return y
+def prepare(packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
+            quant_type: str) -> PreparedWeight:
+    return PreparedWeight(packed, scales, n, k, blocksize, quant_type)

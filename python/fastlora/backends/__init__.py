@@ -1,0 +1,76 @@
+"""The implementations of fastlora's ops, one module per backend, and which one runs.
+
+* `backends.cpu`: the Rust kernels (`fastlora._native`), for CPU tensors.
+* `backends.triton`: the Triton kernels (`fastlora.kernels`), for CUDA tensors, and for CPU
+  tensors under `FASTLORA_BACKEND=triton`: then they run under Triton's interpreter. That
+  needs triton installed and `TRITON_INTERPRET=1` in the environment before Python starts
+  (Triton reads it when the kernels are defined), e.g.
+  `FASTLORA_BACKEND=triton TRITON_INTERPRET=1 pytest`. Results match the Rust path within
+  float tolerance (bytes for quantization); it is slow, a way to test the GPU kernels
+  without a GPU.
+
+Each backend module implements the same functions (`quantize_4bit`, `dequantize_4bit`,
+`quantize_blockwise`, `dequantize_blockwise`, `matmul_4bit`, `lora_linear_4bit`) on checked
+arguments, block scales as a `fastlora.scales.BlockScales`. The ops (`fastlora.ops`) and the
+call plans (`fastlora.plan`) pick one with `select`; nothing else branches on the backend.
+
+`FASTLORA_BACKEND` is `auto` (the default, also when unset or empty), `rust` or `triton`;
+anything else raises `ValueError`. Asking for Triton where it cannot run raises
+`RuntimeError`: there is no silent fallback. The variable is read at every selection.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+_VARIABLE = "FASTLORA_BACKEND"
+_CHOICES = ("auto", "rust", "triton")
+
+
+def _triton() -> ModuleType:
+    try:
+        from . import triton
+    except ImportError as exc:
+        raise RuntimeError(
+            f"fastlora's Triton kernels need the triton package, which failed to import ({exc}); "
+            "install triton (it comes with torch's CUDA wheels)"
+        ) from exc
+    return triton
+
+
+def setting() -> str | None:
+    """`FASTLORA_BACKEND` as set now (unchecked; `select` checks it)."""
+    return os.environ.get(_VARIABLE)
+
+
+def select(device: torch.device) -> ModuleType:
+    """The backend module that runs ops on `device` (see the module docstring)."""
+    choice = os.environ.get(_VARIABLE) or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{_VARIABLE}={os.environ[_VARIABLE]!r}: expected one of {', '.join(_CHOICES)}")
+    if device.type == "cuda":
+        return _triton()
+    if choice != "triton":
+        from . import cpu
+
+        return cpu
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"{_VARIABLE}=triton runs the Triton kernels on CPU tensors through Triton's interpreter: "
+            "set TRITON_INTERPRET=1 in the environment before starting Python"
+        )
+    triton = _triton()
+    if not triton.interpreted():
+        raise RuntimeError(
+            f"{_VARIABLE}=triton: TRITON_INTERPRET=1 was set after fastlora's Triton kernels were loaded; "
+            "set it before starting Python"
+        )
+    return triton
+
+
+def uses_triton(device: torch.device) -> bool:
+    """Whether ops on `device` run the Triton kernels."""
+    return select(device).NAME == "triton"

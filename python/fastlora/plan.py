@@ -1,0 +1,87 @@
+"""Call plans: everything a frozen 4-bit weight's calls need that does not depend on the input,
+prepared once.
+
+A `WeightPlan` is made by a layer (`Linear4bit`, `LoraLinear`) when it is first called after
+being built, loaded, moved or given a new state, and checks the weight then: packed size,
+block scales, devices. A call checks only its input's dtype, shape and device. Each backend
+prepares its own part on first use (`backends.<name>.prepare`: on CPU the decoded fp32
+scales and a native handle on the packed bytes; on the Triton backend the kernels'
+arguments), kept per backend so that `FASTLORA_BACKEND` may change between calls.
+
+A plan never outlives what it was made from: the layer drops it in `_apply` (`.to`,
+`.cuda`, `.half`, ...) and when its state is replaced (`load_state_dict`, quantizing again),
+and `current` rebuilds it when the packed weight is no longer the tensor, or no longer the
+memory, it was made from (FSDP2 frees and re-gathers parameter storage).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends, ops
+from .ops import _eager
+from .scales import BlockScales
+
+
+class WeightPlan:
+    __slots__ = ("weight", "weight_ptr", "scales", "n", "k", "blocksize", "quant_type", "device", "_prepared")
+
+    def __init__(self, weight: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
+                 quant_type: str) -> None:
+        # No tensor ops here: a plan may be made inside a checkpointed region, whose recompute
+        # must issue the same ops as its forward (selective checkpointing replays them).
+        nbytes = weight.numel() * weight.element_size()
+        if nbytes != (n * k + 1) // 2 or not weight.is_contiguous():
+            raise ValueError(f"weight holds {nbytes} bytes, a ({n}, {k}) weight needs {(n * k + 1) // 2} contiguous")
+        scales.check(-(-n * k // blocksize))
+        if scales.device != weight.device:
+            raise ValueError(f"weight is on {weight.device} but its block scales are on {scales.device}")
+        self.weight, self.weight_ptr = weight, weight.data_ptr()
+        self.scales = scales
+        self.n, self.k, self.blocksize, self.quant_type = n, k, blocksize, quant_type
+        self.device = weight.device
+        self._prepared: dict[str, object] = {}
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The packed bytes as a flat uint8 view (made per use: see `__init__`)."""
+        return self.weight.view(torch.uint8).reshape(-1)
+
+    def is_current(self, weight: torch.Tensor) -> bool:
+        return weight is self.weight and weight.data_ptr() == self.weight_ptr
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the layer's weight is on {self.device}")
+
+    def _backend_part(self):
+        # Keyed by the backend setting, so a change of FASTLORA_BACKEND between calls is seen.
+        setting = backends.setting()
+        part = self._prepared.get(setting)
+        if part is None:
+            backend = backends.select(self.device)
+            part = self._prepared[setting] = backend.prepare(
+                self.packed, self.scales, self.n, self.k, self.blocksize, self.quant_type)
+        return part
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W.T` for a checked input, through the op where autograd, tracing or a mode
+        needs it, else straight into the backend's prepared weight."""
+        if _eager.direct(x):
+            return self._backend_part().matmul(x)
+        return ops.matmul.matmul_4bit(x, self.packed, self.scales, self.n, self.k, self.blocksize, self.quant_type,
+                                      False)
+
+    def lora_linear(self, x: torch.Tensor, x_drop: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                    B: torch.Tensor, scaling: float) -> torch.Tensor:
+        """`x @ W.T + bias + scaling * (x_drop @ A.T) @ B.T` for a checked input."""
+        if x_drop is x and _eager.direct(x, bias, A, B):
+            y = self._backend_part().matmul(x, lora=(A, B, scaling))
+            return y if bias is None else y.add_(bias.to(y.dtype))
+        return ops.lora.lora_linear_4bit(x, x_drop, self.packed, self.scales, bias, A, B, scaling, self.blocksize,
+                                         self.quant_type)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        absmax, *nested = self.scales.op_args()
+        return torch.ops.fastlora.dequantize_4bit(self.packed, absmax, self.blocksize, self.quant_type,
+                                                  [self.n, self.k], dtype, *nested)
