@@ -46,7 +46,8 @@ def test_model_decode_stacks_generate_the_same_tokens():
 @pytest.mark.parametrize("case", sorted(bench.CASES))
 def test_every_case_times_every_implementation(case):
     times = bench._median_ms(bench.build(case, quick=True), repeats=1)
-    assert {"fastlora", "bitsandbytes"} <= set(times) and len(times) == 3
+    peers = set(times) - {"native"}  # host_call also times the native kernel alone
+    assert peers in ({"fastlora", "bitsandbytes", "dense"}, {"fastlora", "bitsandbytes", "dense copy"})
     assert all(t > 0 for t in times.values())
 
 

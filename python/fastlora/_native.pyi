@@ -77,5 +77,6 @@ class PackedWeight:
         dtype: str,
         transposed: bool,
         lora: tuple[int, int, int, float] | None = None,
+        bias: int | None = None,
     ) -> None:
-        """`x` and `y` (and A, B in `lora`) are data addresses of tensors the caller has checked."""
+        """`x`, `y`, `bias` (and A, B in `lora`) are data addresses of tensors the caller has checked."""

@@ -155,11 +155,18 @@ def bitsandbytes_peft_model(model: nn.Module, r: int, alpha: float, init: dict |
     return model
 
 
-def _llama_models(hidden: int, layers: int, r: int, use_cache: bool) -> tuple[dict[str, nn.Module], int]:
-    """A Llama built from the shipped tiny config at the given width and depth, three ways:
-    fastlora (4-bit base + LoRA), bitsandbytes + peft (left out when not installed), and the
-    unquantized model with plain-torch LoRA; all from one base and one adapter
-    initialization. Returns the models and the vocabulary size."""
+# The shape of a real small chat model (SmolLM-135M: 30 layers, hidden 576, 9 heads, 3 KV
+# heads, intermediate 1536, vocabulary 49152, tied embeddings), random weights.
+SMOLLM_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+               "vocab_size": 49152, "tie_word_embeddings": True}
+
+
+def _llama_models(hidden: int, layers: int, r: int, use_cache: bool, **shape) -> tuple[dict[str, nn.Module], int]:
+    """A Llama built from the shipped tiny config at the given width and depth (`shape`:
+    other config fields, e.g. `SMOLLM_135M`), three ways: fastlora (4-bit base + LoRA),
+    bitsandbytes + peft (left out when not installed), and the unquantized model with
+    plain-torch LoRA; all from one base and one adapter initialization. Returns the models
+    and the vocabulary size."""
     from .model import lora_layers
     from .train import modeling
 
@@ -169,6 +176,8 @@ def _llama_models(hidden: int, layers: int, r: int, use_cache: bool) -> tuple[di
     config.num_hidden_layers = layers
     config.num_attention_heads = config.num_key_value_heads = hidden // 64
     config.head_dim, config.use_cache = 64, use_cache
+    for key, value in shape.items():
+        setattr(config, key, value)
 
     def base() -> nn.Module:
         with torch.random.fork_rng(devices=[]):
@@ -215,11 +224,11 @@ def model_step_case(rows: int, length: int, hidden: int, layers: int, r: int) ->
     return {name: step(model) for name, model in models.items()}
 
 
-def model_decode_case(prompt: int, tokens: int, hidden: int, layers: int, r: int) -> dict[str, Impl]:
+def model_decode_case(prompt: int, tokens: int, hidden: int, layers: int, r: int, **shape) -> dict[str, Impl]:
     """Greedy decoding with the KV cache, one token per forward, of a Llama with its adapters
     attached (`_llama_models`): every linear layer multiplies a single row, so per-call host
     overhead counts as much as the kernels."""
-    models, vocab = _llama_models(hidden, layers, r, use_cache=True)
+    models, vocab = _llama_models(hidden, layers, r, use_cache=True, **shape)
     ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
 
     def decode(model: nn.Module) -> Impl:
@@ -238,14 +247,91 @@ def model_decode_case(prompt: int, tokens: int, hidden: int, layers: int, r: int
     return {name: decode(model) for name, model in models.items()}
 
 
+def decode_135m_case(prompt: int, tokens: int, layers: int, vocab: int, r: int) -> dict[str, Impl]:
+    """`model_decode_case` on the SmolLM-135M shape (`layers` and `vocab` shrink it for --quick)."""
+    return model_decode_case(prompt, tokens, SMOLLM_135M["hidden_size"], layers, r,
+                             **dict(SMOLLM_135M, vocab_size=vocab))
+
+
+def _repeated(fn: Callable[[], object], calls: int) -> Impl:
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
+
+
+def layer_call_case(size: int, r: int, calls: int) -> dict[str, Impl]:
+    """`calls` one-row calls under `torch.no_grad()` of a frozen size x size layer, as decoding
+    makes them: `Linear4bit` (r = 0) or `LoraLinear` r (fastlora), bitsandbytes' `Linear4bit`
+    (+ the same LoRA in plain torch, as PEFT computes it), dense `nn.Linear` (+ that LoRA)."""
+    dense = nn.Linear(size, size)
+    dense.requires_grad_(False)
+    x = torch.randn(1, size)
+    base = fastlora.Linear4bit.from_linear(dense)
+    ours = fastlora.LoraLinear(base, r=r, init_lora_weights=False) if r else base
+    layers: dict[str, nn.Module] = {"fastlora": ours}
+    try:
+        import bitsandbytes as bnb
+
+        theirs = bnb.nn.Linear4bit(size, size, quant_type="nf4", compress_statistics=True)
+        theirs.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        theirs.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+        layers["bitsandbytes"] = _PlainLora(theirs.to("cpu"), size, size, r) if r else theirs.to("cpu")
+    except ImportError:
+        pass
+    layers["dense"] = _PlainLora(dense, size, size, r) if r else dense
+
+    def call(layer: nn.Module) -> Impl:
+        def run() -> None:
+            with torch.no_grad():
+                for _ in range(calls):
+                    layer(x)
+
+        return run
+
+    return {name: call(layer) for name, layer in layers.items()}
+
+
+def host_call_case(size: int, calls: int) -> dict[str, Impl]:
+    """`calls` one-row `fastlora.matmul_4bit` calls on a tiny weight, against the native kernel
+    alone on the same prepared weight ("native": the host time is the difference),
+    `bitsandbytes.matmul_4bit` and torch's `F.linear`."""
+    from .backends import cpu
+
+    w = torch.randn(size, size)
+    x = torch.randn(1, size)
+    packed, state = fastlora.quantize_4bit(w, compress_statistics=True)
+    prepared = cpu.prepare(packed.reshape(-1), state.block_scales(), size, size, 64, "nf4")
+    y = torch.empty(1, size)
+    impls: dict[str, Impl] = {
+        "fastlora": _repeated(lambda: fastlora.matmul_4bit(x, packed, state), calls),
+        "native": _repeated(lambda: prepared.native.matmul(x.data_ptr(), 1, y.data_ptr(), "float32", False), calls),
+    }
+    bnb = _bnb_functional()
+    if bnb is not None:
+        import bitsandbytes
+
+        bnb_packed, bnb_state = bnb.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        impls["bitsandbytes"] = _repeated(lambda: bitsandbytes.matmul_4bit(x, bnb_packed.t(), bnb_state), calls)
+    impls["dense"] = _repeated(lambda: torch.nn.functional.linear(x, w), calls)
+    return impls
+
+
 # key: (builder of the implementations, measure memory); shapes are (m, n, k[, r]), or for
 # model_step (batch rows, tokens per row, hidden size, layers, r), for model_decode (prompt
 # tokens, tokens generated, hidden size, layers, r).
 FULL_SHAPES = {"dequantize": (4096, 4096), "matmul_m1": (1, 11008, 4096), "matmul_m512": (512, 4096, 4096),
                "layer": (512, 4096, 4096, 16), "model_step": (4, 128, 512, 8, 16),
-               "model_decode": (16, 32, 512, 8, 16)}
+               "model_decode": (16, 32, 512, 8, 16), "decode_135m": (16, 32, 30, 49152, 16),
+               "host_call": (64, 1000),
+               "linear_64": (64, 0, 1000), "lora_64": (64, 16, 1000), "linear_576": (576, 0, 200),
+               "lora_576": (576, 16, 200), "linear_4096": (4096, 0, 20), "lora_4096": (4096, 16, 20)}
 QUICK_SHAPES = {"dequantize": (1024, 1024), "matmul_m1": (1, 2752, 1024), "matmul_m512": (64, 1024, 1024),
-                "layer": (64, 1024, 1024, 16), "model_step": (2, 32, 128, 2, 8), "model_decode": (4, 8, 128, 2, 8)}
+                "layer": (64, 1024, 1024, 16), "model_step": (2, 32, 128, 2, 8), "model_decode": (4, 8, 128, 2, 8),
+                "decode_135m": (4, 4, 1, 512, 4), "host_call": (64, 10),
+                "linear_64": (64, 0, 10), "lora_64": (64, 4, 10), "linear_576": (576, 0, 5), "lora_576": (576, 4, 5),
+                "linear_4096": (256, 0, 2), "lora_4096": (256, 4, 2)}
 CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
     "dequantize": (dequantize_case, False),
     "matmul_m1": (matmul_case, True),
@@ -253,12 +339,15 @@ CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
     "layer": (layer_case, True),
     "model_step": (model_step_case, True),
     "model_decode": (model_decode_case, True),
+    "decode_135m": (decode_135m_case, True),
+    "host_call": (host_call_case, False),
+    **{f"{kind}_{size}": (layer_call_case, False) for kind in ("linear", "lora") for size in (64, 576, 4096)},
 }
 
 
 # Optional packages a case cannot run without; a missing one skips the case with a note.
 # (A missing bitsandbytes or peft only leaves that column empty.)
-REQUIRES = {"model_step": ("transformers",), "model_decode": ("transformers",)}
+REQUIRES = {"model_step": ("transformers",), "model_decode": ("transformers",), "decode_135m": ("transformers",)}
 INSTALL_HINT = "pip install 'fastlora[bench]'"
 
 
@@ -285,6 +374,17 @@ def title(key: str, quick: bool) -> str:
     if key == "model_decode":
         prompt, tokens, hidden, layers, r = shape
         return f"greedy decode with KV cache fp32 Llama {layers}x{hidden} r={r}, {tokens} tokens after {prompt}"
+    if key == "decode_135m":
+        prompt, tokens, layers, vocab, r = shape
+        return (f"greedy decode with KV cache fp32 SmolLM-135M shape ({layers} layers, vocab {vocab}) r={r}, "
+                f"{tokens} tokens after {prompt}")
+    if key == "host_call":
+        size, calls = shape
+        return f"matmul_4bit {calls} one-row calls {size}x{size} (native: the kernel alone)"
+    if key.startswith(("linear_", "lora_")):
+        size, r, calls = shape
+        layer = f"LoraLinear r={r}" if r else "Linear4bit"
+        return f"{layer} {calls} one-row calls {size}x{size}, no grad"
     m, n, k = shape
     return f"matmul_4bit fp32 M={m} {n}x{k}"
 
@@ -422,6 +522,10 @@ def run(quick: bool = False, repeats: int | None = None, json_path: str | None =
             continue
         results.append(run_case(key, quick, repeats))
         print(format_table(results[-1:]).splitlines()[-1], flush=True)
+        if "native" in results[-1].times_ms:
+            calls = (QUICK_SHAPES if quick else FULL_SHAPES)[key][-1]
+            host_us = (results[-1].times_ms["fastlora"] - results[-1].times_ms["native"]) / calls * 1e3
+            print(f"note: host time of fastlora.matmul_4bit above the native kernel: {host_us:.1f} us per call")
     print()
     print(format_table(results))
     if json_path:

@@ -64,20 +64,21 @@ class WeightPlan:
                 self.packed, self.scales, self.n, self.k, self.blocksize, self.quant_type)
         return part
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W.T` for a checked input, through the op where autograd, tracing or a mode
-        needs it, else straight into the backend's prepared weight."""
-        if _eager.direct(x):
-            return self._backend_part().matmul(x)
-        return ops.matmul.matmul_4bit(x, self.packed, self.scales, self.n, self.k, self.blocksize, self.quant_type,
-                                      False)
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`x @ W.T (+ bias)` for a checked input (and bias of shape (n,)), through the op
+        where autograd, tracing or a mode needs it, else straight into the backend's prepared
+        weight."""
+        if _eager.direct(x, bias):
+            return self._backend_part().matmul(x, bias=bias)
+        y = ops.matmul.matmul_4bit(x, self.packed, self.scales, self.n, self.k, self.blocksize, self.quant_type,
+                                   False)
+        return y if bias is None else y + bias.to(y.dtype)
 
     def lora_linear(self, x: torch.Tensor, x_drop: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                     B: torch.Tensor, scaling: float) -> torch.Tensor:
         """`x @ W.T + bias + scaling * (x_drop @ A.T) @ B.T` for a checked input."""
         if x_drop is x and _eager.direct(x, bias, A, B):
-            y = self._backend_part().matmul(x, lora=(A, B, scaling))
-            return y if bias is None else y.add_(bias.to(y.dtype))
+            return self._backend_part().matmul(x, lora=(A, B, scaling), bias=bias)
         return ops.lora.lora_linear_4bit(x, x_drop, self.packed, self.scales, bias, A, B, scaling, self.blocksize,
                                          self.quant_type)
 

@@ -254,9 +254,11 @@ class PreparedWeight:
         self.n, self.k, self.blocksize, self.quant_type = n, k, blocksize, quant_type
         self.native = _native.PackedWeight(as_numpy(packed), as_numpy(self.absmax), n, k, blocksize, quant_type)
 
-    def matmul(self, x: torch.Tensor, transposed: bool = False, lora: tuple | None = None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, transposed: bool = False, lora: tuple | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
         """`x @ W.T` (`x @ W` when `transposed`) for a CPU float tensor x of shape (..., k)
-        (or (..., n)); with `lora` = (A, B, scaling), plus `scaling * (x @ A.T) @ B.T`."""
+        (or (..., n)); with `lora` = (A, B, scaling), plus `scaling * (x @ A.T) @ B.T`; with
+        `bias` (n,), plus the bias."""
         n, k = self.n, self.k
         inner, outer = (n, k) if transposed else (k, n)
         if x.dtype not in _DTYPE_NAMES or not x.is_cpu or x.shape[-1] != inner:
@@ -272,6 +274,8 @@ class PreparedWeight:
             if lora is not None:
                 a, b, scaling = lora
                 y.add_(((x2d.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype), alpha=scaling)
+            if bias is not None:
+                y.add_(bias.to(y.dtype))
             return y.reshape(*x.shape[:-1], outer)
         native_lora, torch_lora = None, None
         if lora is not None:
@@ -283,12 +287,19 @@ class PreparedWeight:
                 native_lora = (a.data_ptr(), b.data_ptr(), a.shape[0], float(scaling))
             else:  # an adapter in another dtype than x (fp32 over a bf16 base): torch adds it
                 torch_lora = lora
+        native_bias = None
+        if bias is not None and bias.dtype == x.dtype and bias.is_cpu and bias.is_contiguous() \
+                and tuple(bias.shape) == (n,) and not transposed:
+            native_bias, bias = bias.data_ptr(), None
         y = torch.empty((m, outer), dtype=x.dtype)
         _threads.sync()
-        self.native.matmul(x2d.data_ptr(), m, y.data_ptr(), _DTYPE_NAMES[x.dtype], transposed, native_lora)
+        self.native.matmul(x2d.data_ptr(), m, y.data_ptr(), _DTYPE_NAMES[x.dtype], transposed, native_lora,
+                           native_bias)
         if torch_lora is not None:
             a, b, scaling = torch_lora
             y.add_(((x2d.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype), alpha=scaling)
+        if bias is not None:  # in another dtype than x: torch adds it
+            y.add_(bias.to(y.dtype))
         return y if flat else y.reshape(*x.shape[:-1], outer)
 
 

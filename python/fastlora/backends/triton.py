@@ -65,12 +65,13 @@ class PreparedWeight:
         self.packed, self.scales = packed, scales
         self.n, self.k, self.blocksize, self.quant_type = n, k, blocksize, quant_type
 
-    def matmul(self, x: torch.Tensor, transposed: bool = False, lora: tuple | None = None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, transposed: bool = False, lora: tuple | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
         if lora is None:
-            return matmul_4bit(x, self.packed, self.scales, self.n, self.k, self.blocksize, self.quant_type,
-                               transposed)
-        a, b, scaling = lora
-        return lora_linear_4bit(x, x, self.packed, self.scales, None, a, b, scaling, self.blocksize, self.quant_type)
+            y = matmul_4bit(x, self.packed, self.scales, self.n, self.k, self.blocksize, self.quant_type, transposed)
+            return y if bias is None else y.add_(bias.to(y.dtype))
+        a, b, scaling = lora  # bias and LoRA in the kernel's epilogue
+        return lora_linear_4bit(x, x, self.packed, self.scales, bias, a, b, scaling, self.blocksize, self.quant_type)
 
 
 def prepare(packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,

@@ -187,16 +187,18 @@ class Linear4bit(AtomicLoad, nn.Module):
         check_input(x, self.in_features, self.compute_dtype)
         dtype = self.compute_dtype or x.dtype
         xc = x if x.dtype == dtype else x.to(dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         if torch.compiler.is_compiling():  # traced: the op on the layer's tensors (a plan is eager state)
             y = ops.matmul.matmul_4bit(xc, self.packed_bytes(), self.block_scales(), self.out_features,
                                        self.in_features, self.blocksize, self.quant_type, False)
+            if bias is not None:
+                y = y + bias
         else:
             plan = self.plan()
             plan.check_input(x)
-            y = plan.matmul(xc)
-        bias = self.bias
-        if bias is not None:
-            y = y + bias.to(dtype)
+            y = plan.matmul(xc, bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:

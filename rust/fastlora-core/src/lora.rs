@@ -8,10 +8,16 @@ use crate::element::Element;
 use crate::error::{ensure, Error};
 use crate::simd::dot;
 
-fn widen<T: Element>(v: &[T]) -> Vec<f32> {
-    let mut out = vec![0.0f32; v.len()];
-    T::widen_into(v, &mut out);
-    out
+/// `v` as fp32: borrowed when it already is, else widened into a new buffer.
+fn widen<T: Element>(v: &[T]) -> std::borrow::Cow<'_, [f32]> {
+    match T::as_f32(v) {
+        Some(v) => std::borrow::Cow::Borrowed(v),
+        None => {
+            let mut out = vec![0.0f32; v.len()];
+            T::widen_into(v, &mut out);
+            std::borrow::Cow::Owned(out)
+        }
+    }
 }
 
 /// `out = x @ w.T (* scale) (+ out)` for `x` `(m, k)`, `w` `(n, k)`, `out` `(m, n)`.

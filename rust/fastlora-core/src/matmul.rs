@@ -69,15 +69,16 @@ pub fn matmul_4bit<T: Element>(
         let half = k / 2;
         let block_bytes = weight.blocksize / 2;
         let blocks_per_row = k / weight.blocksize;
+        // The activation rows of each group of MAX_ROWS, gathered once (not once per weight row).
+        let groups: Vec<Vec<&[f32]>> =
+            laid.chunks(MAX_ROWS).map(|g| g.iter().map(|v| v.as_slice()).collect()).collect();
         y_t.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(t, out)| {
             for (i, out_row) in out.chunks_mut(m).enumerate() {
                 let r = t * rows_per_task + i;
                 let bytes = &weight.packed[r * half..(r + 1) * half];
                 let scales = &weight.absmax[r * blocks_per_row..(r + 1) * blocks_per_row];
-                for (g, out_group) in out_row.chunks_mut(MAX_ROWS).enumerate() {
-                    let xs: Vec<&[f32]> =
-                        laid[g * MAX_ROWS..g * MAX_ROWS + out_group.len()].iter().map(|v| v.as_slice()).collect();
-                    simd::fused_row_dot(isa, weight.quant_type.code(), bytes, scales, block_bytes, &xs, out_group);
+                for (xs, out_group) in groups.iter().zip(out_row.chunks_mut(MAX_ROWS)) {
+                    simd::fused_row_dot(isa, weight.quant_type.code(), bytes, scales, block_bytes, xs, out_group);
                 }
             }
         });

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use fastlora_core::{lora, matmul, quantize, simd, Error, Packed4bit, QuantType};
+use fastlora_core::{lora, matmul, quantize, simd, Element, Error, Packed4bit, QuantType};
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use numpy::{PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
@@ -356,6 +356,14 @@ unsafe fn raw_slice<'a, T>(ptr: usize, len: usize, name: &str) -> PyResult<&'a [
     Ok(std::slice::from_raw_parts(ptr as *const T, len))
 }
 
+/// [`raw_slice`] of the element type of `_like`.
+///
+/// # Safety
+/// As [`raw_slice`].
+unsafe fn raw_like<'a, T>(_like: &[T], ptr: usize, len: usize, name: &str) -> PyResult<&'a [T]> {
+    raw_slice(ptr, len, name)
+}
+
 /// As [`raw_slice`], writable.
 ///
 /// # Safety
@@ -436,8 +444,9 @@ impl PackedWeight {
 
     /// `y = x @ W.T` (or `x @ W` when `transposed`) for `rows` activation rows at address `x`
     /// into the output at address `y`; with `lora` = (A address, B address, r, scaling) in
-    /// the same dtype, also `y += scaling * (x @ A.T) @ B.T`.
-    #[pyo3(signature = (x, rows, y, dtype, transposed, lora=None))]
+    /// the same dtype, also `y += scaling * (x @ A.T) @ B.T`; with `bias` (the address of `n`
+    /// values of that dtype), also `y += bias`.
+    #[pyo3(signature = (x, rows, y, dtype, transposed, lora=None, bias=None))]
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
@@ -448,6 +457,7 @@ impl PackedWeight {
         dtype: &str,
         transposed: bool,
         lora: Option<(usize, usize, usize, f32)>,
+        bias: Option<usize>,
     ) -> PyResult<()> {
         let (packed, absmax) = (self.packed.bind(py), self.absmax.bind(py));
         let weight = self.weight(packed, absmax)?;
@@ -466,6 +476,11 @@ impl PackedWeight {
                     Some((a, b, r, scaling))
                 }
             };
+            // SAFETY: as for x: the address of a checked (n,) tensor of this dtype.
+            let bias = match bias {
+                None => None,
+                Some(b) => Some(unsafe { raw_like(x, b, n, "bias")? }),
+            };
             run(py, ops, || {
                 if transposed {
                     matmul::matmul_4bit_t(isa, x, &weight, n, k, y)
@@ -475,6 +490,13 @@ impl PackedWeight {
                         let mut u = vec![Default::default(); rows * r];
                         lora::lora_down(x, a, k, r, &mut u)?;
                         lora::lora_up_add(&u, b, r, n, scaling, y)?;
+                    }
+                    if let Some(bias) = bias {
+                        for row in y.chunks_exact_mut(n) {
+                            for (v, b) in row.iter_mut().zip(bias) {
+                                *v = Element::from_f32(v.to_f32() + b.to_f32());
+                            }
+                        }
                     }
                     Ok(())
                 }
