@@ -24,7 +24,8 @@ from .scales import BlockScales
 
 
 class WeightPlan:
-    __slots__ = ("weight", "weight_ptr", "scales", "n", "k", "blocksize", "quant_type", "device", "_prepared")
+    __slots__ = ("weight", "weight_ptr", "scales", "n", "k", "blocksize", "quant_type", "device", "_prepared",
+                 "_last")
 
     def __init__(self, weight: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
                  quant_type: str) -> None:
@@ -40,7 +41,8 @@ class WeightPlan:
         self.scales = scales
         self.n, self.k, self.blocksize, self.quant_type = n, k, blocksize, quant_type
         self.device = weight.device
-        self._prepared: dict[str, object] = {}
+        self._prepared: dict[str | None, object] = {}
+        self._last: tuple = (object(), None)  # (backend setting, its part) of the last call
 
     @property
     def packed(self) -> torch.Tensor:
@@ -57,11 +59,15 @@ class WeightPlan:
     def _backend_part(self):
         # Keyed by the backend setting, so a change of FASTLORA_BACKEND between calls is seen.
         setting = backends.setting()
+        last_setting, part = self._last
+        if setting == last_setting:
+            return part
         part = self._prepared.get(setting)
         if part is None:
             backend = backends.select(self.device)
             part = self._prepared[setting] = backend.prepare(
                 self.packed, self.scales, self.n, self.k, self.blocksize, self.quant_type)
+        self._last = (setting, part)
         return part
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

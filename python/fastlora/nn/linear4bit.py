@@ -187,7 +187,7 @@ class Linear4bit(AtomicLoad, nn.Module):
         check_input(x, self.in_features, self.compute_dtype)
         dtype = self.compute_dtype or x.dtype
         xc = x if x.dtype == dtype else x.to(dtype)
-        bias = self.bias
+        bias = self._parameters["bias"]
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         if torch.compiler.is_compiling():  # traced: the op on the layer's tensors (a plan is eager state)

@@ -26,17 +26,15 @@ _CHECKABLE = None not in (_dispatch_modes, _function_modes, _functorch)
 
 def direct(*tensors: torch.Tensor | None) -> bool:
     """Whether a call with these tensor arguments may skip the dispatcher."""
-    if not _CHECKABLE or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if _dispatch_modes() or _function_modes() or _functorch() is not None:
-        return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is None:
             continue
         if type(t) not in _PLAIN_TYPES or not (t.is_cpu or t.is_cuda) or (grad and t.requires_grad):
             return False
-    return True
+    if not _CHECKABLE or _dispatch_modes() or _function_modes() or _functorch() is not None:
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 def call(op: Callable, implementation: Callable, *args):
