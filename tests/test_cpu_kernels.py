@@ -1,6 +1,9 @@
 """The Rust CPU kernels behind the functional API, against bitsandbytes (byte for byte),
 the plain-PyTorch reference, and a float64 dense computation."""
 
+import os
+import subprocess
+import sys
 import threading
 
 import bitsandbytes.functional as bnbF
@@ -334,3 +337,24 @@ def test_a_prepared_weight_refuses_what_does_not_fit():
         prepared.matmul(torch.randn(2, 63))
     with pytest.raises(ValueError, match="x must be a CPU float tensor"):
         prepared.matmul(torch.randn(2, 64, dtype=torch.float64))
+
+
+def _simd_level_under(**env) -> subprocess.CompletedProcess:
+    code = "import fastlora; print(fastlora.simd_level())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, **env})
+
+
+def test_the_isa_cap_selects_every_level_and_refuses_what_it_cannot_honour():
+    levels = fastlora.simd_levels()
+    assert levels[0] == "scalar" and fastlora.simd_level() in levels
+    for level in levels:
+        proc = _simd_level_under(FASTLORA_MAX_ISA=level, FASTLORA_FORCE_SCALAR="")
+        assert proc.returncode == 0 and proc.stdout.split()[-1] == level, proc.stderr[-2000:]
+    proc = _simd_level_under(FASTLORA_MAX_ISA=levels[-1], FASTLORA_FORCE_SCALAR="1")
+    assert proc.stdout.split()[-1] == "scalar"
+    proc = _simd_level_under(FASTLORA_MAX_ISA="avx9")
+    assert proc.returncode != 0 and 'FASTLORA_MAX_ISA="avx9": expected one of scalar' in proc.stderr
+    if "avx2" not in levels:
+        proc = _simd_level_under(FASTLORA_MAX_ISA="avx2")
+        assert proc.returncode != 0 and "this CPU does not have avx2" in proc.stderr

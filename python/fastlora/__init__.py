@@ -26,8 +26,15 @@ __version__ = importlib.metadata.version("fastlora")
 
 
 def simd_level() -> str:
-    """The instruction set fastlora's CPU kernels use here: "avx2" or "scalar"."""
+    """The instruction set fastlora's CPU kernels use here: "avx2" or "scalar" (the widest
+    the CPU has, at most `FASTLORA_MAX_ISA`; scalar under `FASTLORA_FORCE_SCALAR=1`)."""
     return _native.simd_level()
+
+
+def simd_levels() -> list[str]:
+    """Every instruction set this CPU can run fastlora's CPU kernels with, narrowest first
+    (the values `FASTLORA_MAX_ISA` takes here)."""
+    return _native.simd_levels()
 
 
 __all__ = [
@@ -44,5 +51,6 @@ __all__ = [
     "quantize_4bit",
     "set_num_threads",
     "simd_level",
+    "simd_levels",
     "train",
 ]

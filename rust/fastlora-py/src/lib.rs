@@ -108,6 +108,12 @@ fn simd_level() -> &'static str {
     simd::active().name()
 }
 
+/// Every instruction set this CPU can run the kernels with, narrowest first.
+#[pyfunction]
+fn simd_levels() -> Vec<&'static str> {
+    simd::available().into_iter().map(simd::Isa::name).collect()
+}
+
 #[derive(Clone, Copy)]
 enum Dtype {
     F32,
@@ -507,9 +513,12 @@ impl PackedWeight {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // A FASTLORA_MAX_ISA the CPU cannot honour stops the import, before any kernel runs.
+    simd::configured().map_err(PyValueError::new_err)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_blockwise_8bit, m)?)?;

@@ -2,8 +2,9 @@
 //!
 //! Every kernel here has a scalar version (`scalar`) that is the definition, and an AVX2+FMA
 //! version (`avx2`) that the tests compare against it. [`active`] picks the widest set the
-//! CPU has once per process; `FASTLORA_FORCE_SCALAR=1` forces the scalar path (CI runs the
-//! test suite both ways). Callers pass the [`Isa`] explicitly so tests can run both.
+//! CPU has once per process, capped by `FASTLORA_MAX_ISA` (`scalar`, `avx2`: so a machine
+//! with a wider set also runs, and CI tests, the narrower paths) or forced to scalar by
+//! `FASTLORA_FORCE_SCALAR=1`. Callers pass the [`Isa`] explicitly so tests can run every set.
 
 use std::sync::OnceLock;
 
@@ -14,7 +15,8 @@ pub mod scalar;
 /// The largest number of activation rows one fused kernel call handles at once.
 pub const MAX_ROWS: usize = 4;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Ordered from narrowest to widest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
@@ -29,6 +31,15 @@ impl Isa {
             Isa::Avx2 => "avx2",
         }
     }
+
+    /// Every set this build has kernels for, narrowest first.
+    pub fn all() -> Vec<Isa> {
+        vec![
+            Isa::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2,
+        ]
+    }
 }
 
 /// The widest instruction set this CPU supports, ignoring `FASTLORA_FORCE_SCALAR`.
@@ -40,26 +51,51 @@ pub fn detected() -> Isa {
     Isa::Scalar
 }
 
-/// The instruction set the kernels use in this process.
-pub fn active() -> Isa {
-    static ACTIVE: OnceLock<Isa> = OnceLock::new();
-    *ACTIVE.get_or_init(|| {
-        let forced = std::env::var("FASTLORA_FORCE_SCALAR").is_ok_and(|v| !v.is_empty() && v != "0");
-        if forced {
-            Isa::Scalar
-        } else {
-            detected()
+/// The instruction set the settings ask for on this CPU: the widest it has, at most
+/// `max_isa` (`FASTLORA_MAX_ISA`), scalar when `force_scalar`. A cap that names no set of
+/// this build, or one the CPU lacks, is an error naming the value.
+pub fn choose(max_isa: Option<&str>, force_scalar: bool) -> Result<Isa, String> {
+    let widest = detected();
+    let chosen = match max_isa.filter(|v| !v.is_empty()) {
+        None => widest,
+        Some(name) => {
+            let names: Vec<&str> = Isa::all().into_iter().map(Isa::name).collect();
+            let cap = Isa::all()
+                .into_iter()
+                .find(|isa| isa.name() == name)
+                .ok_or_else(|| format!("FASTLORA_MAX_ISA={name:?}: expected one of {}", names.join(", ")))?;
+            if cap > widest {
+                return Err(format!(
+                    "FASTLORA_MAX_ISA={name:?}: this CPU does not have {name} (its widest set is {})",
+                    widest.name()
+                ));
+            }
+            cap
         }
-    })
+    };
+    Ok(if force_scalar { Isa::Scalar } else { chosen })
 }
 
-/// Every instruction set usable on this CPU (for tests that compare them).
+/// [`choose`] from the process's environment, once.
+pub fn configured() -> Result<Isa, String> {
+    static CONFIGURED: OnceLock<Result<Isa, String>> = OnceLock::new();
+    CONFIGURED
+        .get_or_init(|| {
+            let forced = std::env::var("FASTLORA_FORCE_SCALAR").is_ok_and(|v| !v.is_empty() && v != "0");
+            choose(std::env::var("FASTLORA_MAX_ISA").ok().as_deref(), forced)
+        })
+        .clone()
+}
+
+/// The instruction set the kernels use in this process ([`configured`]; scalar when the
+/// settings are invalid, which the Python binding refuses at import).
+pub fn active() -> Isa {
+    configured().unwrap_or(Isa::Scalar)
+}
+
+/// Every instruction set usable on this CPU, narrowest first (for tests that compare them).
 pub fn available() -> Vec<Isa> {
-    let mut isas = vec![Isa::Scalar];
-    if detected() != Isa::Scalar {
-        isas.push(detected());
-    }
-    isas
+    Isa::all().into_iter().filter(|&isa| isa <= detected()).collect()
 }
 
 /// Decodes `bytes` (two codes each, high nibble first) into `2 * bytes.len()` values

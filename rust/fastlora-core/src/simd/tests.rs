@@ -98,3 +98,20 @@ fn dot_matches_f64_sum() {
         assert!((dot(&a, &b) as f64 - expected).abs() < 1e-4);
     }
 }
+
+#[test]
+fn the_isa_settings_cap_force_and_refuse() {
+    assert_eq!(choose(None, false), Ok(detected()));
+    assert_eq!(choose(Some(""), false), Ok(detected()));
+    assert_eq!(choose(None, true), Ok(Isa::Scalar));
+    for isa in available() {
+        assert_eq!(choose(Some(isa.name()), false), Ok(isa));
+        assert_eq!(choose(Some(isa.name()), true), Ok(Isa::Scalar));
+    }
+    let unknown = choose(Some("avx9"), false).unwrap_err();
+    assert!(unknown.contains("FASTLORA_MAX_ISA=\"avx9\": expected one of scalar"), "{unknown}");
+    for isa in Isa::all().into_iter().filter(|&isa| isa > detected()) {
+        let lacking = choose(Some(isa.name()), false).unwrap_err();
+        assert!(lacking.contains("this CPU does not have"), "{lacking}");
+    }
+}
