@@ -108,7 +108,7 @@ def bench_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None) 
         import triton.testing
 
         # 200 ms of warm-up, not do_bench's 25: the first large case of a run read 2.7x slow
-        # on an H200 (2026-11-29), likely the clocks still ramping from idle.
+        # (GPU_NOTES.md), likely the clocks still ramping from idle.
         return float(triton.testing.do_bench(fn, warmup=200, grad_to_none=grad_to_none, return_mode="median"))
     fn()  # the dry run: only the code path matters, one timed call will do
     start = time.perf_counter()

@@ -69,8 +69,7 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
 
 # Outputs at least this large get their own huge-page mapping (see `empty_output`). 32 MiB is
 # glibc's largest mmap threshold: smaller blocks come back from the heap already faulted in,
-# and a fresh mapping for them measured slower (4 MiB: 3.5 ms against 0.3 ms; 32 MiB: 7.2 ms
-# against 16.5 ms for 4 KiB pages; 2026-11-29, this project's 2-core EPYC VM).
+# and a fresh mapping for them measured slower (benches/CPU_NOTES.md).
 _HUGE_PAGE_MIN_BYTES = 32 << 20
 
 
@@ -141,14 +140,13 @@ def dequantize_blockwise(
 FUSED_MAX_ROWS = _native.FUSED_MAX_ROWS
 # fp32 bytes of weight dequantized at a time on the tiled path: transient memory stays at one tile.
 TILE_BYTES = 4 << 20
-# A weight up to this size in fp32 is dequantized whole (one GEMM, one contiguous output):
-# 3-11% faster than 4 MiB tiles on the 92M Llama's 2304x768 and 768x2304 weights (M = 1024,
-# 2026-11-30); larger weights keep tiles, so transient memory stays under a quarter of them.
+# A weight up to this size in fp32 is dequantized whole (one GEMM, one contiguous output: a
+# few percent faster than tiles, benches/CPU_NOTES.md); larger weights keep tiles, so
+# transient memory stays under a quarter of them.
 WHOLE_WEIGHT_MAX_BYTES = 16 << 20
 # The transposed product adds each tile's share into the whole output, so its tiles are four
-# times larger: one tile (a single GEMM) for weights up to 16 MiB in fp32. Measured against
-# tiles a quarter of the weight (2026-11-30, M = 1024): 4-8% faster on 2304x768 and 768x2304,
-# 2% on 4096x4096.
+# times larger: one tile (a single GEMM) for weights up to 16 MiB in fp32 (measured against
+# quarter-weight tiles in benches/CPU_NOTES.md).
 TRANSPOSED_TILE_FACTOR = 4
 
 

@@ -57,10 +57,8 @@ fn pool() -> PyResult<Arc<rayon::ThreadPool>> {
 
 /// Jobs costing less than this many element operations (one dequantized element each) run on
 /// the calling thread. Handing a job to the pool wakes its sleeping threads and then the
-/// caller, and on a loaded machine they compete with torch's threads: measured on this
-/// project's 2-core VM right after a torch op, 2**18 dequantized elements took about as long
-/// either way, and a one-row matmul ran faster inline up to ~4M weight elements (a 512x512
-/// weight: 76 us inline against 195 us handed off).
+/// caller, and on a loaded machine they compete with torch's threads: right after a torch op,
+/// small jobs ran faster inline (benches/CPU_NOTES.md has the measurements).
 const INLINE_MAX_OPS: usize = 1 << 18;
 /// Multiply-adds of the matmul and LoRA kernels per element operation: a fused
 /// multiply-add costs about a quarter of decoding and storing one element.
