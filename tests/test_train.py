@@ -6,6 +6,7 @@ one-line errors. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -510,3 +511,40 @@ def test_config_defaults_match_the_cli():
     parsed = vars(_parser().parse_args(["train"]))
     parsed.pop("command")
     assert parsed == {k: v for k, v in vars(TrainConfig()).items()}
+
+
+def test_a_nonfinite_loss_stops_the_run_before_the_optimizer_step(tiny_model, task_file, tmp_path, monkeypatch):
+    """At step 4 the loss turns NaN: the run stops with one line naming the step and the last
+    good checkpoint, which is left as it was, and the weights were not stepped."""
+    from fastlora.train.trainer import Trainer
+
+    real = Trainer._forward_loss
+    calls = [0]
+
+    def poisoned(self, batch):
+        calls[0] += 1
+        loss = real(self, batch)
+        return loss * float("nan") if calls[0] == 4 else loss
+
+    monkeypatch.setattr(Trainer, "_forward_loss", poisoned)
+    out = tmp_path / "run"
+    seen = []
+    with pytest.raises(TrainError) as info:
+        fastlora.train(**options(tiny_model, task_file, out, max_steps=6, save_steps=2, save_total_limit=0,
+                                 eval_steps=0), callback=seen.append)
+    message = str(info.value)
+    assert message.startswith("step 4: loss nan") and "\n" not in message
+    assert f"the last good checkpoint is {out / 'checkpoint-2'}" in message
+    assert [s for s, _ in checkpoint.list_checkpoints(out)] == [2]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in seen)
+
+
+def test_a_gradient_norm_spike_is_logged_as_a_warning():
+    from fastlora.train.trainer import SpikeWatch
+
+    watch = SpikeWatch(factor=10, warmup=5)
+    assert [watch.check(n) for n in (1.0, 1.2, 0.9, 1.1, 1.0)] == [None] * 5  # still warming up
+    assert watch.check(30.0) == "gradient norm 30 is 30.0x its running median 1"
+    assert watch.check(1.0) is None  # one spike does not move the median
+    assert SpikeWatch(factor=0).check(1e9) is None  # off

@@ -59,6 +59,9 @@ def _add_train(commands) -> None:
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
                    help="fraction of --max-steps of linear warmup before the cosine decay")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: none)")
+    g.add_argument("--grad-spike-factor", type=float, default=d.grad_spike_factor,
+                   help="log a warning record when the gradient norm exceeds this factor of its running median "
+                        "(0: off); a NaN/Inf loss or gradient norm always stops the run")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    default=d.gradient_checkpointing, help="recompute activations in backward to save memory")
     g.add_argument("--checkpoint-policy", choices=CHECKPOINT_POLICIES, default=d.checkpoint_policy,

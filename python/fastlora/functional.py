@@ -127,6 +127,8 @@ def matmul_4bit(
 
     The weight's checks and preparation are kept for the next call with the same `packed` and
     `quant_state` (a call plan, `fastlora.plan`), so repeated calls check only `x` and `bias`."""
+    if torch.compiler.is_compiling():  # traced: the op on the state's tensors (a plan is eager state)
+        return _traced_matmul(x, packed, quant_state, bias)
     plan = _plans.get(quant_state) if isinstance(quant_state, QuantState) else None
     if plan is None or not plan.is_current(packed) or not _made_from(plan, quant_state):
         plan = _matmul_plan(packed, quant_state)
@@ -146,6 +148,18 @@ def matmul_4bit(
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y
+
+
+def _traced_matmul(x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    state = _check_state(quant_state)
+    n, k = state.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x must have shape (..., {k}) for a weight of shape ({n}, {k}), got {tuple(x.shape)}")
+    absmax, *nested = _scales(state).op_args()
+    y = torch.ops.fastlora.matmul_4bit(x, _packed_bytes(packed, state), absmax, n, k, state.blocksize,
+                                       state.quant_type, False, *nested)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 # The call plan of each live QuantState's last weight (dropped with the state).

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0  # 0: no clipping (the norm is still logged)
+    grad_spike_factor: float = 10.0  # a grad norm over this factor of its running median: a warning (0: off)
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
@@ -130,6 +132,7 @@ def _check_config(cfg: TrainConfig) -> None:
     number("lora_alpha", float, 0, low_open=True)
     number("weight_decay", float, 0)
     number("max_grad_norm", float, 0)
+    number("grad_spike_factor", float, 0)
     number("warmup_ratio", float, 0, 1)
     number("eval_fraction", float, 0, 0.5)
     number("lora_dropout", float, 0, 1, high_open=True)
@@ -232,11 +235,15 @@ class Trainer:
                           else batch["attention_mask"].sum())
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         norm = float(distributed.full_tensor(norm))
+        loss_sum, tokens = distributed.all_reduce_sum(info, [loss_sum, float(tokens)])
+        if not (math.isfinite(loss_sum) and math.isfinite(norm)):
+            # Before the optimizer step: the weights (and the last checkpoint) stay as they were.
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteStep(f"loss {loss_sum / max(n_loss, 1):.4g}, gradient norm {norm:.4g}")
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, tokens = distributed.all_reduce_sum(info, [loss_sum, float(tokens)])
         if info.device.type == "cuda":
             torch.cuda.synchronize(info.device)
         elapsed = time.perf_counter() - start
@@ -259,6 +266,27 @@ class Trainer:
         self.model.train()
         total, count = distributed.all_reduce_sum(self.info, [total, float(count)])
         return total / max(count, 1)
+
+
+class NonFiniteStep(TrainError):
+    """A step whose loss or gradient norm is NaN or Inf (the optimizer did not step)."""
+
+
+class SpikeWatch:
+    """Flags a gradient norm over `factor` times the median of the last `window` norms."""
+
+    def __init__(self, factor: float, window: int = 50, warmup: int = 5) -> None:
+        self.factor, self.window, self.warmup = factor, window, warmup
+        self.norms: list[float] = []
+
+    def check(self, norm: float) -> str | None:
+        warning = None
+        if self.factor > 0 and len(self.norms) >= self.warmup:
+            median = statistics.median(self.norms)
+            if median > 0 and norm > self.factor * median:
+                warning = f"gradient norm {norm:.4g} is {norm / median:.1f}x its running median {median:.4g}"
+        self.norms = (self.norms + [norm])[-self.window:]
+        return warning
 
 
 def _log(info: DistInfo, message: str) -> None:
@@ -535,11 +563,22 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                disable=not (info.is_main and cfg.progress), dynamic_ncols=True, file=sys.stderr)
     records: list[dict] = []
     last_eval = None
+    spikes = SpikeWatch(cfg.grad_spike_factor)
     try:
         with open(metrics_path, "a") if info.is_main else contextlib.nullcontext() as metrics_file:
             while step < cfg.max_steps:
-                record = trainer.train_step(samples_seen)
+                try:
+                    record = trainer.train_step(samples_seen)
+                except NonFiniteStep as exc:
+                    kept = checkpoint.list_checkpoints(out)
+                    last = f"the last good checkpoint is {out / f'checkpoint-{kept[-1][0]}'}" if kept else \
+                        "no checkpoint was saved before it"
+                    raise TrainError(f"step {step + 1}: {exc}; stopped before the optimizer step, {last}") from None
                 step += 1
+                warning = spikes.check(record["grad_norm"])
+                if warning is not None:
+                    record["warning"] = warning
+                    _log(info, f"step {step}: warning: {warning}")
                 samples_seen += trainer.global_batch
                 record = {"step": step, "epoch": round(trainer.sampler.epoch(samples_seen), 4), **record}
                 if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
