@@ -548,3 +548,42 @@ def test_a_gradient_norm_spike_is_logged_as_a_warning():
     assert watch.check(30.0) == "gradient norm 30 is 30.0x its running median 1"
     assert watch.check(1.0) is None  # one spike does not move the median
     assert SpikeWatch(factor=0).check(1e9) is None  # off
+
+
+def test_plot_draws_the_run_and_reads_back(tiny_model, task_file, tmp_path, capsys):
+    """`fastlora plot`: a PNG whose panels hold the curves (read back: the loss panel's pixels
+    are not all background, and each of the six panels is drawn or blank as it should be)."""
+    import matplotlib.image
+
+    out = tmp_path / "run"
+    fastlora.train(**options(tiny_model, task_file, out, max_steps=4, eval_steps=2))
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(out), "-o", str(png)]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] == 8 * 80 and image.shape[1] == 15 * 80  # figsize x dpi
+    rgb = image[..., :3]
+    h, w = rgb.shape[0] // 2, rgb.shape[1] // 3
+
+    def inked(row, col):  # the share of non-white pixels inside a panel's inner area
+        panel = rgb[row * h + h // 5: (row + 1) * h - h // 5, col * w + w // 5: (col + 1) * w - w // 10]
+        return float((panel.min(axis=-1) < 0.9).mean())
+
+    assert all(inked(r, c) > 0.002 for r, c in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1)))
+    assert inked(1, 2) == 0.0  # the sixth panel is left empty
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_plot_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in _error_line(capsys)
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl: no records" in _error_line(capsys)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"loss": 1}\n')
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl:2: not a metrics record" in _error_line(capsys)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "fastlora plot needs matplotlib: pip install 'fastlora[plot]'" in _error_line(capsys)

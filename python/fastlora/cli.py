@@ -151,9 +151,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
     bench.add_argument("--case", dest="cases", action="append", default=None,
                        help="run only this case (repeatable): dequantize, matmul_m1, matmul_m512, layer, model_step, "
-                            "model_decode")
+                            "model_decode, decode_135m, host_call, linear_64, linear_576, linear_4096, lora_64, "
+                            "lora_576, lora_4096")
     _add_train(commands)
     _add_quantize(commands)
+    plot = commands.add_parser("plot", help="draw a training run's metrics.jsonl as one PNG",
+                               formatter_class=_Defaults)
+    plot.add_argument("run_dir", help="a `fastlora train` output directory")
+    plot.add_argument("-o", "--output", default=None, help="the PNG to write (default: RUN_DIR/metrics.png)")
     return parser
 
 
@@ -168,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             _train(args)
         elif args.command == "quantize":
             _quantize(args)
+        elif args.command == "plot":
+            from .train.plot import plot
+
+            print(f"fastlora plot: wrote {plot(args.run_dir, args.output)}")
     except (ValueError, OSError) as exc:
         print(f"fastlora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
