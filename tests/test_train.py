@@ -5,6 +5,7 @@ one-line errors. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -587,3 +588,42 @@ def test_plot_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["plot", str(tmp_path)]) == 2
     assert "fastlora plot needs matplotlib: pip install 'fastlora[plot]'" in _error_line(capsys)
+
+
+def test_generate_with_and_without_the_trained_adapter(tmp_path, capsys):
+    """On the shipped tiny model and task set: after training, `fastlora generate` with the
+    adapter prints other text than the base model (which has learned nothing), streamed to
+    stdout, and the adapter's continuation is the trained model's own greedy continuation."""
+    from fastlora.train.generate import generate
+
+    out = tmp_path / "run"
+    result = fastlora.train(output_dir=str(out), max_steps=30, batch_size=8, max_length=32, lr=1e-2, eval_steps=0,
+                            save_steps=0, lora_r=8, lora_alpha=16, lora_dropout=0.0, progress=False, seed=3)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("upper candle:\n40+55=\n")
+    base_args = ["generate", "--prompts", str(prompts), "--max-new-tokens", "6"]
+    assert main(base_args) == 0
+    base_text = capsys.readouterr().out
+    assert main(base_args + ["--adapter", str(out / "adapter")]) == 0
+    tuned_text = capsys.readouterr().out
+    assert tuned_text.count("\n") == base_text.count("\n") == 2 and tuned_text != base_text
+    tuned = generate(["upper candle:"], adapter=out / "adapter", max_new_tokens=6, out=io.StringIO())
+    tokenizer = result.tokenizer
+    ids = tokenizer("upper candle:", return_tensors="pt")
+    with torch.no_grad():
+        own = result.model.eval().generate(**ids, max_new_tokens=6, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id)
+    assert tuned == [tokenizer.decode(own[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def test_generate_errors_are_one_line(tmp_path, capsys):
+    assert main(["generate", "--prompts", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt: no such prompts file" in _error_line(capsys)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert main(["generate", "--prompts", str(empty)]) == 2
+    assert "empty.txt: no prompts" in _error_line(capsys)
+    assert main(["generate", "--prompt", "hi", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be a positive integer" in _error_line(capsys)
+    assert main(["generate", "--prompt", "hi", "--adapter", str(tmp_path)]) == 2
+    assert f"--adapter {tmp_path}:" in _error_line(capsys)

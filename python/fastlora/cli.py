@@ -155,6 +155,20 @@ def _parser() -> argparse.ArgumentParser:
                             "lora_576, lora_4096")
     _add_train(commands)
     _add_quantize(commands)
+    gen = commands.add_parser("generate", help="generate text from a base model and, optionally, a trained adapter",
+                              formatter_class=_Defaults)
+    gen.add_argument("--model", default=None,
+                     help="a local Hugging Face model directory or a Hub id (default: the tiny Llama shipped with "
+                          "fastlora, as for train)")
+    gen.add_argument("--adapter", default=None, help="a PEFT-format adapter directory (e.g. OUTPUT_DIR/adapter)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", default=None, help="one prompt")
+    source.add_argument("--prompts", default=None, help="a file of prompts: one per line, or JSONL with \"prompt\"")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                     help="use the tokenizer's chat template when it has one")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     plot = commands.add_parser("plot", help="draw a training run's metrics.jsonl as one PNG",
                                formatter_class=_Defaults)
     plot.add_argument("run_dir", help="a `fastlora train` output directory")
@@ -173,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
             _train(args)
         elif args.command == "quantize":
             _quantize(args)
+        elif args.command == "generate":
+            from .train.generate import generate, read_prompts
+
+            prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+            generate(prompts, model=args.model, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, chat=args.chat, seed=args.seed)
         elif args.command == "plot":
             from .train.plot import plot
 
