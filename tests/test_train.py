@@ -627,3 +627,63 @@ def test_generate_errors_are_one_line(tmp_path, capsys):
     assert "--max-new-tokens must be a positive integer" in _error_line(capsys)
     assert main(["generate", "--prompt", "hi", "--adapter", str(tmp_path)]) == 2
     assert f"--adapter {tmp_path}:" in _error_line(capsys)
+
+
+def test_named_eval_sets_and_the_base_level_at_step_0(tiny_model, task_file, tmp_path):
+    general = tmp_path / "general.txt"
+    general.write_text("the quick brown fox jumps over the lazy dog\n\nsome general text for a general eval set\n")
+    out = tmp_path / "run"
+    result = fastlora.train(**options(tiny_model, task_file, out, max_steps=4, eval_steps=2, lr=3e-3,
+                                      eval_data=[f"general={general}", f"tasks={task_file}"]))
+    records = read_metrics(out)
+    assert records == result.metrics and [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    base = records[0]
+    assert set(base) == {"step", "eval_loss", "eval_general_loss", "eval_general_ppl", "eval_tasks_loss",
+                         "eval_tasks_ppl"}
+    for r in records:
+        has_eval = r["step"] in (0, 2, 4)
+        assert ("eval_general_loss" in r) == has_eval and ("eval_tasks_loss" in r) == has_eval
+        if has_eval:
+            assert r["eval_general_ppl"] == pytest.approx(math.exp(r["eval_general_loss"]))
+    # The task set is the training data: its loss falls from the base level.
+    assert records[-1]["eval_tasks_loss"] < base["eval_tasks_loss"]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("general", "expected NAME=FILE"),
+    ("=x.txt", "expected NAME=FILE"),
+    ("bad name=x.txt", "expected NAME=FILE"),
+    ("general={missing}", "no such eval data file"),
+])
+def test_eval_data_errors_are_one_line(tiny_model, task_file, tmp_path, spec, message):
+    spec = spec.format(missing=tmp_path / "missing.txt")
+    with pytest.raises(TrainError, match=message):
+        fastlora.train(**options(tiny_model, task_file, tmp_path / "run", eval_data=[spec]))
+    twice = [f"a={task_file}", f"a={task_file}"]
+    with pytest.raises(TrainError, match="given twice"):
+        fastlora.train(**options(tiny_model, task_file, tmp_path / "run2", eval_data=twice))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(TrainError, match="empty.jsonl"):
+        fastlora.train(**options(tiny_model, task_file, tmp_path / "run3", eval_data=[f"e={empty}"]))
+
+
+def test_resume_with_eval_sets_keeps_one_base_record(tiny_model, task_file, tmp_path):
+    general = tmp_path / "general.txt"
+    general.write_text("plain general text, a few words long\n")
+    opts = dict(max_steps=4, save_steps=2, save_total_limit=0, eval_steps=1, eval_data=[f"g={general}"])
+    full = tmp_path / "full"
+    fastlora.train(**options(tiny_model, task_file, full, **opts))
+
+    def stop_at_3(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        fastlora.train(**options(tiny_model, task_file, cut, **opts), callback=stop_at_3)
+    fastlora.train(**options(tiny_model, task_file, cut, resume=True, **opts))
+    resumed, uninterrupted = read_metrics(cut), read_metrics(full)
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [0, 1, 2, 3, 4]
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        assert a["eval_g_loss"] == pytest.approx(b["eval_g_loss"], abs=1e-6)

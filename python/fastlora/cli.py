@@ -40,6 +40,9 @@ def _add_train(commands) -> None:
                    help="concatenate examples into full rows (else pad each example)")
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
                    help="fraction of examples held out for evaluation (0: none)")
+    g.add_argument("--eval-data", action="append", default=d.eval_data, metavar="NAME=FILE",
+                   help="an eval set (repeatable; JSONL or text as --data), logged as eval_NAME_loss and "
+                        "eval_NAME_ppl at every eval, with the base model's level as step 0")
     g = p.add_argument_group("LoRA and quantization")
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
     g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (scaling alpha / r)")

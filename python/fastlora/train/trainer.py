@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -82,6 +83,7 @@ class TrainConfig:
     max_length: int = 128
     packing: bool = True
     eval_fraction: float = 0.05
+    eval_data: list[str] | None = None  # NAME=FILE sets evaluated beside the held-out split (base level at step 0)
     eval_steps: int = 25  # 0: evaluate only after the last step
     save_steps: int = 50  # 0: no intermediate checkpoints
     save_total_limit: int = 2  # 0: keep all
@@ -143,6 +145,7 @@ def _check_config(cfg: TrainConfig) -> None:
                          f"got {cfg.checkpoint_policy!r}")
     if cfg.precision not in PRECISIONS:
         raise TrainError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    eval_sets(cfg.eval_data)
     if cfg.distributed not in distributed.MODES:
         raise TrainError(f"--distributed: expected one of {', '.join(distributed.MODES)}, got {cfg.distributed!r}")
 
@@ -251,9 +254,9 @@ class Trainer:
                 "loss_tokens": n_loss, "tokens_per_sec": tokens / elapsed, "step_time_s": elapsed}
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Token-mean loss over the eval split (sharded over ranks)."""
-        held = self.dataset.eval
+    def evaluate(self, held: list[data.Example] | None = None) -> float | None:
+        """Token-mean loss over `held` (default: the eval split), sharded over ranks."""
+        held = self.dataset.eval if held is None else held
         if not held:
             return None
         self.model.eval()
@@ -266,6 +269,35 @@ class Trainer:
         self.model.train()
         total, count = distributed.all_reduce_sum(self.info, [total, float(count)])
         return total / max(count, 1)
+
+
+_EVAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def eval_sets(specs: list[str] | None) -> dict[str, Path]:
+    """`--eval-data NAME=FILE` values as {name: file}; TrainError naming the bad one."""
+    sets: dict[str, Path] = {}
+    for spec in specs or ():
+        name, sep, file = str(spec).partition("=")
+        if not sep or not _EVAL_NAME.fullmatch(name) or not file:
+            raise TrainError(f"--eval-data {spec!r}: expected NAME=FILE (NAME of letters, digits, _ and -)")
+        if name in sets:
+            raise TrainError(f"--eval-data {spec!r}: the name {name!r} is given twice")
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise TrainError(f"--eval-data {spec!r}: {file}: no such eval data file")
+        sets[name] = path
+    return sets
+
+
+def _evaluate_named(trainer: Trainer, named: dict[str, list[data.Example]]) -> dict[str, float]:
+    """`eval_NAME_loss` and `eval_NAME_ppl` for every named eval set."""
+    out: dict[str, float] = {}
+    for name, held in named.items():
+        loss = trainer.evaluate(held)
+        out[f"eval_{name}_loss"] = loss
+        out[f"eval_{name}_ppl"] = math.exp(min(loss, 700.0))
+    return out
 
 
 class NonFiniteStep(TrainError):
@@ -516,6 +548,9 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
     model, tokenizer, name = _build(cfg, info, autocast_dtype)
     dataset = data.load_dataset(data_path, tokenizer, cfg.max_length, cfg.packing, cfg.eval_fraction, cfg.seed,
                                 records=records)
+    # Named eval sets: every row of each file (none held back), packed as the training data is.
+    named = {name: data.load_dataset(path, tokenizer, cfg.max_length, cfg.packing, 0.0, cfg.seed).train
+             for name, path in eval_sets(cfg.eval_data).items()}
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     policy = checkpoint_policy(cfg.checkpoint_policy, info.device)
@@ -563,9 +598,17 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                disable=not (info.is_main and cfg.progress), dynamic_ncols=True, file=sys.stderr)
     records: list[dict] = []
     last_eval = None
+    latest_named: dict[str, float] = {}
     spikes = SpikeWatch(cfg.grad_spike_factor)
     try:
         with open(metrics_path, "a") if info.is_main else contextlib.nullcontext() as metrics_file:
+            if named and step == 0:  # the base model's level on every set, once, as step 0
+                base = {"step": 0, **({} if (loss := trainer.evaluate()) is None else {"eval_loss": loss}),
+                        **_evaluate_named(trainer, named)}
+                if info.is_main:
+                    metrics_file.write(json.dumps(base) + "\n")
+                    metrics_file.flush()
+                    records.append(base)
             while step < cfg.max_steps:
                 try:
                     record = trainer.train_step(samples_seen)
@@ -585,6 +628,8 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                     last_eval = trainer.evaluate()
                     if last_eval is not None:
                         record["eval_loss"] = last_eval
+                    latest_named = _evaluate_named(trainer, named)
+                    record.update(latest_named)
                 record["peak_memory_mib"] = distributed.all_reduce_max(info, peak_memory_mib(info.device))
                 if info.is_main:
                     metrics_file.write(json.dumps(record) + "\n")
@@ -593,6 +638,8 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                 postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
                 if last_eval is not None:
                     postfix["eval"] = f"{last_eval:.4f}"
+                postfix.update({key.removeprefix("eval_"): f"{v:.4f}" for key, v in latest_named.items()
+                                if key.endswith("_loss")})
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
                 if cfg.save_steps and step % cfg.save_steps == 0:
