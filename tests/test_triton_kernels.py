@@ -338,9 +338,9 @@ def test_backend_variable_is_validated(monkeypatch):
         fastlora.quantize_4bit(w)
     for choice in ("auto", "rust", ""):
         monkeypatch.setenv("FASTLORA_BACKEND", choice)
-        assert not _backend.uses_triton(torch.device("cpu"))
+        assert _backend.select(torch.device("cpu")).NAME == "cpu"
     monkeypatch.setenv("FASTLORA_BACKEND", "rust")
-    assert _backend.uses_triton(torch.device("cuda"))  # CUDA tensors always run Triton
+    assert _backend.select(torch.device("cuda")).NAME == "triton"  # CUDA tensors always run Triton
 
 
 def test_triton_backend_without_the_interpreter_is_an_error(monkeypatch):

@@ -166,7 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", default=None, help="a PEFT-format adapter directory (e.g. OUTPUT_DIR/adapter)")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", default=None, help="one prompt")
-    source.add_argument("--prompts", default=None, help="a file of prompts: one per line, or JSONL with \"prompt\"")
+    source.add_argument("--prompts", default=None,
+                        help="a file of prompts: one per line, or .jsonl records with a \"prompt\"")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,

@@ -79,7 +79,3 @@ def select(device: torch.device) -> ModuleType:
         )
     return triton
 
-
-def uses_triton(device: torch.device) -> bool:
-    """Whether ops on `device` run the Triton kernels."""
-    return select(device).NAME == "triton"

@@ -269,12 +269,7 @@ class PreparedWeight:
         m = x2d.shape[0]
         if m > FUSED_MAX_ROWS:
             y = product(x2d, self.packed, self.absmax, n, k, self.blocksize, self.quant_type, transposed).to(x.dtype)
-            if lora is not None:
-                a, b, scaling = lora
-                y.add_(((x2d.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype), alpha=scaling)
-            if bias is not None:
-                y.add_(bias.to(y.dtype))
-            return y.reshape(*x.shape[:-1], outer)
+            return _add_in_torch(y, x2d, lora, bias).reshape(*x.shape[:-1], outer)
         native_lora, torch_lora = None, None
         if lora is not None:
             a, b, scaling = lora
@@ -293,12 +288,18 @@ class PreparedWeight:
         _threads.sync()
         self.native.matmul(x2d.data_ptr(), m, y.data_ptr(), _DTYPE_NAMES[x.dtype], transposed, native_lora,
                            native_bias)
-        if torch_lora is not None:
-            a, b, scaling = torch_lora
-            y.add_(((x2d.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype), alpha=scaling)
-        if bias is not None:  # in another dtype than x: torch adds it
-            y.add_(bias.to(y.dtype))
+        y = _add_in_torch(y, x2d, torch_lora, bias)  # what the native call could not take
         return y if flat else y.reshape(*x.shape[:-1], outer)
+
+
+def _add_in_torch(y: torch.Tensor, x2d: torch.Tensor, lora: tuple | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """`y += scaling * (x2d @ A.T) @ B.T` (in the adapter's dtype) and `y += bias`, in place."""
+    if lora is not None:
+        a, b, scaling = lora
+        y.add_(((x2d.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype), alpha=scaling)
+    if bias is not None:
+        y.add_(bias.to(y.dtype))
+    return y
 
 
 def prepare(packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,

@@ -14,8 +14,7 @@ import torch
 
 from .. import backends
 from ..scales import OP_SCHEMA, BlockScales
-from . import _eager
-from .matmul import matmul_4bit
+from . import _eager, matmul
 
 torch.library.define(
     "fastlora::lora_linear_4bit",
@@ -66,8 +65,8 @@ def _backward(ctx, grad: torch.Tensor):
     g = grad.reshape(-1, n)
     grad_x = grad_x_drop = grad_bias = grad_A = grad_B = None
     if needs_x:
-        scales = BlockScales.from_op_args(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
-        grad_x = matmul_4bit(grad, packed, scales, n, k, blocksize, quant_type, True)
+        grad_x = matmul.call(grad, packed, absmax, n, k, blocksize, quant_type, True, nested_absmax, nested_code,
+                             nested_offset, nested_blocksize)
     if needs_bias:
         # Summed in fp32: an fp32 bias under bf16/fp16 activations keeps an fp32-accurate grad.
         grad_bias = g.sum(0, dtype=torch.float32).to(bias_dtype)

@@ -38,8 +38,12 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, n: i
                 quant_type: str, transposed: bool) -> torch.Tensor:
     """The op on `scales` (through the dispatcher only where it has a part: `_eager.call`)."""
     absmax, *nested = scales.op_args()
-    return _eager.call(torch.ops.fastlora.matmul_4bit, _implementation, x, packed, absmax, n, k, blocksize,
-                       quant_type, transposed, *nested)
+    return call(x, packed, absmax, n, k, blocksize, quant_type, transposed, *nested)
+
+
+def call(*op_args) -> torch.Tensor:
+    """The op on its own arguments (as a backward pass holds them: checked once, by the op)."""
+    return _eager.call(torch.ops.fastlora.matmul_4bit, _implementation, *op_args)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -54,8 +58,8 @@ def _backward(ctx, grad: torch.Tensor):
     n, k, blocksize, quant_type, transposed, nested_blocksize = ctx.shape
     grad_x = None
     if ctx.needs_input_grad[0]:
-        scales = BlockScales.from_op_args(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
-        grad_x = matmul_4bit(grad, packed, scales, n, k, blocksize, quant_type, not transposed)
+        grad_x = call(grad, packed, absmax, n, k, blocksize, quant_type, not transposed, nested_absmax, nested_code,
+                      nested_offset, nested_blocksize)
     return (grad_x,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 

@@ -63,25 +63,30 @@ def _check_file(path: Path) -> None:
         raise TrainError(f"{path}: is a directory, not a data file (JSONL or plain text)")
 
 
-def read_jsonl(path: str | Path) -> list[Record]:
-    """Records of a JSONL file; a line that is not a valid record raises `TrainError` naming
-    the file and line. Blank lines are skipped."""
-    path = Path(path)
-    _check_file(path)
-    records = []
+def json_lines(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a UTF-8 JSONL file; a line that
+    is not JSON, or bytes that are not UTF-8, raise `TrainError` naming the file and line."""
+    values = []
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    values.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as exc:
                     raise TrainError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                records.append(_record(obj, f"{path}:{lineno}"))
     except UnicodeDecodeError as exc:
         raise TrainError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return records
+    return values
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    """Records of a JSONL file; a line that is not a valid record raises `TrainError` naming
+    the file and line. Blank lines are skipped."""
+    path = Path(path)
+    _check_file(path)
+    return [_record(obj, f"{path}:{lineno}") for lineno, obj in json_lines(path)]
 
 
 def _record(obj: object, where: str) -> Record:

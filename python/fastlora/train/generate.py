@@ -8,7 +8,6 @@ has one and `chat` allows it; tokens are printed as they come.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -16,29 +15,24 @@ from typing import TextIO
 import torch
 
 from . import modeling
+from .data import json_lines
 from .errors import TrainError
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: one per line, or JSONL records with a "prompt" (or "text") field."""
+    """Prompts from a file: one per line, or (.jsonl) records with a "prompt" (or "text") field."""
     path = Path(path)
-    try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise TrainError(f"{path}: no such prompts file") from None
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if path.suffix in (".jsonl", ".json") or line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    if not path.is_file():
+        raise TrainError(f"{path}: no such prompts file")
+    if path.suffix not in (".jsonl", ".json"):
+        prompts = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    else:
+        prompts = []
+        for number, record in json_lines(path):
             text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise TrainError(f"{path}:{number}: expected a record with a \"prompt\" or \"text\" string")
             prompts.append(text)
-        else:
-            prompts.append(line)
     if not prompts:
         raise TrainError(f"{path}: no prompts")
     return prompts

@@ -8,10 +8,10 @@ matplotlib is an optional extra (`pip install 'fastlora[plot]'`).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from .data import json_lines
 from .errors import TrainError
 
 METRICS_NAME = "metrics.jsonl"
@@ -25,13 +25,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise TrainError(f"{run_dir}: no {METRICS_NAME} (not a fastlora train output directory)")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TrainError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in json_lines(path):
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise TrainError(f"{path}:{number}: not a metrics record (no integer 'step')")
         records.append(record)
