@@ -687,3 +687,175 @@ def test_resume_with_eval_sets_keeps_one_base_record(tiny_model, task_file, tmp_
     assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [0, 1, 2, 3, 4]
     for a, b in zip(resumed, uninterrupted, strict=True):
         assert a["eval_g_loss"] == pytest.approx(b["eval_g_loss"], abs=1e-6)
+
+
+# -- early stopping, data mixing, sample generations, TensorBoard ---------------------------
+
+
+@pytest.fixture(scope="session")
+def four_examples(tmp_path_factory) -> Path:
+    """Four prompt/response pairs: three to overfit, one held out (--eval-fraction 0.25)."""
+    path = tmp_path_factory.mktemp("four") / "four.jsonl"
+    path.write_text("\n".join(modeling.default_data_path().read_text().splitlines()[:4]) + "\n")
+    return path
+
+
+def overfit(model: Path, data_file: Path, out: Path, **overrides) -> dict:
+    return options(model, data_file, out, **{**dict(max_steps=40, eval_steps=2, lr=1e-2, lora_r=8, lora_alpha=16,
+                                                    lora_dropout=0.0, eval_fraction=0.25, packing=False,
+                                                    early_stopping_patience=3), **overrides})
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny_model, four_examples, tmp_path):
+    """Overfitting three examples: the held-out loss stops falling, the run stops after three
+    evals without improvement, and adapter/ (and the returned model) hold the best eval's
+    adapter, best/; with --no-load-best adapter/ holds the last one."""
+    out = tmp_path / "run"
+    result = fastlora.train(**overfit(tiny_model, four_examples, out))
+    records = read_metrics(out)
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    best_step, best = min(evals, key=lambda e: e[1])
+    assert result.stopped_early and result.step < 40 and records[-1]["step"] == result.step
+    assert (result.best_step, result.best_score) == (best_step, pytest.approx(best))
+    assert [s for s, _ in evals][-3:] == [result.step - 4, result.step - 2, result.step]
+    assert all(loss >= best for _, loss in evals[-3:]) and best_step == result.step - 6
+    assert json.loads((out / "best" / "best_metric.json").read_text()) == {
+        "metric": "eval_loss", "score": pytest.approx(best), "step": best_step}
+    assert_same_adapter(out / "adapter", out / "best", tol=0)
+    # The returned model is the best one: its held-out loss is the best eval's.
+    from fastlora.train.trainer import Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    dataset = data.load_dataset(four_examples, tokenizer, 32, False, 0.25, 7)
+    info = fastlora.train.distributed.setup("none", "cpu")
+    again = Trainer(result.model, dataset, TrainConfig(batch_size=2), info).evaluate()
+    assert again == pytest.approx(best, abs=1e-5)
+
+    last = tmp_path / "last"
+    fastlora.train(**overfit(tiny_model, four_examples, last, load_best=False))
+    assert_same_adapter(last / "best", out / "best")
+    with pytest.raises(AssertionError):
+        assert_same_adapter(last / "adapter", last / "best")
+
+
+_KILL_RUN = """
+import os, signal, sys, json
+import torch
+import fastlora
+torch.set_num_threads(1)
+def kill_at(record):
+    if record["step"] == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+fastlora.train(**json.loads(sys.argv[1]), callback=kill_at)
+"""
+
+
+def test_killed_and_resumed_run_has_the_same_metrics_best_and_data(tiny_model, four_examples, task_file, tmp_path):
+    """A mixed-data run with early stopping, SIGKILLed after a new best at step 5 (checkpoint
+    at 4): resuming gives the uninterrupted run's metrics (so its data order), best adapter,
+    stopping step and final adapter."""
+    opts = overfit(tiny_model, four_examples, tmp_path / "full", eval_steps=1, save_steps=2, save_total_limit=0,
+                   data=[f"{four_examples}:3", f"{task_file}:1"], eval_fraction=0.1)
+    full = fastlora.train(**opts)
+    records = read_metrics(tmp_path / "full")
+    assert full.stopped_early
+    best_steps = [r["step"] for i, r in enumerate(records)
+                  if r["eval_loss"] < min([x["eval_loss"] for x in records[:i]], default=math.inf)]
+    kill = next(s for s in best_steps if s % 2 == 1 and s + 1 < full.step)  # a best written after a checkpoint
+    cut = {**opts, "output_dir": str(tmp_path / "cut")}
+    proc = subprocess.run([sys.executable, "-c", _KILL_RUN, json.dumps(cut), str(kill)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    assert json.loads((tmp_path / "cut" / "best" / "best_metric.json").read_text())["step"] == kill
+    resumed = fastlora.train(**{**cut, "resume": True})
+    assert (resumed.step, resumed.best_step) == (full.step, full.best_step)
+    assert_same_metrics(read_metrics(tmp_path / "cut"), records)
+    assert_same_adapter(tmp_path / "cut" / "best", tmp_path / "full" / "best")
+    assert_same_adapter(tmp_path / "cut" / "adapter", tmp_path / "full" / "adapter")
+
+
+def test_mixed_sources_are_drawn_by_weight_deterministically():
+    sampler = data.MixedSampler([5, 40], [3.0, 1.0], seed=11)
+    rows = sampler.indices(0, 1000)
+    first = sum(1 for i in rows if i < 5)
+    # Binomial(1000, 0.75): mean 750, sd 13.7; 4.5 sd either side.
+    assert 750 - 62 <= first <= 750 + 62
+    assert rows == data.MixedSampler([5, 40], [3.0, 1.0], seed=11).indices(0, 1000)
+    assert rows != data.MixedSampler([5, 40], [3.0, 1.0], seed=12).indices(0, 1000)
+    # A function of the position: any window equals the same slice of one long draw, also
+    # across the chunks the sources are drawn in (as a resumed run asks for it).
+    long = sampler.indices(0, 9000)
+    fresh = data.MixedSampler([5, 40], [3.0, 1.0], seed=11)
+    assert fresh.indices(8190, 20) == long[8190:8210] and fresh.indices(3, 7) == long[3:10]
+    # Each source is visited in its own epochs: every row once before any row twice.
+    small = [i for i in long if i < 5]
+    assert all(sorted(small[k:k + 5]) == list(range(5)) for k in range(0, 25, 5))
+    big = [i - 5 for i in long if i >= 5]
+    assert sorted(big[:40]) == list(range(40))
+    # Weights are relative; a sampler over one source is the plain one.
+    assert data.MixedSampler([5, 40], [0.3, 0.1], seed=11).indices(0, 50) == rows[:50]
+    dataset = data.Dataset(train=[None] * 6, eval=[], pad_id=0, source="x")
+    assert isinstance(data.sampler_for(dataset, 1), data.Sampler)
+
+
+def test_data_mixing_end_to_end(tiny_model, task_file, tmp_path, capsys):
+    general = tmp_path / "general.txt"
+    general.write_text("\n\n".join(f"general text number {i} about nothing in particular" for i in range(30)))
+    out = tmp_path / "run"
+    result = fastlora.train(**options(tiny_model, task_file, out, data=[f"{task_file}:3", f"{general}:1"],
+                                      max_steps=3))
+    assert result.step == 3 and len(read_metrics(out)) == 3
+    assert f"{task_file} (75%) + {general} (25%)" in capsys.readouterr().err
+
+
+def test_sample_prompts_are_generated_at_every_eval(tiny_model, task_file, tmp_path):
+    from fastlora.train.generate import continue_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("upper candle:\n40+55=\n")
+    out = tmp_path / "run"
+    result = fastlora.train(**options(tiny_model, task_file, out, sample_prompts=str(prompts),
+                                      sample_max_new_tokens=5, lr=3e-3))
+    records = read_metrics(out)
+    assert [r["step"] for r in records if "samples" in r] == [0, 2, 4]
+    for r in records:
+        if "samples" in r:
+            assert [s["prompt"] for s in r["samples"]] == ["upper candle:", "40+55="]
+    # The last samples are the trained model's own greedy continuations.
+    own = continue_prompts(result.model.eval(), result.tokenizer, ["upper candle:", "40+55="], 5)
+    assert [s["output"] for s in records[-1]["samples"]] == own
+
+
+def test_tensorboard_event_files_hold_the_metrics(tiny_model, task_file, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    fastlora.train(**options(tiny_model, task_file, out, report_to="tensorboard"))
+    events = event_accumulator.EventAccumulator(str(out / "runs"))
+    events.Reload()
+    records = read_metrics(out)
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
+    assert [e.step for e in events.Scalars("eval_loss")] == [2, 4]
+
+
+def test_progress_bar_shows_tokens_per_second(tiny_model, task_file, tmp_path, capsys):
+    fastlora.train(**options(tiny_model, task_file, tmp_path / "run", max_steps=2, progress=True))
+    assert "tok/s=" in capsys.readouterr().err
+
+
+def test_monitoring_errors_are_one_line(tiny_model, task_file, tmp_path, capsys, monkeypatch):
+    base = ["train", "--model", str(tiny_model), "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+            "--no-progress", "--max-length", "16"]
+    for weight in ("abc", "0", "-1", "nan"):
+        assert main(base + ["--data", f"{task_file}:{weight}"]) == 2
+        assert f"the weight after ':' must be a positive number, got {weight!r}" in _error_line(capsys)
+    assert main(base + ["--data", str(task_file), "--early-stopping-patience", "2", "--early-stopping-metric",
+                        "eval_general_loss"]) == 2
+    assert "unknown metric 'eval_general_loss'; expected one of eval_loss" in _error_line(capsys)
+    assert main(base + ["--data", str(task_file), "--early-stopping-patience", "2", "--eval-fraction", "0"]) == 2
+    assert "--early-stopping-metric eval_loss: there is no held-out split" in _error_line(capsys)
+    assert main(base + ["--data", str(task_file), "--sample-prompts", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt: no such prompts file" in _error_line(capsys)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    assert main(base + ["--data", str(task_file), "--report-to", "tensorboard"]) == 2
+    assert "--report-to tensorboard: the tensorboard package is not installed" in _error_line(capsys)

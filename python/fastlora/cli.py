@@ -16,6 +16,7 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_train(commands) -> None:
+    from .train.report import REPORT_TO
     from .train.trainer import CHECKPOINT_POLICIES, TrainConfig
 
     d = TrainConfig()
@@ -31,10 +32,11 @@ def _add_train(commands) -> None:
     g.add_argument("--model", default=None,
                    help="a local Hugging Face model directory (also one written by `fastlora quantize`) or a Hub id "
                         "(default: the tiny Llama shipped with fastlora, randomly initialized with a fixed seed)")
-    g.add_argument("--data", default=None,
+    g.add_argument("--data", action="append", default=None, metavar="FILE[:WEIGHT]",
                    help='a JSONL file of {"text": ...} or {"prompt": ..., "response": ...} records (loss on the '
-                        "response only), or a plain text file (documents separated by blank lines) "
-                        "(default: a small task set shipped with fastlora)")
+                        "response only), or a plain text file (documents separated by blank lines); repeatable: "
+                        "training rows are drawn from each file in proportion to its WEIGHT (default 1), e.g. "
+                        "--data task.jsonl:3 --data general.txt:1 (default: a small task set shipped with fastlora)")
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per row")
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=d.packing,
                    help="concatenate examples into full rows (else pad each example)")
@@ -43,6 +45,22 @@ def _add_train(commands) -> None:
     g.add_argument("--eval-data", action="append", default=d.eval_data, metavar="NAME=FILE",
                    help="an eval set (repeatable; JSONL or text as --data), logged as eval_NAME_loss and "
                         "eval_NAME_ppl at every eval, with the base model's level as step 0")
+    g.add_argument("--sample-prompts", default=None, metavar="FILE",
+                   help="prompts (one per line, or .jsonl records with a \"prompt\"): their greedy continuations "
+                        "are logged at every eval and in metrics.jsonl")
+    g.add_argument("--sample-max-new-tokens", type=int, default=d.sample_max_new_tokens,
+                   help="tokens generated per sample prompt")
+    g = p.add_argument_group("early stopping")
+    g.add_argument("--early-stopping-patience", type=int, default=d.early_stopping_patience, metavar="N",
+                   help="stop after N evals in a row without improvement; the best adapter is kept in best/ "
+                        "(0: no early stopping)")
+    g.add_argument("--early-stopping-metric", default=d.early_stopping_metric,
+                   help="what is followed (lower is better): eval_loss (the held-out split of --data), or "
+                        "eval_NAME_loss / eval_NAME_ppl of an --eval-data set")
+    g.add_argument("--early-stopping-min-delta", type=float, default=d.early_stopping_min_delta,
+                   help="an improvement must exceed this")
+    g.add_argument("--load-best", action=argparse.BooleanOptionalAction, default=d.load_best,
+                   help="with early stopping, adapter/ (and the merged model) hold the best adapter, else the last")
     g = p.add_argument_group("LoRA and quantization")
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
     g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (scaling alpha / r)")
@@ -88,6 +106,8 @@ def _add_train(commands) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
     g.add_argument("--merge", action="store_true", help="also write the merged dense model (save_pretrained)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="progress bar")
+    g.add_argument("--report-to", choices=REPORT_TO, default=d.report_to,
+                   help="also write the metrics as TensorBoard event files in OUTPUT_DIR/runs (needs tensorboard)")
     g = p.add_argument_group("devices")
     g.add_argument("--device", default=d.device, help="auto: cuda:LOCAL_RANK when CUDA is available, else cpu")
     g.add_argument("--distributed", choices=("auto", "none", "ddp", "fsdp"), default=d.distributed,

@@ -6,7 +6,9 @@
 * `scheduler.json`: the learning-rate scheduler's state,
 * `rng_state_<rank>.safetensors` + `rng_state_<rank>.json`: each rank's torch (CPU and CUDA)
   and Python random states,
-* `trainer_state.json`: the step, the samples seen, and the settings the run used.
+* `trainer_state.json`: the step, the samples seen, the early-stopping count and best score,
+  and the settings the run used,
+* `best/`: with early stopping, the best adapter so far (`fastlora.train.early_stopping`).
 
 Tensors are written with safetensors and everything else as JSON: loading a checkpoint never
 unpickles anything. A checkpoint is written into a temporary directory that is renamed into
@@ -171,9 +173,11 @@ def save(
     scheduler_state: dict,
     trainer_state: dict,
     save_total_limit: int,
+    best_dir: Path | None = None,
 ) -> Path:
     """Writes `checkpoint-<step>` (every rank calls this; rank 0 writes all but the RNG
-    states) and keeps the newest `save_total_limit` checkpoints (all when 0)."""
+    states, and a copy of `best_dir` when given) and keeps the newest `save_total_limit`
+    checkpoints (all when 0)."""
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".{PREFIX}{step}.tmp"
     if info.is_main:
@@ -188,19 +192,26 @@ def save(
         _write_optimizer(tmp, optim_state)
         _write_json(tmp / SCHEDULER_NAME, scheduler_state)
         _write_json(tmp / STATE_NAME, trainer_state)
+        if best_dir is not None and best_dir.is_dir():
+            shutil.copytree(best_dir, tmp / best_dir.name)
     barrier(info)
     if info.is_main:
-        old = output_dir / f".{PREFIX}{step}.old"
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
         if save_total_limit > 0:
             for _, path in list_checkpoints(output_dir)[:-save_total_limit]:
                 shutil.rmtree(path, ignore_errors=True)
     barrier(info)
     return final
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Renames directory `src` to `dst`, replacing what was there (never a half-written `dst`)."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_state(directory: Path) -> dict:

@@ -11,6 +11,13 @@ seeded by `seed + e`, and step `s` takes global samples `[s * G, (s + 1) * G)` o
 sequence (`G`, the global batch, is `batch_size * grad_accum * world_size`). The data position
 is thus a function of the number of samples seen, which is all a checkpoint needs to resume,
 and a run on N processes sees the same samples per step as one process with N times the batch.
+
+Several sources (`--data FILE:WEIGHT`, repeatable) are tokenized, split and packed each on
+its own; global sample `i` comes from the source drawn for position `i` with probability
+proportional to the weights (seeded, in fixed chunks of positions), and takes that source's
+next row in its own endless order. A source is revisited when it runs out, as
+`datasets.interleave_datasets(..., stopping_strategy="all_exhausted")` does; the mixture
+stays a function of the samples seen.
 """
 
 from __future__ import annotations
@@ -54,6 +61,39 @@ class Dataset:
     pad_id: int
     source: str
     stats: dict[str, int] = field(default_factory=dict)
+    # A mixture: the training rows of source s are `train[offset_s : offset_s + parts[s]]`.
+    parts: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One `--data` file and its mixing weight."""
+
+    path: Path
+    weight: float = 1.0
+
+
+def parse_sources(specs: str | list[str] | None, default: Path) -> list[Source]:
+    """`--data` values (`FILE` or `FILE:WEIGHT`) as sources; `default` when there are none.
+    A file whose own name ends in `:<text>` is taken whole when it exists."""
+    if specs is None or specs == []:
+        return [Source(default)]
+    sources = []
+    for spec in [specs] if isinstance(specs, (str, Path)) else specs:
+        spec = str(spec)
+        path, sep, weight = spec.rpartition(":")
+        if not sep or Path(spec).exists() or not path:
+            sources.append(Source(Path(spec)))
+            continue
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise TrainError(f"--data {spec!r}: the weight after ':' must be a positive number, got {weight!r}")
+        sources.append(Source(Path(path), value))
+    return sources
 
 
 def _check_file(path: Path) -> None:
@@ -230,6 +270,24 @@ def load_dataset(path: str | Path, tokenizer, max_length: int, packing: bool, ev
     return Dataset(train=train, eval=held, pad_id=pad, source=str(path), stats=stats)
 
 
+def load_mixture(sources: list[Source], tokenizer, max_length: int, packing: bool, eval_fraction: float,
+                 seed: int, records: list[list[Record]] | None = None) -> Dataset:
+    """One source: `load_dataset`. Several: each loaded on its own (its held-out split
+    included), their training rows concatenated with `parts` and `weights` set for
+    `MixedSampler`, their eval rows concatenated."""
+    records = records or [None] * len(sources)
+    sets = [load_dataset(src.path, tokenizer, max_length, packing, eval_fraction, seed, records=recs)
+            for src, recs in zip(sources, records, strict=True)]
+    if len(sets) == 1:
+        return sets[0]
+    stats = {key: sum(d.stats.get(key, 0) for d in sets) for key in sets[0].stats}
+    total = sum(src.weight for src in sources)
+    return Dataset(train=[e for d in sets for e in d.train], eval=[e for d in sets for e in d.eval],
+                   pad_id=sets[0].pad_id, stats=stats,
+                   source=" + ".join(f"{src.path} ({src.weight / total:.0%})" for src in sources),
+                   parts=[len(d.train) for d in sets], weights=[src.weight for src in sources])
+
+
 def loss_tokens(examples: list[Example]) -> int:
     """Tokens that carry a loss: labels after the causal shift that are not ignored."""
     return sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in examples)
@@ -271,6 +329,67 @@ class Sampler:
 
     def epoch(self, samples_seen: int) -> float:
         return samples_seen / self.num_rows
+
+
+class MixedSampler:
+    """The endless seeded order of training rows drawn from several sources by weight (see
+    the module docstring); `indices` returns rows of the concatenated training split."""
+
+    CHUNK = 4096  # positions whose sources are drawn together
+
+    def __init__(self, parts: list[int], weights: list[float], seed: int) -> None:
+        if any(n < 1 for n in parts):
+            raise TrainError("a --data source has no training rows")
+        self.seed, self.num_rows = seed, sum(parts)
+        self.offsets = [sum(parts[:s]) for s in range(len(parts))]
+        # Each source's own endless order, with a seed of its own.
+        self.sources = [Sampler(n, seed + 1_000_003 * (s + 1)) for s, n in enumerate(parts)]
+        self.probs = torch.tensor(weights, dtype=torch.float64)
+        self._drawn: dict[int, tuple[list[int], list[int]]] = {}
+        self._before: list[torch.Tensor] = [torch.zeros(len(parts), dtype=torch.long)]  # draws per source
+
+    def _chunk(self, c: int) -> tuple[list[int], list[int]]:
+        """(source, that source's draw number within the chunk) of every position of chunk `c`."""
+        if c not in self._drawn:
+            if len(self._drawn) > 2:
+                self._drawn.clear()
+            gen = torch.Generator().manual_seed(self.seed * 7919 + c)
+            source = torch.multinomial(self.probs, self.CHUNK, replacement=True, generator=gen)
+            onehot = torch.nn.functional.one_hot(source, len(self.sources))
+            nth = onehot.cumsum(0).gather(1, source[:, None]).squeeze(1) - 1
+            self._drawn[c] = (source.tolist(), nth.tolist())
+        return self._drawn[c]
+
+    def _draws_before(self, c: int) -> list[int]:
+        while len(self._before) <= c:
+            source, _ = self._chunk(len(self._before) - 1)
+            counts = torch.bincount(torch.tensor(source), minlength=len(self.sources))
+            self._before.append(self._before[-1] + counts)
+        return self._before[c].tolist()
+
+    def source_of(self, i: int) -> int:
+        """The source global sample `i` is drawn from."""
+        return self._chunk(i // self.CHUNK)[0][i % self.CHUNK]
+
+    def indices(self, start: int, count: int) -> list[int]:
+        rows = []
+        for i in range(start, start + count):
+            c, j = divmod(i, self.CHUNK)
+            before = self._draws_before(c)
+            source, nth = self._chunk(c)
+            s = source[j]
+            rows.append(self.offsets[s] + self.sources[s].indices(before[s] + nth[j], 1)[0])
+        return rows
+
+    def epoch(self, samples_seen: int) -> float:
+        return samples_seen / self.num_rows
+
+
+def sampler_for(dataset: Dataset, seed: int) -> Sampler | MixedSampler:
+    """The order of `dataset`'s training rows: one source's `Sampler`, or a mixture's."""
+    if len(dataset.parts) > 1:
+        return MixedSampler(dataset.parts, dataset.weights, seed)
+    return Sampler(len(dataset.train), seed)
 
 
 def micro_batches(rows: list[int], batch_size: int, rank: int, world_size: int) -> list[list[int]]:

@@ -60,9 +60,15 @@ def generate(prompts: list[str], model: str | None = None, adapter: str | Path |
         raise TrainError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise TrainError(f"--temperature must be a number >= 0, got {temperature!r}")
-    out = out or sys.stdout
     net, tokenizer = load(model, adapter)
+    return continue_prompts(net, tokenizer, prompts, max_new_tokens, temperature, chat, seed, out or sys.stdout)
+
+
+def continue_prompts(net, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+                     chat: bool = True, seed: int = 0, out: TextIO | None = None) -> list[str]:
+    """The continuation of each prompt by `net` (in eval mode), streamed to `out` when given."""
     templated = chat and getattr(tokenizer, "chat_template", None)
+    device = next(net.parameters()).device
     results = []
     for prompt in prompts:
         if templated:
@@ -70,12 +76,13 @@ def generate(prompts: list[str], model: str | None = None, adapter: str | Path |
                                                  add_generation_prompt=True)
         else:
             text = prompt
-        inputs = tokenizer(text, return_tensors="pt")
-        streamer = _streamer(tokenizer, out)
+        inputs = tokenizer(text, return_tensors="pt").to(device)
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": float(temperature)} if temperature > 0 else {"do_sample": False}
+        if out is not None:
+            sampling["streamer"] = _streamer(tokenizer, out)
         with torch.no_grad():
-            ids = net.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
+            ids = net.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True,
                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
         results.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     return results

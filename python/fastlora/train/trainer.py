@@ -9,10 +9,13 @@ of a step is the mean over every loss-carrying token of the global batch, howeve
 split into micro-batches and processes, so `--grad-accum` and `torchrun` change the
 arithmetic's order but not the result.
 
-Every step appends a record to `<output-dir>/metrics.jsonl`; checkpoints (see
-`fastlora.train.checkpoint`) let `resume` continue a run to the same result; the final
-adapter goes to `<output-dir>/adapter` in PEFT's format, and with `merge` the merged dense
-model to `<output-dir>/merged`.
+Every step appends a record to `<output-dir>/metrics.jsonl` (and, with `report_to`, to
+TensorBoard); evals cover the held-out split, the named `eval_data` sets and the
+`sample_prompts` generations; early stopping keeps the best adapter in `<output-dir>/best`
+(`fastlora.train.early_stopping`); several `data` sources are mixed by weight
+(`fastlora.train.data`). Checkpoints (`fastlora.train.checkpoint`) let `resume` continue a
+run to the same result; the final adapter goes to `<output-dir>/adapter` in PEFT's format,
+and with `merge` the merged dense model to `<output-dir>/merged`.
 """
 
 from __future__ import annotations
@@ -34,14 +37,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from ..adapter import load_adapter, save_adapter
 from ..model import lora_layers, merge_and_unload, prepare_model
-from . import checkpoint, data, distributed, modeling
+from . import checkpoint, data, distributed, modeling, report
 from .distributed import DistInfo
+from .early_stopping import BEST_DIR, EarlyStopping, check_metric, write_best
 from .errors import TrainError
+from .generate import continue_prompts, read_prompts
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "train_config.json"
@@ -64,7 +70,7 @@ class TrainConfig:
     """Every option of `fastlora train` (the CLI's `--max-steps` is `max_steps` here)."""
 
     model: str | None = None  # a local directory, a Hub id, or None: the embedded tiny Llama
-    data: str | None = None  # JSONL or plain text; None: the shipped tiny task set
+    data: str | list[str] | None = None  # FILE or FILE:WEIGHT (several: mixed by weight); None: the shipped set
     output_dir: str = "fastlora-output"
     max_steps: int = 100
     batch_size: int = 8  # per process and micro-batch
@@ -85,6 +91,13 @@ class TrainConfig:
     eval_fraction: float = 0.05
     eval_data: list[str] | None = None  # NAME=FILE sets evaluated beside the held-out split (base level at step 0)
     eval_steps: int = 25  # 0: evaluate only after the last step
+    early_stopping_patience: int = 0  # evals without improvement before stopping (0: no early stopping)
+    early_stopping_metric: str = "eval_loss"  # eval_loss, eval_NAME_loss or eval_NAME_ppl (lower is better)
+    early_stopping_min_delta: float = 0.0  # an improvement must exceed this
+    load_best: bool = True  # with early stopping: adapter/ and the returned model hold the best adapter
+    sample_prompts: str | None = None  # a prompts file: greedy continuations logged at every eval
+    sample_max_new_tokens: int = 32
+    report_to: str = "none"  # "tensorboard": the metrics also as event files in <output-dir>/runs
     save_steps: int = 50  # 0: no intermediate checkpoints
     save_total_limit: int = 2  # 0: keep all
     seed: int = 42
@@ -111,6 +124,9 @@ class TrainResult:
     loss: float | None = None
     eval_loss: float | None = None
     wrapped_model: nn.Module | None = None  # the model as trained: DDP's wrapper, FSDP's sharded model
+    best_step: int | None = None  # with early stopping: the step of the best eval (held by adapter/ by default)
+    best_score: float | None = None
+    stopped_early: bool = False
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -128,8 +144,10 @@ def _check_config(cfg: TrainConfig) -> None:
     for name in ("max_steps", "batch_size", "grad_accum", "lora_r"):
         number(name, int, 1)
     number("max_length", int, 2)
-    for name in ("eval_steps", "save_steps", "save_total_limit", "seed"):
+    for name in ("eval_steps", "save_steps", "save_total_limit", "seed", "early_stopping_patience"):
         number(name, int, 0)
+    number("sample_max_new_tokens", int, 1)
+    number("early_stopping_min_delta", float, 0)
     number("lr", float, 0, low_open=True)
     number("lora_alpha", float, 0, low_open=True)
     number("weight_decay", float, 0)
@@ -145,7 +163,9 @@ def _check_config(cfg: TrainConfig) -> None:
                          f"got {cfg.checkpoint_policy!r}")
     if cfg.precision not in PRECISIONS:
         raise TrainError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    eval_sets(cfg.eval_data)
+    check_metric(cfg.early_stopping_metric, list(eval_sets(cfg.eval_data)))
+    data.parse_sources(cfg.data, modeling.default_data_path())
+    report.check(cfg.report_to)
     if cfg.distributed not in distributed.MODES:
         raise TrainError(f"--distributed: expected one of {', '.join(distributed.MODES)}, got {cfg.distributed!r}")
 
@@ -198,7 +218,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.max_steps, cfg.warmup_ratio))
-        self.sampler = data.Sampler(len(dataset.train), cfg.seed)
+        self.sampler = data.sampler_for(dataset, cfg.seed)
         self.global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
 
     def _autocast(self):
@@ -343,7 +363,7 @@ def _prepare_output(cfg: TrainConfig, info: DistInfo) -> tuple[Path, Path | None
         if ckpt is None:
             _log(info, f"no checkpoint in {out}: starting from step 0")
         return out, ckpt
-    previous = [p for p in (out / METRICS_NAME, out / ADAPTER_DIR) if p.exists()] + [
+    previous = [p for p in (out / METRICS_NAME, out / ADAPTER_DIR, out / BEST_DIR) if p.exists()] + [
         p for _, p in checkpoint.list_checkpoints(out)]
     if previous and not cfg.overwrite:
         raise TrainError(f"--output-dir {out}: holds a previous run ({previous[0].name}); pass --resume to "
@@ -538,16 +558,23 @@ def train(config: TrainConfig | None = None, *, callback: Callable[[dict], objec
 
 
 def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
-    data_path = Path(cfg.data) if cfg.data is not None else modeling.default_data_path()
-    records = data.read_records(data_path)  # fails on a bad file before the model loads
+    sources = data.parse_sources(cfg.data, modeling.default_data_path())
+    records = [data.read_records(src.path) for src in sources]  # a bad file fails before the model loads
+    prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
     out, resume_from = _prepare_output(cfg, info)
     distributed.barrier(info)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     autocast_dtype = _precision(cfg, info.device)
     model, tokenizer, name = _build(cfg, info, autocast_dtype)
-    dataset = data.load_dataset(data_path, tokenizer, cfg.max_length, cfg.packing, cfg.eval_fraction, cfg.seed,
+    dataset = data.load_mixture(sources, tokenizer, cfg.max_length, cfg.packing, cfg.eval_fraction, cfg.seed,
                                 records=records)
+    tracker = None
+    if cfg.early_stopping_patience:
+        if cfg.early_stopping_metric == "eval_loss" and not dataset.eval:
+            raise TrainError("--early-stopping-metric eval_loss: there is no held-out split (--eval-fraction 0, "
+                             "or a single example); raise --eval-fraction or follow an --eval-data set's metric")
+        tracker = EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience, cfg.early_stopping_min_delta)
     # Named eval sets: every row of each file (none held back), packed as the training data is.
     named = {name: data.load_dataset(path, tokenizer, cfg.max_length, cfg.packing, 0.0, cfg.seed).train
              for name, path in eval_sets(cfg.eval_data).items()}
@@ -571,6 +598,10 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
         trainer.scheduler.load_state_dict(json.loads((resume_from / checkpoint.SCHEDULER_NAME).read_text()))
         if not checkpoint.restore_rng(resume_from, info.rank, info.device):
             _log(info, f"{resume_from} has no random state for rank {info.rank}: reseeding")
+        if tracker is not None:
+            tracker.restore(state.get("early_stopping"))
+            if info.is_main:
+                _restore_best_dir(resume_from, out)
         _log(info, f"resuming from {resume_from} at step {state['step']}")
     step, samples_seen = int(state["step"]), int(state.get("samples_seen", state["step"] * trainer.global_batch))
     metrics_path = out / METRICS_NAME
@@ -600,15 +631,25 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
     last_eval = None
     latest_named: dict[str, float] = {}
     spikes = SpikeWatch(cfg.grad_spike_factor)
+    reporter = report.open_reporter(cfg.report_to, out, step) if info.is_main else None
+    stopped_early = False
+
+    def log_record(record: dict) -> None:
+        if info.is_main:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            records.append(record)
+            if reporter is not None:
+                reporter.write(record)
+
     try:
         with open(metrics_path, "a") if info.is_main else contextlib.nullcontext() as metrics_file:
-            if named and step == 0:  # the base model's level on every set, once, as step 0
+            if (named or prompts) and step == 0:  # the base model's level on every set, once, as step 0
                 base = {"step": 0, **({} if (loss := trainer.evaluate()) is None else {"eval_loss": loss}),
                         **_evaluate_named(trainer, named)}
-                if info.is_main:
-                    metrics_file.write(json.dumps(base) + "\n")
-                    metrics_file.flush()
-                    records.append(base)
+                if prompts:
+                    base["samples"] = _samples(trainer, tokenizer, prompts, cfg, info, 0)
+                log_record(base)
             while step < cfg.max_steps:
                 try:
                     record = trainer.train_step(samples_seen)
@@ -630,12 +671,16 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                         record["eval_loss"] = last_eval
                     latest_named = _evaluate_named(trainer, named)
                     record.update(latest_named)
+                    if prompts:
+                        record["samples"] = _samples(trainer, tokenizer, prompts, cfg, info, step)
+                    if tracker is not None and tracker.update(step, record):
+                        writer = _adapter_writer(wrapped, info)  # gathers on every rank under FSDP
+                        if info.is_main:
+                            write_best(out, writer, tracker)
                 record["peak_memory_mib"] = distributed.all_reduce_max(info, peak_memory_mib(info.device))
-                if info.is_main:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    records.append(record)
-                postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+                log_record(record)
+                postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+                           "tok/s": f"{record['tokens_per_sec']:.0f}"}
                 if last_eval is not None:
                     postfix["eval"] = f"{last_eval:.4f}"
                 postfix.update({key.removeprefix("eval_"): f"{v:.4f}" for key, v in latest_named.items()
@@ -643,11 +688,22 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
                 if cfg.save_steps and step % cfg.save_steps == 0:
-                    _save_checkpoint(out, step, samples_seen, cfg, info, wrapped, trainer)
+                    _save_checkpoint(out, step, samples_seen, cfg, info, wrapped, trainer, tracker)
                 if callback is not None:
                     callback(record)
+                if tracker is not None and tracker.should_stop:
+                    stopped_early = True
+                    _log(info, f"early stopping at step {step}: {tracker.reason()}")
+                    break
     finally:
         bar.close()
+        if reporter is not None:
+            reporter.close()
+    if tracker is not None and cfg.load_best and tracker.best_step is not None:
+        distributed.barrier(info)  # rank 0 wrote best/
+        _restore_lora(distributed.unwrap(wrapped), out / BEST_DIR)
+        _log(info, f"{ADAPTER_DIR}/ holds the best adapter: {tracker.metric} {tracker.best:.4f} at step "
+                   f"{tracker.best_step} (--no-load-best: the last one)")
     writer = _adapter_writer(wrapped, info)
     adapter_dir = out / ADAPTER_DIR
     if info.is_main:
@@ -665,17 +721,62 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
     distributed.barrier(info)
     return TrainResult(model=distributed.unwrap(wrapped), tokenizer=tokenizer, output_dir=out,
                        adapter_dir=adapter_dir, merged_dir=merged_dir, step=step, metrics=records, loss=final_loss,
-                       eval_loss=last_eval, wrapped_model=wrapped)
+                       eval_loss=last_eval, wrapped_model=wrapped, stopped_early=stopped_early,
+                       best_step=tracker.best_step if tracker else None, best_score=tracker.best if tracker else None)
+
+
+def _samples(trainer: Trainer, tokenizer, prompts: list[str], cfg: TrainConfig, info: DistInfo,
+             step: int) -> list[dict]:
+    """Greedy continuations of the sample prompts by the model as it is now (every rank
+    generates: a sharded model needs them all), logged and returned as records."""
+    bare = distributed.unwrap(trainer.model)
+    bare.eval()
+    try:
+        with trainer._autocast():
+            outputs = continue_prompts(bare, tokenizer, prompts, cfg.sample_max_new_tokens)
+    finally:
+        bare.train()
+    for prompt, output in zip(prompts, outputs, strict=True):
+        _log(info, f"step {step} sample: {prompt!r} -> {output!r}")
+    return [{"prompt": p, "output": o} for p, o in zip(prompts, outputs, strict=True)]
+
+
+def _restore_best_dir(resume_from: Path, out: Path) -> None:
+    """`out/best` as the checkpoint saw it: a best adapter written after the checkpoint (by the
+    interrupted run) would otherwise outlive the count that led to it."""
+    saved = resume_from / BEST_DIR
+    if saved.is_dir():
+        tmp = out / f".{BEST_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(saved, tmp)
+        checkpoint.replace_dir(tmp, out / BEST_DIR)
+    else:
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
+
+
+def _restore_lora(model: nn.Module, directory: Path) -> None:
+    """Copies the LoRA weights of an adapter this run saved into the model's LoRA layers
+    (under FSDP each rank takes its shard)."""
+    from ..adapter import KEY_PREFIX, WEIGHTS_NAME
+
+    state = load_file(directory / WEIGHTS_NAME)
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            for part in ("lora_A", "lora_B"):
+                param = getattr(layer, part).weight
+                param.copy_(distributed.shard_like(param, state[f"{KEY_PREFIX}{name}.{part}.weight"]))
 
 
 def _save_checkpoint(out: Path, step: int, samples_seen: int, cfg: TrainConfig, info: DistInfo, model: nn.Module,
-                     trainer: Trainer) -> Path:
+                     trainer: Trainer, tracker: EarlyStopping | None) -> Path:
     writer = _adapter_writer(model, info)
     optim = checkpoint.optimizer_state(model, trainer.optimizer)
     state = {"step": step, "samples_seen": samples_seen, "world_size": info.world_size,
              "global_batch": trainer.global_batch, "config": asdict(cfg)}
+    if tracker is not None:
+        state["early_stopping"] = tracker.state()
     return checkpoint.save(out, step, info, writer, optim, trainer.scheduler.state_dict(), state,
-                           cfg.save_total_limit)
+                           cfg.save_total_limit, best_dir=out / BEST_DIR if tracker is not None else None)
 
 
 def config_fields() -> dict[str, object]:
