@@ -358,3 +358,76 @@ def test_the_isa_cap_selects_every_level_and_refuses_what_it_cannot_honour():
     if "avx2" not in levels:
         proc = _simd_level_under(FASTLORA_MAX_ISA="avx2")
         assert proc.returncode != 0 and "this CPU does not have avx2" in proc.stderr
+
+
+_THREAD_POOL_OUTPUTS = """
+import sys, torch, fastlora
+from fastlora.backends import cpu as _cpu
+from safetensors.torch import save_file
+torch.manual_seed(5)
+torch.set_num_threads(2)
+w = torch.randn(768, 1024)
+packed, state = fastlora.quantize_4bit(w)  # 786k elements: past the inline threshold
+plain, plain_state = fastlora.quantize_4bit(w, compress_statistics=False)
+x1, x16, dy = torch.randn(1, 1024), torch.randn(16, 1024), torch.randn(16, 768)
+a, b = torch.randn(8, 1024), torch.randn(768, 8)
+layer = fastlora.nn.LoraLinear(fastlora.Linear4bit.from_linear(torch.nn.Linear(1024, 768)), r=8)
+with torch.no_grad():
+    layer.lora_B.weight.normal_()
+save_file({"packed": packed, "absmax": state.absmax, "dense": fastlora.dequantize_4bit(packed, state),
+           "y1": fastlora.matmul_4bit(x1, packed.t(), state), "y16": fastlora.matmul_4bit(x16, packed.t(), state),
+           "dx": _cpu.product(dy, plain, plain_state.absmax, 768, 1024, 64, "nf4", True),
+           "lora": layer(x16).detach()},
+          sys.argv[1])
+print(fastlora.thread_pool())
+"""
+
+
+def test_torchs_openmp_team_and_the_rayon_pool_give_the_same_bytes(tmp_path):
+    """Every kernel, past the size that runs inline, gives the same bytes on torch's OpenMP
+    team (the default where torch has one), on fastlora's rayon pool and on one thread."""
+    from safetensors.torch import load_file
+
+    from fastlora import _threads
+
+    runs = {}
+    for pool, threads in (("auto", 2), ("rayon", 2), ("rayon", 1)):
+        out = tmp_path / f"{pool}{threads}.safetensors"
+        env = {**os.environ, "FASTLORA_THREAD_POOL": pool, "OMP_NUM_THREADS": str(threads)}
+        code = _THREAD_POOL_OUTPUTS.replace("torch.set_num_threads(2)", f"torch.set_num_threads({threads})")
+        proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        expected_pool = "openmp" if pool == "auto" and _threads.torch_openmp_runtime() else "rayon"
+        assert proc.stdout.split() == [expected_pool]
+        runs[pool, threads] = load_file(out)
+    first = runs["auto", 2]
+    for other in runs.values():
+        assert first.keys() == other.keys() and all(torch.equal(first[k], other[k]) for k in first)
+    assert torch.isfinite(first["lora"]).all() and first["y1"].abs().sum() > 0
+
+
+def test_thread_pool_setting_and_a_forked_child():
+    from fastlora import _threads
+
+    assert fastlora.thread_pool() == ("openmp" if _threads.torch_openmp_runtime() else "rayon")
+    bad = subprocess.run([sys.executable, "-c", "import fastlora"], capture_output=True, text=True,
+                         env={**os.environ, "FASTLORA_THREAD_POOL": "tbb"}, timeout=120)
+    assert bad.returncode != 0 and "FASTLORA_THREAD_POOL must be one of auto, openmp, rayon, got 'tbb'" in bad.stderr
+    # A forked child has no OpenMP team behind its copy of the parent's: it uses its own pool.
+    w = random_weight((512, 1024))
+    packed, state = fastlora.quantize_4bit(w)
+    x = torch.randn(8, 1024)
+    parent = fastlora.matmul_4bit(x, packed.t(), state)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running the parent's cleanup
+        try:
+            same = torch.equal(fastlora.matmul_4bit(x, packed.t(), state), parent)
+            os.write(write, f"{int(same)} {fastlora.thread_pool()}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        assert f.read() == "1 rayon" and status == 0

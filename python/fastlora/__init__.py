@@ -12,7 +12,7 @@ kernels. The functional API mirrors `bitsandbytes.functional`:
 import importlib.metadata
 
 from . import _native
-from ._threads import get_num_threads, set_num_threads
+from ._threads import get_num_threads, set_num_threads, thread_pool
 from .adapter import load_adapter, save_adapter
 from .functional import dequantize_4bit, matmul_4bit, quantize_4bit
 from .model import merge_and_unload, prepare_model
@@ -50,6 +50,7 @@ __all__ = [
     "matmul_4bit",
     "quantize_4bit",
     "set_num_threads",
+    "thread_pool",
     "simd_level",
     "simd_levels",
     "train",

@@ -476,6 +476,7 @@ def machine() -> dict[str, object]:
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "threads": fastlora.get_num_threads(),
+        "thread_pool": fastlora.thread_pool(),
         "simd": fastlora.simd_level(),
         "torch": torch.__version__,
         "bitsandbytes": _version("bitsandbytes"),
@@ -510,7 +511,8 @@ def run(quick: bool = False, repeats: int | None = None, json_path: str | None =
     if unknown:
         raise ValueError(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
     info = machine()
-    print(f"fastlora bench {info['date']}: {info['cpu']}, {info['threads']} threads, simd={info['simd']}, "
+    print(f"fastlora bench {info['date']}: {info['cpu']}, {info['threads']} threads ({info['thread_pool']}), "
+          f"simd={info['simd']}, "
           f"torch {info['torch']}, bitsandbytes {info['bitsandbytes'] or 'not installed'}, median of {repeats}")
     if info["bitsandbytes"] is None:
         print(f"note: bitsandbytes is not installed, so its column stays empty ({INSTALL_HINT})")

@@ -16,6 +16,7 @@ pub mod error;
 pub mod format;
 pub mod lora;
 pub mod matmul;
+pub mod parallel;
 pub mod quantize;
 pub mod simd;
 

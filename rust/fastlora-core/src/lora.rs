@@ -2,10 +2,9 @@
 //! `u = x @ A.T` (down-projection to rank r) and `y += scale * u @ B.T` (up-projection added
 //! into the base layer's output). fp32 accumulation whatever the element type.
 
-use rayon::prelude::*;
-
 use crate::element::Element;
 use crate::error::{ensure, Error};
+use crate::parallel;
 use crate::simd::dot;
 
 /// `v` as fp32: borrowed when it already is, else widened into a new buffer.
@@ -36,17 +35,19 @@ fn linear<T: Element>(
     let m = x.len() / k;
     ensure!(out.len() == m * n, "out must hold {} values for shape ({m}, {n}), got {}", m * n, out.len());
     let w32 = widen(w);
-    out.par_chunks_mut(n).zip(x.par_chunks(k)).for_each_init(
-        || (vec![0.0f32; k], vec![0.0f32; n]),
-        |(x_row, o_row), (out_row, x_src)| {
-            T::widen_into(x_src, x_row);
+    let rows_per_task = m.div_ceil(4 * parallel::threads()).max(1);
+    parallel::for_each_chunk_mut(out, rows_per_task * n, |t, out_rows| {
+        let (mut x_row, mut o_row) = (vec![0.0f32; k], vec![0.0f32; n]);
+        for (i, out_row) in out_rows.chunks_mut(n).enumerate() {
+            let row = t * rows_per_task + i;
+            T::widen_into(&x[row * k..(row + 1) * k], &mut x_row);
             for (j, o) in o_row.iter_mut().enumerate() {
-                let v = dot(x_row, &w32[j * k..(j + 1) * k]) * scale;
+                let v = dot(&x_row, &w32[j * k..(j + 1) * k]) * scale;
                 *o = if accumulate { out_row[j].to_f32() + v } else { v };
             }
-            T::narrow_from(o_row, out_row);
-        },
-    );
+            T::narrow_from(&o_row, out_row);
+        }
+    });
     Ok(())
 }
 

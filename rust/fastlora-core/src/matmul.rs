@@ -9,11 +9,10 @@
 //! caller dequantizes weight tiles and multiplies them with a GEMM, as the Python package
 //! does with torch's BLAS (whose threads are the ones the rest of a training step runs on).
 
-use rayon::prelude::*;
-
 use crate::element::Element;
 use crate::error::{ensure, Error};
 use crate::format::Packed4bit;
+use crate::parallel;
 use crate::quantize::decode_span;
 use crate::simd::{self, dot, Isa, MAX_ROWS};
 
@@ -56,7 +55,7 @@ pub fn matmul_4bit<T: Element>(
     }
     // Results are produced weight row by weight row: y transposed, shape (n, m).
     let mut y_t = vec![0.0f32; n * m];
-    let rows_per_task = (n / (8 * rayon::current_num_threads())).clamp(1, 64);
+    let rows_per_task = (n / (8 * parallel::threads())).clamp(1, 64);
     if weight.rows_are_block_aligned(k) {
         let laid: Vec<Vec<f32>> = x
             .chunks_exact(k)
@@ -72,7 +71,7 @@ pub fn matmul_4bit<T: Element>(
         // The activation rows of each group of MAX_ROWS, gathered once (not once per weight row).
         let groups: Vec<Vec<&[f32]>> =
             laid.chunks(MAX_ROWS).map(|g| g.iter().map(|v| v.as_slice()).collect()).collect();
-        y_t.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(t, out)| {
+        parallel::for_each_chunk_mut(&mut y_t, rows_per_task * m, |t, out| {
             for (i, out_row) in out.chunks_mut(m).enumerate() {
                 let r = t * rows_per_task + i;
                 let bytes = &weight.packed[r * half..(r + 1) * half];
@@ -85,7 +84,7 @@ pub fn matmul_4bit<T: Element>(
     } else {
         let mut x32 = vec![0.0f32; x.len()];
         T::widen_into(x, &mut x32);
-        y_t.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(t, out)| {
+        parallel::for_each_chunk_mut(&mut y_t, rows_per_task * m, |t, out| {
             let mut w_row = vec![0.0f32; k];
             for (i, out_row) in out.chunks_mut(m).enumerate() {
                 let r = t * rows_per_task + i;
@@ -129,8 +128,8 @@ pub fn matmul_4bit_t<T: Element>(
         transposed_aligned(isa, &dy32, weight, n, k, m, &mut dx32);
     } else {
         // Each task owns some rows of dx and decodes every weight row itself.
-        let rows_per_task = m.div_ceil(rayon::current_num_threads()).max(1);
-        dx32.par_chunks_mut(rows_per_task * k).enumerate().for_each(|(t, dx_rows)| {
+        let rows_per_task = m.div_ceil(parallel::threads()).max(1);
+        parallel::for_each_chunk_mut(&mut dx32, rows_per_task * k, |t, dx_rows| {
             let mut w_row = vec![0.0f32; k];
             for r in 0..n {
                 decode_span(isa, weight, r * k, &mut w_row);
@@ -154,46 +153,44 @@ fn transposed_aligned(isa: Isa, dy: &[f32], weight: &Packed4bit<'_>, n: usize, k
     let block_bytes = blocksize / 2;
     let columns = COLUMNS_PER_TASK.div_ceil(blocksize) * blocksize;
     let tasks: Vec<(usize, usize)> = (0..k).step_by(columns).map(|c0| (c0, (c0 + columns).min(k))).collect();
-    let partials: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(c0, c1)| {
-            let width = (c1 - c0) / 2;
-            let mut even = vec![0.0f32; m * width];
-            let mut odd = vec![0.0f32; m * width];
-            let mut coef = [0.0f32; MAX_ROWS];
-            for g in (0..m).step_by(MAX_ROWS) {
-                let rows = MAX_ROWS.min(m - g);
-                let mut acc_even: Vec<&mut [f32]> = even[g * width..(g + rows) * width].chunks_mut(width).collect();
-                let mut acc_odd: Vec<&mut [f32]> = odd[g * width..(g + rows) * width].chunks_mut(width).collect();
-                for r in 0..n {
-                    for (i, c) in coef[..rows].iter_mut().enumerate() {
-                        *c = dy[(g + i) * n + r];
-                    }
-                    let first = r * k + c0;
-                    let bytes = &weight.packed[first / 2..(first + c1 - c0) / 2];
-                    let scales = &weight.absmax[first / blocksize..(first + c1 - c0) / blocksize];
-                    simd::fused_row_axpy(
-                        isa,
-                        weight.quant_type.code(),
-                        bytes,
-                        scales,
-                        block_bytes,
-                        &coef[..rows],
-                        &mut acc_even,
-                        &mut acc_odd,
-                    );
+    let partials: Vec<Vec<f32>> = parallel::map_tasks(tasks.len(), |t| {
+        let (c0, c1) = tasks[t];
+        let width = (c1 - c0) / 2;
+        let mut even = vec![0.0f32; m * width];
+        let mut odd = vec![0.0f32; m * width];
+        let mut coef = [0.0f32; MAX_ROWS];
+        for g in (0..m).step_by(MAX_ROWS) {
+            let rows = MAX_ROWS.min(m - g);
+            let mut acc_even: Vec<&mut [f32]> = even[g * width..(g + rows) * width].chunks_mut(width).collect();
+            let mut acc_odd: Vec<&mut [f32]> = odd[g * width..(g + rows) * width].chunks_mut(width).collect();
+            for r in 0..n {
+                for (i, c) in coef[..rows].iter_mut().enumerate() {
+                    *c = dy[(g + i) * n + r];
                 }
+                let first = r * k + c0;
+                let bytes = &weight.packed[first / 2..(first + c1 - c0) / 2];
+                let scales = &weight.absmax[first / blocksize..(first + c1 - c0) / blocksize];
+                simd::fused_row_axpy(
+                    isa,
+                    weight.quant_type.code(),
+                    bytes,
+                    scales,
+                    block_bytes,
+                    &coef[..rows],
+                    &mut acc_even,
+                    &mut acc_odd,
+                );
             }
-            let mut out = vec![0.0f32; m * (c1 - c0)];
-            for (q, row) in out.chunks_mut(c1 - c0).enumerate() {
-                for j in 0..width {
-                    row[2 * j] = even[q * width + j];
-                    row[2 * j + 1] = odd[q * width + j];
-                }
+        }
+        let mut out = vec![0.0f32; m * (c1 - c0)];
+        for (q, row) in out.chunks_mut(c1 - c0).enumerate() {
+            for j in 0..width {
+                row[2 * j] = even[q * width + j];
+                row[2 * j + 1] = odd[q * width + j];
             }
-            out
-        })
-        .collect();
+        }
+        out
+    });
     for (&(c0, c1), part) in tasks.iter().zip(&partials) {
         for q in 0..m {
             dx[q * k + c0..q * k + c1].copy_from_slice(&part[q * (c1 - c0)..(q + 1) * (c1 - c0)]);

@@ -3,12 +3,11 @@
 //! the bytes are identical: full blocks scale by a reciprocal then multiply, the short last
 //! block divides, and an all-zero block's scale is clamped to 1e-38.
 
-use rayon::prelude::*;
-
 use crate::codebook::{check_blocksize, Encoder4bit, QuantType};
 use crate::element::Element;
 use crate::error::{ensure, Error};
 use crate::format::Packed4bit;
+use crate::parallel;
 use crate::simd::{self, Isa};
 
 /// Elements per parallel task: whole blocks, at least this many elements.
@@ -40,24 +39,21 @@ pub fn quantize_4bit<T: Element>(
     let encoder = Encoder4bit::new(quant_type);
     let task_blocks = blocks_per_task(blocksize);
     let task_elements = task_blocks * blocksize;
-    packed
-        .par_chunks_mut(task_elements / 2)
-        .zip(absmax.par_chunks_mut(task_blocks))
-        .zip(src.par_chunks(task_elements))
-        .for_each(|((bytes, scales), values)| {
-            let mut scaled = vec![0.0f32; blocksize];
-            for ((block, scale), block_bytes) in
-                values.chunks(blocksize).zip(scales.iter_mut()).zip(bytes.chunks_mut(blocksize / 2))
-            {
-                let scaled = &mut scaled[..block.len()];
-                *scale = scale_block(block, scaled, block.len() < blocksize);
-                for (byte, pair) in block_bytes.iter_mut().zip(scaled.chunks(2)) {
-                    let high = encoder.encode(pair[0]);
-                    let low = encoder.encode(pair.get(1).copied().unwrap_or(0.0));
-                    *byte = (high << 4) | low;
-                }
+    parallel::for_each_chunk_mut2(packed, task_elements / 2, absmax, task_blocks, |t, bytes, scales| {
+        let values = &src[t * task_elements..((t + 1) * task_elements).min(n)];
+        let mut scaled = vec![0.0f32; blocksize];
+        for ((block, scale), block_bytes) in
+            values.chunks(blocksize).zip(scales.iter_mut()).zip(bytes.chunks_mut(blocksize / 2))
+        {
+            let scaled = &mut scaled[..block.len()];
+            *scale = scale_block(block, scaled, block.len() < blocksize);
+            for (byte, pair) in block_bytes.iter_mut().zip(scaled.chunks(2)) {
+                let high = encoder.encode(pair[0]);
+                let low = encoder.encode(pair.get(1).copied().unwrap_or(0.0));
+                *byte = (high << 4) | low;
             }
-        });
+        }
+    });
     Ok(())
 }
 
@@ -90,7 +86,7 @@ pub fn dequantize_4bit<T: Element>(
         start.saturating_add(out.len()),
         weight.numel
     );
-    out.par_chunks_mut(TASK_ELEMENTS).enumerate().for_each(|(t, chunk)| {
+    parallel::for_each_chunk_mut(out, TASK_ELEMENTS, |t, chunk| {
         let chunk_start = start + t * TASK_ELEMENTS;
         match T::as_f32_mut(chunk) {
             Some(values) => decode_span(isa, weight, chunk_start, values),
@@ -152,12 +148,16 @@ pub fn quantize_blockwise_8bit(
         absmax.len()
     );
     let code_of_grid_point = grid_codes(code);
-    quantized.par_chunks_mut(blocksize).zip(values.par_chunks(blocksize)).zip(absmax.par_iter_mut()).for_each(
-        |((q, block), scale)| {
+    let task_blocks = blocks_per_task(blocksize);
+    let task_elements = task_blocks * blocksize;
+    parallel::for_each_chunk_mut2(quantized, task_elements, absmax, task_blocks, |t, q_task, scales| {
+        let start = t * task_elements;
+        let blocks = values[start..start + q_task.len()].chunks(blocksize);
+        for ((q, block), scale) in q_task.chunks_mut(blocksize).zip(blocks).zip(scales.iter_mut()) {
             *scale = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             if *scale == 0.0 {
                 q.fill(0);
-                return;
+                continue;
             }
             let inverse = 1.0 / *scale;
             for (qi, &v) in q.iter_mut().zip(block) {
@@ -165,8 +165,8 @@ pub fn quantize_blockwise_8bit(
                 let point = ((normed + 1.0) * 0.5 * (GRID_POINTS - 1) as f32 + 0.5) as usize;
                 *qi = code_of_grid_point[point.min(GRID_POINTS - 1)];
             }
-        },
-    );
+        }
+    });
     Ok(())
 }
 

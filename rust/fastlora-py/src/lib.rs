@@ -3,102 +3,26 @@
 //! Tensors arrive as 1-D numpy views of torch tensors (bf16 and fp16 as `uint16` views,
 //! since numpy has no bf16) plus a dtype name. The Python side validates everything first;
 //! the core checks lengths again, and its errors surface as `ValueError`. Heavy work runs
-//! with the GIL released, on a rayon pool whose size follows `set_num_threads`.
+//! with the GIL released, on the threads `threads` picks (torch's OpenMP team where it has one).
 
-use std::sync::{Arc, Mutex};
+mod threads;
+
+use threads::run;
 
 use fastlora_core::{lora, matmul, quantize, simd, Element, Error, Packed4bit, QuantType};
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use numpy::{PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 fn to_py(err: Error) -> PyErr {
     PyValueError::new_err(err.to_string())
 }
 
-/// The pool the kernels run on. Rebuilt when the thread count changes, and in a forked
-/// child (whose copy of the parent's pool has no threads behind it).
-struct Pool {
-    pool: Arc<rayon::ThreadPool>,
-    threads: usize,
-    pid: u32,
-}
-
-static POOL: Mutex<Option<Pool>> = Mutex::new(None);
-static THREADS: Mutex<usize> = Mutex::new(0);
-
-fn pool() -> PyResult<Arc<rayon::ThreadPool>> {
-    let wanted = *THREADS.lock().map_err(|_| PyRuntimeError::new_err("thread setting poisoned"))?;
-    let wanted = if wanted == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { wanted };
-    let mut guard = POOL.lock().map_err(|_| PyRuntimeError::new_err("thread pool poisoned"))?;
-    let pid = std::process::id();
-    if let Some(p) = guard.as_ref() {
-        if p.threads == wanted && p.pid == pid {
-            return Ok(p.pool.clone());
-        }
-    }
-    if let Some(stale) = guard.take() {
-        if stale.pid != pid {
-            // Dropping a pool inherited through fork would wait on threads that do not exist.
-            std::mem::forget(stale);
-        }
-    }
-    let built = rayon::ThreadPoolBuilder::new()
-        .num_threads(wanted)
-        .thread_name(|i| format!("fastlora-{i}"))
-        .build()
-        .map_err(|e| PyRuntimeError::new_err(format!("cannot start {wanted} threads: {e}")))?;
-    let built = Arc::new(built);
-    *guard = Some(Pool { pool: built.clone(), threads: wanted, pid });
-    Ok(built)
-}
-
-/// Jobs costing less than this many element operations (one dequantized element each) run on
-/// the calling thread. Handing a job to the pool wakes its sleeping threads and then the
-/// caller, and on a loaded machine they compete with torch's threads: right after a torch op,
-/// small jobs ran faster inline (benches/CPU_NOTES.md has the measurements).
-const INLINE_MAX_OPS: usize = 1 << 18;
-/// Multiply-adds of the matmul and LoRA kernels per element operation: a fused
-/// multiply-add costs about a quarter of decoding and storing one element.
+/// Multiply-adds of the matmul and LoRA kernels per element operation (`threads::run`'s
+/// unit): a fused multiply-add costs about a quarter of decoding and storing one element.
 const MACS_PER_OP: usize = 4;
-
-thread_local! {
-    /// A one-thread pool made of the calling thread itself (rayon's `use_current_thread`), so a
-    /// small job's parallel loops run here, serially, without touching the shared pool. Leaked
-    /// on purpose: rayon cannot release the current thread from a pool. None when this thread
-    /// already belongs to a pool.
-    static INLINE: Option<&'static rayon::ThreadPool> = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .use_current_thread()
-        .build()
-        .ok()
-        .map(|pool| &*Box::leak(Box::new(pool)));
-}
-
-/// Runs `work` (about `ops` element operations) with the GIL released: small jobs on this
-/// thread, the rest on the shared pool.
-fn run<R: Send>(py: Python<'_>, ops: usize, work: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
-    if ops < INLINE_MAX_OPS {
-        if let Some(inline) = INLINE.with(|pool| *pool) {
-            return py.detach(|| inline.install(work)).map_err(to_py);
-        }
-    }
-    let pool = pool()?;
-    py.detach(|| pool.install(work)).map_err(to_py)
-}
-
-#[pyfunction]
-fn set_num_threads(n: usize) -> PyResult<()> {
-    *THREADS.lock().map_err(|_| PyRuntimeError::new_err("thread setting poisoned"))? = n;
-    Ok(())
-}
-
-#[pyfunction]
-fn get_num_threads() -> PyResult<usize> {
-    Ok(pool()?.current_num_threads())
-}
 
 /// The instruction set the kernels use: "avx2" or "scalar".
 #[pyfunction]
@@ -513,8 +437,10 @@ impl PackedWeight {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // A FASTLORA_MAX_ISA the CPU cannot honour stops the import, before any kernel runs.
     simd::configured().map_err(PyValueError::new_err)?;
-    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
-    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(threads::set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(threads::get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(threads::use_openmp, m)?)?;
+    m.add_function(wrap_pyfunction!(threads::thread_pool, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;

@@ -122,3 +122,32 @@ fn mismatched_shapes_are_errors() {
     assert!(matmul_4bit(Isa::Scalar, &[0.0f32; 128], &w, 4, 64, &mut y[..7]).is_err());
     assert!(matmul_4bit_t(Isa::Scalar, &[0.0f32; 8], &w, 4, 64, &mut vec![0.0f32; 127]).is_err());
 }
+
+#[test]
+fn every_team_gives_the_same_bits() {
+    use crate::parallel::{install, Serial, Team};
+    let mut rng = Rng::new(77);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    for &(m, n, k, blocksize) in &[(1, 300, 256, 64), (6, 130, 200, 64), (20, 97, 512, 128)] {
+        let f = Fixture::new(&mut rng, n, k, blocksize, QuantType::Nf4);
+        let x = rng.floats(m * k, 1.0);
+        let dy = rng.floats(m * n, 1.0);
+        let run = |team: &dyn Team| {
+            install(team, || {
+                let (mut y, mut dx, mut dense) = (vec![f32::NAN; m * n], vec![f32::NAN; m * k], vec![f32::NAN; n * k]);
+                matmul_4bit(Isa::Scalar, &x, &f.weight(), n, k, &mut y).unwrap();
+                matmul_4bit_t(Isa::Scalar, &dy, &f.weight(), n, k, &mut dx).unwrap();
+                dequantize_4bit(Isa::Scalar, &f.weight(), 0, &mut dense).unwrap();
+                let (mut packed, mut absmax) = (vec![0u8; f.packed.len()], vec![0.0f32; f.absmax.len()]);
+                quantize_4bit(&f.dense, blocksize, f.qt, &mut packed, &mut absmax).unwrap();
+                (y, dx, dense, packed, absmax)
+            })
+        };
+        let (serial, pooled) = (run(&Serial), run(&pool));
+        assert!(serial.0.iter().zip(&pooled.0).all(|(a, b)| a.to_bits() == b.to_bits()), "y {m}x{n}x{k}");
+        assert!(serial.1.iter().zip(&pooled.1).all(|(a, b)| a.to_bits() == b.to_bits()), "dx {m}x{n}x{k}");
+        assert!(serial.2.iter().zip(&pooled.2).all(|(a, b)| a.to_bits() == b.to_bits()), "dense");
+        assert_eq!((&serial.3, &serial.4), (&pooled.3, &pooled.4));
+        assert_close(&serial.2, &f.dense, 0.0, 0.0, "dense vs fixture");
+    }
+}
