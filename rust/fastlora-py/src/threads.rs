@@ -20,8 +20,11 @@ use pyo3::prelude::*;
 
 /// Jobs costing less than this many element operations (one dequantized element each) run on
 /// the calling thread: waking other threads costs more than they would save
-/// (benches/CPU_NOTES.md has the measurements).
+/// (benches/CPU_NOTES.md has the measurements). Torch's OpenMP team is usually awake
+/// (spinning after torch's last op), so far smaller jobs pay for it than for rayon's
+/// sleeping pool.
 const INLINE_MAX_OPS: usize = 1 << 18;
+const OPENMP_INLINE_MAX_OPS: usize = 1 << 12;
 
 static THREADS: Mutex<usize> = Mutex::new(0);
 
@@ -145,10 +148,12 @@ fn openmp() -> Option<&'static OpenMpRuntime> {
 pub fn run<R: Send>(py: Python<'_>, ops: usize, work: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
     let to_py = |err: Error| PyValueError::new_err(err.to_string());
     let wanted = threads()?;
-    if ops < INLINE_MAX_OPS || wanted == 1 {
+    let runtime = openmp();
+    let inline_max = if runtime.is_some() { OPENMP_INLINE_MAX_OPS } else { INLINE_MAX_OPS };
+    if ops < inline_max || wanted == 1 {
         return py.detach(|| parallel::install(&Serial, work)).map_err(to_py);
     }
-    if let Some(runtime) = openmp() {
+    if let Some(runtime) = runtime {
         let team = OpenMp { runtime, threads: wanted };
         return py.detach(|| parallel::install(&team, work)).map_err(to_py);
     }
