@@ -191,9 +191,9 @@ def test_thread_count_does_not_change_results():
 
 
 def test_small_jobs_on_the_calling_thread_match_the_shared_pool():
-    """Jobs under the binding's inline threshold (2**18 dequantized elements, 2**20
-    multiply-adds) run on the calling thread, larger ones on the shared pool: the same bytes
-    either way, from any Python thread."""
+    """Jobs under the binding's inline threshold (element operations: 2**12 on torch's OpenMP
+    team, 2**18 on rayon's pool) run on the calling thread, larger ones on the team: the same
+    bytes either way, from any Python thread."""
     w = random_weight((512, 512))
     packed, state = fastlora.quantize_4bit(w, compress_statistics=False)
     whole = torch.full((512 * 512,), float("nan"))

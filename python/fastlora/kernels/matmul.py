@@ -201,12 +201,19 @@ _TUNING_KEY = ["M_BUCKET", "N", "K", "BLOCKSIZE", "NESTED", "TRANSPOSED", "HAS_L
 
 
 # Large M: (BLOCK_M, BLOCK_OUT, BLOCK_RED, warps, stages). Decoding the weight tile in
-# registers beside the accumulator limits the tiles: these compile for sm_90 without
-# register spills (larger ones spill).
+# registers beside the accumulator limits the tiles: these compile without register spills
+# (`python -m fastlora.kernels.inspect`, checked by tests/test_kernel_compile.py), the first
+# one only for sm_90 and later (it spills on sm_86/sm_89).
 _LARGE_M_TILES = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 256, 32, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
     (64, 64, 64, 4, 4),
 ]
+_SM90_LARGE_M_TILES = {(128, 128, 64, 8, 3)}
+
+
+def large_m_tiles(capability: int) -> list[tuple[int, int, int, int, int]]:
+    """The large-M tiles for a GPU of compute capability `capability` (e.g. 90, 86)."""
+    return [t for t in _LARGE_M_TILES if capability >= 90 or t not in _SM90_LARGE_M_TILES]
 # Small M: (BLOCK_OUT, BLOCK_RED, warps, stages); BLOCK_M is the padded row count, set per call.
 # Forward: BLOCK_OUT rows of W, BLOCK_RED contiguous columns (BLOCK_RED / 2 bytes per row).
 _SMALL_M_TILES = [
@@ -232,9 +239,10 @@ def _tuned_kernel(path: str):
     use: `triton.autotune` needs a GPU driver, which the interpreter lacks."""
     if path not in _autotuned:
         if path == "large":
+            major, minor = torch.cuda.get_device_capability()
             configs = [
                 triton.Config({"BLOCK_M": bm, "BLOCK_OUT": bo, "BLOCK_RED": br}, num_warps=warps, num_stages=stages)
-                for bm, bo, br, warps, stages in _LARGE_M_TILES
+                for bm, bo, br, warps, stages in large_m_tiles(10 * major + minor)
             ]
         else:
             tiles = _SMALL_M_TRANSPOSED_TILES if path == "small_transposed" else _SMALL_M_TILES
