@@ -8,7 +8,8 @@ registers per thread, the bytes spilled to local memory, the 128-bit global load
 (`bar.sync` between a loop's label and its backward branch: a reduction across threads at
 every step of the loop). One specialization stands for each configuration: bf16 activations,
 NF4 with double-quantized scales, block size 64, bias and LoRA on where the kernel takes
-them, which are the most registers a configuration needs.
+them (the most registers a configuration needs), pointers 16-byte aligned and the weight's
+sizes multiples of 16, as a launch on such tensors specializes them.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ _MATMUL_SIGNATURE = {
     "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "rank": "i32", "lora_scaling": "fp32", "M_BUCKET": "i32",
 }
 _NESTED = {"NESTED": True, "NESTED_BLOCKSIZE": 256}
+# Sizes taken as multiples of 16, as they are in the models measured (4096, 11008, 14336).
+_ALIGNED_SIZES = {"N", "K", "numel", "n_bytes"}
 
 
 def _matmul_config(kernel: str, tile: dict, transposed: bool, use_dot: bool, warps: int, stages: int) -> KernelConfig:
@@ -95,8 +98,8 @@ def kernel_configs(arch: str = "sm_90") -> Iterator[KernelConfig]:
     scales = {"absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32"}
     yield KernelConfig(
         "dequantize_4bit", {"BYTES": dequantize._DEQUANTIZE_BYTES, "num_warps": 8}, dequantize._dequantize_4bit_kernel,
-        {"packed_ptr": "*u8", "code_ptr": "*fp32", **scales, "out_ptr": "*bf16", "numel": "i64"},
-        {"BLOCKSIZE": 64, **_NESTED, "BYTES": dequantize._DEQUANTIZE_BYTES}, 8)
+        {"packed_ptr": "*u8", "code_ptr": "*fp32", **scales, "out_ptr": "*bf16", "numel": "i64",
+         "n_bytes": "i64"}, {"BLOCKSIZE": 64, **_NESTED, "BYTES": dequantize._DEQUANTIZE_BYTES}, 8)
     rows = dequantize._QUANTIZE_ELEMENTS // 64
     yield KernelConfig(
         "quantize_4bit", {"ROWS": rows, "num_warps": 4}, dequantize._quantize_4bit_kernel,
@@ -163,7 +166,10 @@ def inspect(spec: KernelConfig, arch: str) -> Report:
     if dequantize.INTERPRETED:
         raise RuntimeError("TRITON_INTERPRET is set: Triton's interpreter replaces its compiler; unset it to inspect")
     signature = {**spec.signature, **{name: "constexpr" for name in spec.constants}}
-    source = ASTSource(fn=spec.fn, signature=signature, constexprs=spec.constants)
+    # As a launch specializes them: pointers (torch's allocations) and sizes divisible by 16.
+    aligned = {(spec.fn.arg_names.index(name),): [["tt.divisibility", 16]]
+               for name, kind in spec.signature.items() if kind.startswith("*") or name in _ALIGNED_SIZES}
+    source = ASTSource(fn=spec.fn, signature=signature, constexprs=spec.constants, attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch], _WARP),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     ptx = compiled.asm["ptx"]
