@@ -80,6 +80,16 @@ def assert_same_metrics(a: list[dict], b: list[dict], tol: float = 1e-6) -> None
                 assert ra[key] == pytest.approx(rb[key], rel=tol, abs=tol), (ra["step"], key)
 
 
+def interrupt_at(step: int, exc: type[BaseException]):
+    """A `train` callback raising `exc` after step `step` (an interruption)."""
+
+    def callback(record: dict) -> None:
+        if record["step"] == step:
+            raise exc
+
+    return callback
+
+
 def assert_same_adapter(a: Path, b: Path, tol: float = 1e-6) -> None:
     wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
@@ -236,13 +246,9 @@ def test_resume_continues_to_the_same_result(tiny_model, task_file, tmp_path):
     class Interrupt(Exception):
         pass
 
-    def stop_at_5(record):
-        if record["step"] == 5:
-            raise Interrupt
-
     cut = tmp_path / "cut"
     with pytest.raises(Interrupt):
-        fastlora.train(**options(tiny_model, task_file, cut, **opts), callback=stop_at_5)
+        fastlora.train(**options(tiny_model, task_file, cut, **opts), callback=interrupt_at(5, Interrupt))
     assert len(read_metrics(cut)) == 5 and checkpoint.last_checkpoint(cut).name == "checkpoint-4"
     with pytest.raises(TrainError, match="pass --resume"):
         fastlora.train(**options(tiny_model, task_file, cut, **opts))
@@ -675,13 +681,9 @@ def test_resume_with_eval_sets_keeps_one_base_record(tiny_model, task_file, tmp_
     full = tmp_path / "full"
     fastlora.train(**options(tiny_model, task_file, full, **opts))
 
-    def stop_at_3(record):
-        if record["step"] == 3:
-            raise KeyboardInterrupt
-
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        fastlora.train(**options(tiny_model, task_file, cut, **opts), callback=stop_at_3)
+        fastlora.train(**options(tiny_model, task_file, cut, **opts), callback=interrupt_at(3, KeyboardInterrupt))
     fastlora.train(**options(tiny_model, task_file, cut, resume=True, **opts))
     resumed, uninterrupted = read_metrics(cut), read_metrics(full)
     assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [0, 1, 2, 3, 4]
@@ -736,6 +738,15 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model, four_examples, tmp_pa
     assert_same_adapter(last / "best", out / "best")
     with pytest.raises(AssertionError):
         assert_same_adapter(last / "adapter", last / "best")
+
+    # A best adapter damaged before the end: one error naming it, and no adapter/ written.
+    def corrupt(record):
+        if record["step"] == 6:
+            (tmp_path / "bad" / "best" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+
+    with pytest.raises(TrainError, match="best: the best adapter cannot be loaded back"):
+        fastlora.train(**overfit(tiny_model, four_examples, tmp_path / "bad", max_steps=6), callback=corrupt)
+    assert not (tmp_path / "bad" / "adapter").exists()
 
 
 _KILL_RUN = """

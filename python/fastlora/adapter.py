@@ -207,5 +207,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, **prepare_kwarg
     ]
     with torch.no_grad():
         for target, value in updates:
-            target.copy_(value)
+            target.copy_(_laid_out_like(target, value))
     return model
+
+
+def _laid_out_like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """`whole` laid out as `param` is: this rank's shard of it for an FSDP2-sharded (DTensor)
+    parameter, else the tensor itself."""
+    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(whole.to(param.device, param.dtype), param.device_mesh, param.placements)
+    return whole

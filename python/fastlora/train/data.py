@@ -346,7 +346,7 @@ class MixedSampler:
         self.sources = [Sampler(n, seed + 1_000_003 * (s + 1)) for s, n in enumerate(parts)]
         self.probs = torch.tensor(weights, dtype=torch.float64)
         self._drawn: dict[int, tuple[list[int], list[int]]] = {}
-        self._before: list[torch.Tensor] = [torch.zeros(len(parts), dtype=torch.long)]  # draws per source
+        self._before: list[list[int]] = [[0] * len(parts)]  # draws per source before each chunk
 
     def _chunk(self, c: int) -> tuple[list[int], list[int]]:
         """(source, that source's draw number within the chunk) of every position of chunk `c`."""
@@ -363,9 +363,9 @@ class MixedSampler:
     def _draws_before(self, c: int) -> list[int]:
         while len(self._before) <= c:
             source, _ = self._chunk(len(self._before) - 1)
-            counts = torch.bincount(torch.tensor(source), minlength=len(self.sources))
-            self._before.append(self._before[-1] + counts)
-        return self._before[c].tolist()
+            counts = torch.bincount(torch.tensor(source), minlength=len(self.sources)).tolist()
+            self._before.append([a + b for a, b in zip(self._before[-1], counts, strict=True)])
+        return self._before[c]
 
     def source_of(self, i: int) -> int:
         """The source global sample `i` is drawn from."""

@@ -201,11 +201,3 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a (possibly sharded) DTensor; collective under FSDP."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-
-def shard_like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
-    """`whole` laid out as `param` is: this rank's shard of it under FSDP, else itself."""
-    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(whole.to(param.device, param.dtype), param.device_mesh, param.placements)
-    return whole.to(param.device, param.dtype)

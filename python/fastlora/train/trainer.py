@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -701,7 +700,10 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
             reporter.close()
     if tracker is not None and cfg.load_best and tracker.best_step is not None:
         distributed.barrier(info)  # rank 0 wrote best/
-        _restore_lora(distributed.unwrap(wrapped), out / BEST_DIR)
+        try:  # the weights only: the model already has this run's LoRA layers
+            load_adapter(distributed.unwrap(wrapped), out / BEST_DIR)
+        except (ValueError, FileNotFoundError) as exc:
+            raise TrainError(f"{out / BEST_DIR}: the best adapter cannot be loaded back ({exc})") from None
         _log(info, f"{ADAPTER_DIR}/ holds the best adapter: {tracker.metric} {tracker.best:.4f} at step "
                    f"{tracker.best_step} (--no-load-best: the last one)")
     writer = _adapter_writer(wrapped, info)
@@ -752,19 +754,6 @@ def _restore_best_dir(resume_from: Path, out: Path) -> None:
         checkpoint.replace_dir(tmp, out / BEST_DIR)
     else:
         shutil.rmtree(out / BEST_DIR, ignore_errors=True)
-
-
-def _restore_lora(model: nn.Module, directory: Path) -> None:
-    """Copies the LoRA weights of an adapter this run saved into the model's LoRA layers
-    (under FSDP each rank takes its shard)."""
-    from ..adapter import KEY_PREFIX, WEIGHTS_NAME
-
-    state = load_file(directory / WEIGHTS_NAME)
-    with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            for part in ("lora_A", "lora_B"):
-                param = getattr(layer, part).weight
-                param.copy_(distributed.shard_like(param, state[f"{KEY_PREFIX}{name}.{part}.weight"]))
 
 
 def _save_checkpoint(out: Path, step: int, samples_seen: int, cfg: TrainConfig, info: DistInfo, model: nn.Module,
