@@ -62,6 +62,29 @@ def test_dequantize_accepts_a_state_quantized_by_bitsandbytes():
     assert torch.equal(fastlora.dequantize_4bit(bnb_packed, state), oracles.dequantize(bnb_packed, bnb_state))
 
 
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_into_out_writes_every_element_of_a_poisoned_buffer(out_dtype, nested):
+    w = random_weight((45, 130), torch.bfloat16)
+    packed, state = fastlora.quantize_4bit(w, blocksize=64, compress_statistics=nested)
+    exact = reference.dequantize_4bit(packed, state.absmax_fp32(), 64, "nf4", state.shape, torch.float32)
+    out = torch.full((45, 130), float("nan"), dtype=out_dtype)
+    assert fastlora.dequantize_4bit(packed, state, out=out) is out
+    assert torch.equal(out, exact.to(out_dtype))
+
+
+def test_dequantize_rejects_an_out_that_does_not_fit():
+    packed, state = fastlora.quantize_4bit(random_weight((16, 64)))
+    with pytest.raises(ValueError, match=r"out has shape \(64, 16\)"):
+        fastlora.dequantize_4bit(packed, state, out=torch.empty(64, 16))
+    with pytest.raises(TypeError, match="out must be"):
+        fastlora.dequantize_4bit(packed, state, out=torch.empty(16, 64, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        fastlora.dequantize_4bit(packed, state, out=torch.empty(64, 16).T)
+    with pytest.raises(ValueError, match="device"):
+        fastlora.dequantize_4bit(packed, state, out=torch.empty(16, 64, device="meta"))
+
+
 def test_native_kernels_write_every_element_of_a_poisoned_output():
     w = random_weight((37, 70))
     packed, state = fastlora.quantize_4bit(w, blocksize=32)

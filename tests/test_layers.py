@@ -258,6 +258,8 @@ def test_nested_scale_ops_pass_opcheck():
         2.0, 32, "nf4", *nested))
     torch.library.opcheck(torch.ops.fastlora.dequantize_4bit.default,
                           (p, state.absmax, 32, "nf4", [64, 96], torch.float16, *nested))
+    torch.library.opcheck(torch.ops.fastlora.dequantize_4bit_out.default,
+                          (p, state.absmax, 32, "nf4", *nested), {"out": torch.full((64, 96), float("nan"))})
     torch.library.opcheck(torch.ops.fastlora.dequantize_blockwise.default,
                           (state.absmax, s2.absmax, s2.code, 256, state.offset))
     torch.library.opcheck(torch.ops.fastlora.quantize_blockwise.default, (state.block_scales().decoded(), s2.code, 256))

@@ -55,6 +55,22 @@ def dequantize_case(n: int, k: int) -> dict[str, Impl]:
     return impls
 
 
+def dequantize_out_case(n: int, k: int) -> dict[str, Impl]:
+    """As `dequantize_case`, fastlora writing into one buffer kept across calls (`out=`): the
+    decode without a fresh allocation's page faults. bitsandbytes has no CPU `out=`
+    (`dequantize_4bit.out` is not registered for CPU), so its column is its ordinary call."""
+    w = torch.randn(n, k)
+    out = torch.empty(n, k)
+    packed, state = fastlora.quantize_4bit(w, quant_type="nf4")
+    impls: dict[str, Impl] = {"fastlora": lambda: fastlora.dequantize_4bit(packed, state, out=out)}
+    bnb = _bnb_functional()
+    if bnb is not None:
+        bnb_packed, bnb_state = bnb.quantize_4bit(w, quant_type="nf4")
+        impls["bitsandbytes"] = lambda: bnb.dequantize_4bit(bnb_packed, bnb_state)
+    impls["dense copy"] = lambda: out.copy_(w)
+    return impls
+
+
 def matmul_case(m: int, n: int, k: int) -> dict[str, Impl]:
     w = torch.randn(n, k) * 0.02
     x = torch.randn(m, k)
@@ -321,19 +337,22 @@ def host_call_case(size: int, calls: int) -> dict[str, Impl]:
 # key: (builder of the implementations, measure memory); shapes are (m, n, k[, r]), or for
 # model_step (batch rows, tokens per row, hidden size, layers, r), for model_decode (prompt
 # tokens, tokens generated, hidden size, layers, r).
-FULL_SHAPES = {"dequantize": (4096, 4096), "matmul_m1": (1, 11008, 4096), "matmul_m512": (512, 4096, 4096),
+FULL_SHAPES = {"dequantize": (4096, 4096), "dequantize_out": (4096, 4096), "matmul_m1": (1, 11008, 4096),
+               "matmul_m512": (512, 4096, 4096),
                "layer": (512, 4096, 4096, 16), "model_step": (4, 128, 512, 8, 16),
                "model_decode": (16, 32, 512, 8, 16), "decode_135m": (16, 32, 30, 49152, 16),
                "host_call": (64, 1000),
                "linear_64": (64, 0, 1000), "lora_64": (64, 16, 1000), "linear_576": (576, 0, 200),
                "lora_576": (576, 16, 200), "linear_4096": (4096, 0, 20), "lora_4096": (4096, 16, 20)}
-QUICK_SHAPES = {"dequantize": (1024, 1024), "matmul_m1": (1, 2752, 1024), "matmul_m512": (64, 1024, 1024),
+QUICK_SHAPES = {"dequantize": (1024, 1024), "dequantize_out": (1024, 1024), "matmul_m1": (1, 2752, 1024),
+                "matmul_m512": (64, 1024, 1024),
                 "layer": (64, 1024, 1024, 16), "model_step": (2, 32, 128, 2, 8), "model_decode": (4, 8, 128, 2, 8),
                 "decode_135m": (4, 4, 1, 512, 4), "host_call": (64, 10),
                 "linear_64": (64, 0, 10), "lora_64": (64, 4, 10), "linear_576": (576, 0, 5), "lora_576": (576, 4, 5),
                 "linear_4096": (256, 0, 2), "lora_4096": (256, 4, 2)}
 CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
     "dequantize": (dequantize_case, False),
+    "dequantize_out": (dequantize_out_case, False),
     "matmul_m1": (matmul_case, True),
     "matmul_m512": (matmul_case, True),
     "layer": (layer_case, True),
@@ -365,6 +384,8 @@ def title(key: str, quick: bool) -> str:
     shape = (QUICK_SHAPES if quick else FULL_SHAPES)[key]
     if key == "dequantize":
         return f"dequantize nf4 {shape[0]}x{shape[1]} -> fp32"
+    if key == "dequantize_out":
+        return f"dequantize nf4 {shape[0]}x{shape[1]} -> fp32 into a reused out= (bitsandbytes: no CPU out=)"
     if key == "layer":
         m, n, k, r = shape
         return f"Linear4bit + LoRA r={r} fwd+bwd fp32 M={m} {n}x{k}"

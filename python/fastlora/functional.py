@@ -107,15 +107,29 @@ def _scales(quant_state: QuantState) -> BlockScales:
     return quant_state.block_scales().check(blocks, name="quant_state.absmax")
 
 
-def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
-    """The dense tensor: original shape and dtype, `code[nibble] * absmax[block]`."""
+def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense tensor: original shape and dtype, `code[nibble] * absmax[block]`.
+
+    With `out` (a contiguous float tensor of the weight's shape, any of the three float
+    dtypes, on the weight's device), the values are written there and `out` is returned: a
+    caller that dequantizes the same weight repeatedly reuses one buffer instead of paying for
+    a fresh allocation's page faults every time (bitsandbytes' `out=`)."""
     state = _check_state(quant_state)
     flat = _packed_bytes(packed, state)
     _checks.same_device(packed=flat, absmax=state.absmax)
     absmax, *nested = _scales(state).op_args()
-    return torch.ops.fastlora.dequantize_4bit(
-        flat, absmax, state.blocksize, state.quant_type, list(state.shape), state.dtype, *nested
-    )
+    if out is None:
+        return torch.ops.fastlora.dequantize_4bit(
+            flat, absmax, state.blocksize, state.quant_type, list(state.shape), state.dtype, *nested
+        )
+    _checks.float_tensor("out", out)
+    if tuple(out.shape) != tuple(state.shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}; the weight has shape {tuple(state.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    _checks.same_device(packed=flat, out=out)
+    torch.ops.fastlora.dequantize_4bit_out(flat, absmax, state.blocksize, state.quant_type, *nested, out=out)
+    return out
 
 
 def matmul_4bit(

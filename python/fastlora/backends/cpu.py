@@ -159,8 +159,9 @@ def fp32_scales(scales: BlockScales) -> torch.Tensor:
 
 
 def dequantize_4bit(packed: torch.Tensor, scales: BlockScales, blocksize: int, quant_type: str, shape: list[int],
-                    dtype: torch.dtype) -> torch.Tensor:
-    out = empty_output(list(shape), dtype)
+                    dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    if out is None:
+        out = empty_output(list(shape), dtype)
     return dequantize_4bit_into(packed, fp32_scales(scales), out.numel(), blocksize, quant_type, 0, out)
 
 

@@ -26,9 +26,9 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
 
 
 def dequantize_4bit(packed: torch.Tensor, scales: BlockScales, blocksize: int, quant_type: str, shape: Sequence[int],
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     return _dequantize.dequantize_4bit(packed, scales.absmax, blocksize, quant_type, shape, dtype,
-                                       nested=scales.nested)
+                                       nested=scales.nested, out=out)
 
 
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:

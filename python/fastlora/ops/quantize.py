@@ -20,6 +20,10 @@ torch.library.define(
     f"{OP_SCHEMA}) -> Tensor",
 )
 torch.library.define(
+    "fastlora::dequantize_4bit_out",
+    f"(Tensor packed, Tensor absmax, int blocksize, str quant_type, {OP_SCHEMA}, *, Tensor(a!) out) -> ()",
+)
+torch.library.define(
     "fastlora::quantize_blockwise", "(Tensor A, Tensor code, int blocksize) -> (Tensor quantized, Tensor absmax)"
 )
 torch.library.define(
@@ -61,6 +65,20 @@ def _(
 ) -> torch.Tensor:
     scales = BlockScales.from_op_args(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
     return backends.select(packed.device).dequantize_4bit(packed, scales, blocksize, quant_type, list(shape), dtype)
+
+
+@torch.library.register_fake("fastlora::dequantize_4bit_out")
+def _(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, nested_absmax=None,
+      nested_code=None, nested_offset=None, nested_blocksize=256, *, out: torch.Tensor) -> None:
+    return None
+
+
+@torch.library.register_kernel("fastlora::dequantize_4bit_out", ("cpu", "cuda"))
+def _(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, nested_absmax=None,
+      nested_code=None, nested_offset=None, nested_blocksize=256, *, out: torch.Tensor) -> None:
+    scales = BlockScales.from_op_args(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    backends.select(packed.device).dequantize_4bit(packed, scales, blocksize, quant_type, list(out.shape), out.dtype,
+                                                   out=out)
 
 
 @torch.library.register_fake("fastlora::quantize_blockwise")
