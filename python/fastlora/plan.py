@@ -3,7 +3,8 @@ prepared once.
 
 A `WeightPlan` is made by a layer (`Linear4bit`, `LoraLinear`) when it is first called after
 being built, loaded, moved or given a new state, and checks the weight then: packed size,
-block scales, devices. A call checks only its input's dtype, shape and device. Each backend
+block scales, devices. A call checks only its input's dtype and shape (the layer) and device
+(the plan). Each backend
 prepares its own part on first use (`backends.<name>.prepare`: on CPU the decoded fp32
 scales and a native handle on the packed bytes; on the Triton backend the kernels'
 arguments), kept per backend so that `FASTLORA_BACKEND` may change between calls.
@@ -52,10 +53,6 @@ class WeightPlan:
     def is_current(self, weight: torch.Tensor) -> bool:
         return weight is self.weight and weight.data_ptr() == self.weight_ptr
 
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.device != self.device:
-            raise ValueError(f"x is on {x.device} but the layer's weight is on {self.device}")
-
     def _backend_part(self):
         # Keyed by the backend setting, so a change of FASTLORA_BACKEND between calls is seen.
         setting = backends.setting()
@@ -71,9 +68,11 @@ class WeightPlan:
         return part
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """`x @ W.T (+ bias)` for a checked input (and bias of shape (n,)), through the op
-        where autograd, tracing or a mode needs it, else straight into the backend's prepared
-        weight."""
+        """`x @ W.T (+ bias)` for an input of checked dtype and shape (its device is checked
+        here) and a bias of shape (n,), through the op where autograd, tracing or a mode needs
+        it, else straight into the backend's prepared weight."""
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the layer's weight is on {self.device}")
         if _eager.direct(x, bias):
             return self._backend_part().matmul(x, bias=bias)
         y = ops.matmul.matmul_4bit(x, self.packed, self.scales, self.n, self.k, self.blocksize, self.quant_type,
@@ -83,6 +82,8 @@ class WeightPlan:
     def lora_linear(self, x: torch.Tensor, x_drop: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                     B: torch.Tensor, scaling: float) -> torch.Tensor:
         """`x @ W.T + bias + scaling * (x_drop @ A.T) @ B.T` for a checked input."""
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the layer's weight is on {self.device}")
         if x_drop is x and _eager.direct(x, bias, A, B):
             return self._backend_part().matmul(x, lora=(A, B, scaling), bias=bias)
         return ops.lora.lora_linear_4bit(x, x_drop, self.packed, self.scales, bias, A, B, scaling, self.blocksize,

@@ -259,18 +259,28 @@ class PreparedWeight:
         (or (..., n)); with `lora` = (A, B, scaling), plus `scaling * (x @ A.T) @ B.T`; with
         `bias` (n,), plus the bias."""
         n, k = self.n, self.k
+        name, shape = _DTYPE_NAMES.get(x.dtype), x.shape
+        if (lora is None and not transposed and name is not None and len(shape) == 2 and shape[1] == k
+                and shape[0] <= FUSED_MAX_ROWS and x.is_cpu and x.is_contiguous()
+                and (bias is None or (bias.dtype == x.dtype and bias.is_cpu and bias.is_contiguous()
+                                      and bias.shape == (n,)))):
+            # A layer's usual call (decoding): only the output to allocate.
+            y = x.new_empty((shape[0], n))
+            _threads.sync()
+            self.native.matmul(x.data_ptr(), shape[0], y.data_ptr(), name, False, None,
+                               None if bias is None else bias.data_ptr())
+            return y
         inner, outer = (n, k) if transposed else (k, n)
-        if x.dtype not in _DTYPE_NAMES or not x.is_cpu or x.shape[-1] != inner:
-            raise ValueError(f"x must be a CPU float tensor of shape (..., {inner}), got {x.dtype} {tuple(x.shape)} "
+        if name is None or not x.is_cpu or shape[-1] != inner:
+            raise ValueError(f"x must be a CPU float tensor of shape (..., {inner}), got {x.dtype} {tuple(shape)} "
                              f"on {x.device}")
-        flat = x.dim() == 2
-        x2d = x if flat else x.reshape(-1, inner)
+        x2d = x if len(shape) == 2 else x.reshape(-1, inner)
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
         m = x2d.shape[0]
         if m > FUSED_MAX_ROWS:
             y = product(x2d, self.packed, self.absmax, n, k, self.blocksize, self.quant_type, transposed).to(x.dtype)
-            return _add_in_torch(y, x2d, lora, bias).reshape(*x.shape[:-1], outer)
+            return _add_in_torch(y, x2d, lora, bias).reshape(*shape[:-1], outer)
         native_lora, torch_lora = None, None
         if lora is not None:
             a, b, scaling = lora
@@ -283,14 +293,14 @@ class PreparedWeight:
                 torch_lora = lora
         native_bias = None
         if bias is not None and bias.dtype == x.dtype and bias.is_cpu and bias.is_contiguous() \
-                and tuple(bias.shape) == (n,) and not transposed:
+                and bias.shape == (n,) and not transposed:
             native_bias, bias = bias.data_ptr(), None
-        y = torch.empty((m, outer), dtype=x.dtype)
+        y = x2d.new_empty((m, outer))
         _threads.sync()
-        self.native.matmul(x2d.data_ptr(), m, y.data_ptr(), _DTYPE_NAMES[x.dtype], transposed, native_lora,
-                           native_bias)
-        y = _add_in_torch(y, x2d, torch_lora, bias)  # what the native call could not take
-        return y if flat else y.reshape(*x.shape[:-1], outer)
+        self.native.matmul(x2d.data_ptr(), m, y.data_ptr(), name, transposed, native_lora, native_bias)
+        if torch_lora is not None or bias is not None:
+            y = _add_in_torch(y, x2d, torch_lora, bias)  # what the native call could not take
+        return y if len(shape) == 2 else y.reshape(*shape[:-1], outer)
 
 
 def _add_in_torch(y: torch.Tensor, x2d: torch.Tensor, lora: tuple | None, bias: torch.Tensor | None) -> torch.Tensor:

@@ -34,13 +34,16 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def check_input(x: object, in_features: int, compute_dtype: torch.dtype | None) -> None:
-    """Raises before the kernels see an input that does not fit (they would fail obscurely)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if (compute_dtype or x.dtype) not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}: without a compute_dtype it must be float32, bfloat16 or float16")
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+    """Raises before the kernels see an input that does not fit (they would fail obscurely).
+    Its device is checked by the layer's call plan."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _checks.FLOAT_DTYPES:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if compute_dtype is None:
+            raise TypeError(f"x has dtype {x.dtype}: without a compute_dtype it must be float32, bfloat16 or float16")
+    shape = x.shape
+    if not shape or shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}), got {tuple(shape)}")
 
 
 class AtomicLoad:
@@ -184,22 +187,20 @@ class Linear4bit(AtomicLoad, nn.Module):
         return self.plan().dequantize(self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_features, self.compute_dtype)
-        dtype = self.compute_dtype or x.dtype
-        xc = x if x.dtype == dtype else x.to(dtype)
+        compute_dtype = self.compute_dtype
+        check_input(x, self.in_features, compute_dtype)
+        xc = x if compute_dtype is None or x.dtype == compute_dtype else x.to(compute_dtype)
         bias = self._parameters["bias"]
-        if bias is not None and bias.dtype != dtype:
-            bias = bias.to(dtype)
+        if bias is not None and bias.dtype != xc.dtype:
+            bias = bias.to(xc.dtype)
         if torch.compiler.is_compiling():  # traced: the op on the layer's tensors (a plan is eager state)
             y = ops.matmul.matmul_4bit(xc, self.packed_bytes(), self.block_scales(), self.out_features,
                                        self.in_features, self.blocksize, self.quant_type, False)
             if bias is not None:
                 y = y + bias
         else:
-            plan = self.plan()
-            plan.check_input(x)
-            y = plan.matmul(xc, bias)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+            y = self.plan().matmul(xc, bias)  # the plan checks x's device
+        return y if xc is x else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (

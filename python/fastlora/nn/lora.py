@@ -121,9 +121,7 @@ class LoraLinear(AtomicLoad, nn.Module):
                 y = ops.lora.lora_linear_4bit(xc, x_drop, base.packed_bytes(), base.block_scales(), base.bias, A, B,
                                               self.scaling, base.blocksize, base.quant_type)
             else:
-                plan = base.plan()
-                plan.check_input(x)
-                y = plan.lora_linear(xc, x_drop, base.bias, A, B, self.scaling)
+                y = base.plan().lora_linear(xc, x_drop, base.bias, A, B, self.scaling)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         y = base(x)
         lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))

@@ -22,19 +22,19 @@ _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
 _functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
 _CHECKABLE = None not in (_dispatch_modes, _function_modes, _functorch)
+# What `torch.jit.is_tracing()` returns outside TorchScript, without its Python wrapper.
+_is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 
 
 def direct(*tensors: torch.Tensor | None) -> bool:
     """Whether a call with these tensor arguments may skip the dispatcher."""
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is None:
-            continue
-        if type(t) not in _PLAIN_TYPES or not (t.is_cpu or t.is_cuda) or (grad and t.requires_grad):
+        if t is not None and (type(t) not in _PLAIN_TYPES or not (t.is_cpu or t.is_cuda) or (grad and t.requires_grad)):
             return False
     if not _CHECKABLE or _dispatch_modes() or _function_modes() or _functorch() is not None:
         return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    return not (_is_tracing() or torch.compiler.is_compiling())
 
 
 def call(op: Callable, implementation: Callable, *args):

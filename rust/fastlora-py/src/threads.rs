@@ -25,6 +25,10 @@ use pyo3::prelude::*;
 /// sleeping pool.
 const INLINE_MAX_OPS: usize = 1 << 18;
 const OPENMP_INLINE_MAX_OPS: usize = 1 << 12;
+/// Jobs this small (a 64x64 one-row product) run with the GIL held and without looking at
+/// the thread setup: releasing and retaking the GIL, the settings lock and the fork check
+/// (a `getpid` system call) cost more than the work.
+const HELD_GIL_MAX_OPS: usize = 1 << 11;
 
 static THREADS: Mutex<usize> = Mutex::new(0);
 
@@ -143,10 +147,13 @@ fn openmp() -> Option<&'static OpenMpRuntime> {
     OPENMP.get().filter(|runtime| runtime.pid == std::process::id())
 }
 
-/// Runs `work` (about `ops` element operations) with the GIL released, its parallel loops on
-/// the calling thread (small jobs), torch's OpenMP team, or the rayon pool.
+/// Runs `work` (about `ops` element operations) with the GIL released (tiny jobs keep it), its
+/// parallel loops on the calling thread (small jobs), torch's OpenMP team, or the rayon pool.
 pub fn run<R: Send>(py: Python<'_>, ops: usize, work: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
     let to_py = |err: Error| PyValueError::new_err(err.to_string());
+    if ops < HELD_GIL_MAX_OPS {
+        return parallel::install(&Serial, work).map_err(to_py);
+    }
     let wanted = threads()?;
     let runtime = openmp();
     let inline_max = if runtime.is_some() { OPENMP_INLINE_MAX_OPS } else { INLINE_MAX_OPS };
