@@ -25,6 +25,15 @@ from . import train  # fastlora.train(...) trains (the package is callable); it 
 __version__ = importlib.metadata.version("fastlora")
 
 
+def from_pretrained(name_or_path, **kwargs):
+    """A Hugging Face model with its linear layers as `fastlora.Linear4bit`, from a
+    bitsandbytes 4-bit checkpoint (as stored, without bitsandbytes) or a 16/32-bit one
+    (quantized while loading). See `fastlora.hf.from_pretrained`; needs transformers 5."""
+    from . import hf  # imports transformers: only when asked for
+
+    return hf.from_pretrained(name_or_path, **kwargs)
+
+
 def simd_level() -> str:
     """The instruction set fastlora's CPU kernels use here: "avx2" or "scalar" (the widest
     the CPU has, at most `FASTLORA_MAX_ISA`; scalar under `FASTLORA_FORCE_SCALAR=1`)."""
@@ -41,6 +50,7 @@ __all__ = [
     "Linear4bit",
     "LoraLinear",
     "QuantState",
+    "from_pretrained",
     "load_adapter",
     "merge_and_unload",
     "prepare_model",

@@ -21,9 +21,10 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def find_target_modules(model: nn.Module, target_modules: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Names of the `nn.Linear` modules that `target_modules` selects, PEFT's way:
-    `"all-linear"` is every linear layer but the output head (`get_output_embeddings()`,
-    else a module named `lm_head`); a list matches names equal to or ending in `.<entry>`."""
+    """Names of the linear modules (`nn.Linear`, or `Linear4bit` already in 4 bits) that
+    `target_modules` selects, PEFT's way: `"all-linear"` is every linear layer but the output
+    head (`get_output_embeddings()`, else a module named `lm_head`); a list matches names
+    equal to or ending in `.<entry>`."""
     if isinstance(target_modules, str):
         if target_modules != ALL_LINEAR:
             target_modules = [target_modules]
@@ -39,7 +40,7 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str] | tupl
     }
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not name:
+        if not isinstance(module, (nn.Linear, Linear4bit)) or not name:
             continue
         if target_modules == ALL_LINEAR:
             if module is head or (head is None and name.split(".")[-1] == "lm_head") or name in in_attention:
@@ -51,7 +52,7 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str] | tupl
                                  "fastlora cannot put a LoRA layer there")
             names.append(name)
     if not names:
-        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear layer of this model")
+        raise ValueError(f"target_modules={target_modules!r} matches no linear layer of this model")
     return names
 
 
@@ -81,33 +82,42 @@ def prepare_model(
 ) -> nn.Module:
     """Replaces the selected `nn.Linear` layers with `LoraLinear(Linear4bit)` (or
     `LoraLinear(nn.Linear)` when `quantize=False`), freezes every other parameter, and
-    returns the model (changed in place). The settings are kept on the model for
-    `save_adapter`."""
+    returns the model (changed in place). Layers that are already `Linear4bit` (a model from
+    `fastlora.from_pretrained`) are wrapped as they are, never quantized again; the
+    quantization arguments then do not apply to them (`compute_dtype`, if given, does). The
+    settings are kept on the model for `save_adapter`."""
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; prepare_model applies once")
     # Everything that can fail is checked before the model changes: a bad call leaves it as it was.
     check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
     names = find_target_modules(model, target_modules)
+    if compute_dtype is not None and compute_dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"compute_dtype must be float32, bfloat16, float16 or None, got {compute_dtype!r}")
     if quantize:
         _checks.quant_type(quant_type)
         _checks.blocksize(blocksize)
-        if compute_dtype is not None and compute_dtype not in _checks.FLOAT_DTYPES:
-            raise ValueError(f"compute_dtype must be float32, bfloat16, float16 or None, got {compute_dtype!r}")
         for name in names:
-            weight = _checks.float_tensor(f"{name}.weight", model.get_submodule(name).weight.detach())
-            _checks.finite(f"{name}.weight", weight)
+            module = model.get_submodule(name)
+            if isinstance(module, nn.Linear):
+                weight = _checks.float_tensor(f"{name}.weight", module.weight.detach())
+                _checks.finite(f"{name}.weight", weight)
     for p in model.parameters():
         p.requires_grad_(False)
+    prequantized = [m for m in (model.get_submodule(n) for n in names) if isinstance(m, Linear4bit)]
+    if prequantized:  # what the layers hold, for save_adapter
+        quant_type, blocksize = prequantized[0].quant_type, prequantized[0].blocksize
+        compress_statistics = prequantized[0].compress_statistics
     for name in names:
         linear = model.get_submodule(name)
-        base = (
-            Linear4bit.from_linear(
-                linear, quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics,
-                compute_dtype=compute_dtype,
-            )
-            if quantize
-            else linear
-        )
+        if isinstance(linear, Linear4bit):
+            base = linear
+            if compute_dtype is not None:
+                base.compute_dtype = compute_dtype
+        elif quantize:
+            base = Linear4bit.from_linear(linear, quant_type=quant_type, blocksize=blocksize,
+                                          compress_statistics=compress_statistics, compute_dtype=compute_dtype)
+        else:
+            base = linear
         if base.bias is not None:
             base.bias.requires_grad_(False)
         layer = LoraLinear(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
@@ -117,7 +127,7 @@ def prepare_model(
     model.fastlora_config = {
         "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "use_rslora": use_rslora,
         "target_modules": names, "quant_type": quant_type, "compress_statistics": compress_statistics,
-        "blocksize": blocksize, "quantize": quantize,
+        "blocksize": blocksize, "quantize": quantize or bool(prequantized),
     }
     return model
 

@@ -127,6 +127,39 @@ class Linear4bit(AtomicLoad, nn.Module):
             layer.register_parameter("bias", None)
         return layer
 
+    @classmethod
+    def from_quantized(cls, packed: torch.Tensor, quant_state: QuantState, bias: torch.Tensor | None = None,
+                       compute_dtype: torch.dtype | None = None) -> Linear4bit:
+        """A layer over a weight already in 4 bits (bitsandbytes' packed bytes and its
+        `QuantState`, e.g. from a checkpoint), taken as it is: nothing is quantized again.
+        The packed tensor's dtype (uint8, or a `quant_storage` view) is kept."""
+        if not isinstance(quant_state, QuantState):
+            raise TypeError(f"quant_state must be a fastlora.QuantState, got {type(quant_state).__name__}")
+        if len(quant_state.shape) != 2:
+            raise ValueError(f"quant_state.shape must be (out_features, in_features), got {tuple(quant_state.shape)}")
+        out_features, in_features = (int(d) for d in quant_state.shape)
+        if not isinstance(packed, torch.Tensor) or packed.dtype == torch.bool or not packed.is_contiguous():
+            raise ValueError("packed must be a contiguous tensor of packed 4-bit codes")
+        needed = (out_features * in_features + 1) // 2
+        if packed.numel() * packed.element_size() != needed:
+            raise ValueError(f"packed holds {packed.numel() * packed.element_size()} bytes, a weight of shape "
+                             f"{(out_features, in_features)} needs {needed}")
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if compute_dtype is not None and compute_dtype not in _checks.FLOAT_DTYPES:
+            raise ValueError(f"compute_dtype must be float32, bfloat16, float16 or None, got {compute_dtype!r}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = in_features, out_features
+        layer.compute_dtype = compute_dtype
+        layer.quant_storage = packed.dtype
+        layer._set_state(packed.reshape(-1, 1), quant_state)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        else:
+            layer.register_parameter("bias", None)
+        return layer
+
     def _quantize_from(self, dense: torch.Tensor) -> None:
         packed, state = quantize_4bit(
             dense, blocksize=self.blocksize, quant_type=self.quant_type,
@@ -143,12 +176,15 @@ class Linear4bit(AtomicLoad, nn.Module):
         self._plan = None
         for name in _STAT_BUFFERS:
             self._buffers.pop(name, None)
-        self.register_buffer("absmax", state.absmax, persistent=False)
-        self.register_buffer("quant_map", state.code, persistent=False)
+        # Persistent, though `_save_to_state_dict` writes them under bitsandbytes' keys itself:
+        # loaders treat non-persistent buffers as derived values they may recompute
+        # (transformers replaces them with uninitialized memory after loading a checkpoint).
+        self.register_buffer("absmax", state.absmax)
+        self.register_buffer("quant_map", state.code)
         if state.nested:
-            self.register_buffer("nested_absmax", state.state2.absmax, persistent=False)
-            self.register_buffer("nested_quant_map", state.state2.code, persistent=False)
-            self.register_buffer("nested_offset", torch.as_tensor(state.offset, dtype=torch.float32), persistent=False)
+            self.register_buffer("nested_absmax", state.state2.absmax)
+            self.register_buffer("nested_quant_map", state.state2.code)
+            self.register_buffer("nested_offset", torch.as_tensor(state.offset, dtype=torch.float32))
         self.nested_blocksize = state.state2.blocksize if state.nested else NESTED_BLOCKSIZE
 
     @property
