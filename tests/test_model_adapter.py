@@ -549,3 +549,85 @@ def test_save_adapter_refuses_mixed_ranks(tmp_path):
     with pytest.raises(ValueError, match="one r"):
         fastlora.save_adapter(model, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier heads trained whole (`modules_to_save`)
+# ---------------------------------------------------------------------------------------------
+
+
+def llama_classifier() -> nn.Module:
+    from transformers import LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, num_labels=3,
+                         pad_token_id=0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def randomize_head(model: nn.Module, head: str, gen: torch.Generator) -> None:
+    """A head unlike the base model's, as training would leave it."""
+    with torch.no_grad():
+        for p in model.get_submodule(head).parameters():
+            p.add_(torch.randn(p.shape, generator=gen))
+
+
+@pytest.mark.parametrize("make,head", [(llama_classifier, "score"), (bert, "classifier")])
+def test_head_trained_with_modules_to_save_reloads_in_peft_and_here(make, head, gen, tmp_path):
+    base = make()
+    model = fastlora.prepare_model(copy.deepcopy(base), r=4, lora_alpha=8, quantize=False,
+                                   modules_to_save=["score", "classifier"])
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+    assert trainable and all(n.startswith(head) for n in trainable)
+    assert not any(isinstance(m, LoraLinear) and n.startswith(head) for n, m in model.named_modules())
+    randomize_lora(model, gen)
+    randomize_head(model, head, gen)
+    fastlora.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == [head] and config["task_type"] == "SEQ_CLS"
+    ids = tokens(gen)
+    expected = run(model.eval(), ids)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(run(theirs, ids), expected, rtol=1e-6, atol=1e-6)
+    again = fastlora.load_adapter(copy.deepcopy(base), tmp_path, quantize=False).eval()
+    torch.testing.assert_close(run(again, ids), expected, rtol=1e-6, atol=1e-6)
+    assert again.fastlora_config["modules_to_save"] == [head]
+    assert all(p.requires_grad for p in again.get_submodule(head).parameters())
+
+
+def test_head_saved_by_peft_comes_back_here(gen, tmp_path):
+    base = llama_classifier()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["score"],
+                             task_type="SEQ_CLS")
+    ref = peft.get_peft_model(copy.deepcopy(base), config)
+    randomize_lora(ref, gen)
+    randomize_head(ref.base_model.model.score.modules_to_save["default"], "", gen)
+    ref.save_pretrained(tmp_path)
+    ids = tokens(gen)
+    model = fastlora.load_adapter(copy.deepcopy(base), tmp_path, quantize=False).eval()
+    torch.testing.assert_close(run(model, ids), run(ref.eval(), ids), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(model.score.weight, base.score.weight)  # the trained head, not the base's
+    # Into a model already prepared, quantized: the head is loaded too.
+    prepared = fastlora.prepare_model(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    fastlora.load_adapter(prepared, tmp_path)
+    assert torch.equal(prepared.score.weight, model.score.weight)
+
+
+def test_modules_to_save_that_do_not_fit_are_refused(gen, tmp_path):
+    with pytest.raises(ValueError, match="matches no module"):
+        fastlora.prepare_model(llama_classifier(), modules_to_save=["classifier"], quantize=False)
+    with pytest.raises(ValueError, match="must be a list"):
+        fastlora.prepare_model(llama_classifier(), modules_to_save="score", quantize=False)
+    with pytest.raises(ValueError, match="overlaps the LoRA target"):
+        fastlora.prepare_model(llama_classifier(), target_modules=["q_proj", "score"], modules_to_save=["score"],
+                               quantize=False)
+    model = fastlora.prepare_model(llama_classifier(), r=4, quantize=False, modules_to_save=["score"])
+    fastlora.save_adapter(model, tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    state["base_model.model.score.weight"] = torch.randn(5, 32, generator=gen)
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    fresh = llama_classifier()
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"score.weight has shape \(5, 32\)"):
+        fastlora.load_adapter(fresh, tmp_path, quantize=False)
+    assert_unchanged(before, fresh)

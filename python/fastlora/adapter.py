@@ -2,9 +2,11 @@
 `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`.
 
 `peft.PeftModel.from_pretrained` loads what `save_adapter` writes, and `load_adapter` reads
-what peft writes. fastlora's own settings (quantization) go to `fastlora_config.json` beside
-them, since older peft versions reject unknown config keys. Files are read with safetensors
-(never pickle) and written to a temporary file, then renamed.
+what peft writes. Modules trained whole (`modules_to_save`, e.g. a classifier head) are saved
+as PEFT saves them: every parameter under `base_model.model.<module>.<parameter>`.
+fastlora's own settings (quantization) go to `fastlora_config.json` beside them, since older
+peft versions reject unknown config keys. Files are read with safetensors (never pickle) and
+written to a temporary file, then renamed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model import find_target_modules, lora_layers, prepare_model
+from .model import find_modules_to_save, find_target_modules, lora_layers, prepare_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -58,9 +60,19 @@ def _target_names(model: nn.Module, names: list[str]) -> list[str]:
     return leaves if selected == set(names) else sorted(names)
 
 
-def _task_type(model: nn.Module) -> str | None:
+def _task_type(model: nn.Module, saves_modules: bool) -> str | None:
     name = type(model).__name__
-    return "CAUSAL_LM" if name.endswith("ForCausalLM") else None
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    # PEFT loads a SEQ_CLS adapter with the classifier head among its modules_to_save, and
+    # fails on one saved without a head.
+    return "SEQ_CLS" if name.endswith("ForSequenceClassification") and saves_modules else None
+
+
+def _saved_module_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """`{key: shape}` of the parameters of the modules trained whole, under PEFT's keys."""
+    return {f"{KEY_PREFIX}{name}.{param}": tuple(p.shape)
+            for name in names for param, p in model.get_submodule(name).named_parameters()}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -79,10 +91,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
     settings = getattr(model, "fastlora_config", {})
+    saved = list(settings.get("modules_to_save") or [])
+    for name in saved:
+        for param, p in model.get_submodule(name).named_parameters():
+            tensors[f"{KEY_PREFIX}{name}.{param}"] = p.detach().contiguous().cpu()
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     config = {
         "peft_type": "LORA",
-        "task_type": _task_type(model),
+        "task_type": _task_type(model, bool(saved)),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": first.r,
         "lora_alpha": first.lora_alpha,
@@ -92,7 +108,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "use_rslora": first.use_rslora,
         "use_dora": False,
         "fan_in_fan_out": False,
-        "modules_to_save": None,
+        "modules_to_save": saved or None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -160,6 +176,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, **prepare_kwarg
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{weights_path}: unreadable safetensors file ({exc})") from None
 
+    saved_entries = config.get("modules_to_save")
+    if saved_entries is not None and (not isinstance(saved_entries, list)
+                                      or not all(isinstance(m, str) and m for m in saved_entries)):
+        raise ValueError(f"{directory / CONFIG_NAME}: modules_to_save must be a list of names, got {saved_entries!r}")
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     use_rslora = bool(config.get("use_rslora", False))
     # Every key and shape is checked against the model (or, for a model still to be prepared,
@@ -177,13 +197,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, **prepare_kwarg
         options = {
             "r": r, "lora_alpha": alpha, "target_modules": config.get("target_modules") or "all-linear",
             "lora_dropout": config.get("lora_dropout", 0.0) or 0.0, "use_rslora": use_rslora,
-            **_read_quant_settings(directory), **prepare_kwargs,
+            "modules_to_save": saved_entries, **_read_quant_settings(directory), **prepare_kwargs,
         }
         names = find_target_modules(model, options["target_modules"])
         features = {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features)
                     for name in names}
 
-    expected = {}
+    saved = find_modules_to_save(model, saved_entries)
+    expected = _saved_module_shapes(model, saved)
     for name, (in_features, out_features) in features.items():
         expected[f"{KEY_PREFIX}{name}.lora_A.weight"] = (r, in_features)
         expected[f"{KEY_PREFIX}{name}.lora_B.weight"] = (out_features, r)
@@ -205,9 +226,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, **prepare_kwarg
         (getattr(layer, part).weight, state[f"{KEY_PREFIX}{name}.{part}.weight"])
         for name, layer in layers.items() for part in ("lora_A", "lora_B")
     ]
+    updates += [(p, state[f"{KEY_PREFIX}{name}.{param}"])
+                for name in saved for param, p in model.get_submodule(name).named_parameters()]
     with torch.no_grad():
         for target, value in updates:
             target.copy_(_laid_out_like(target, value))
+    if saved:  # trained whole from here on, and saved with the adapter
+        for name in saved:
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        settings = getattr(model, "fastlora_config", None)
+        if settings is not None:
+            settings["modules_to_save"] = sorted(set(settings.get("modules_to_save") or []) | set(saved))
     return model
 
 

@@ -56,6 +56,28 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str] | tupl
     return names
 
 
+def _within(name: str, outer: str) -> bool:
+    return name == outer or name.startswith(outer + ".")
+
+
+def find_modules_to_save(model: nn.Module, modules_to_save: list[str] | tuple[str, ...] | None) -> list[str]:
+    """Names of the modules `modules_to_save` selects (names equal to or ending in
+    `.<entry>`, PEFT's way), outermost only. An entry may match nothing (PEFT's classifier
+    defaults name both `score` and `classifier`), but the list as a whole must match."""
+    if modules_to_save is None:
+        return []
+    if isinstance(modules_to_save, str) or not all(isinstance(m, str) and m for m in modules_to_save):
+        raise ValueError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
+    names: list[str] = []
+    for name, _ in model.named_modules():
+        if name and any(name == m or name.endswith("." + m) for m in modules_to_save) \
+                and not any(_within(name, n) for n in names):
+            names.append(name)
+    if modules_to_save and not names:
+        raise ValueError(f"modules_to_save={list(modules_to_save)!r} matches no module of this model")
+    return names
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -79,18 +101,33 @@ def prepare_model(
     compute_dtype: torch.dtype | None = None,
     init_lora_weights: bool | str = True,
     quantize: bool = True,
+    modules_to_save: list[str] | None = None,
 ) -> nn.Module:
     """Replaces the selected `nn.Linear` layers with `LoraLinear(Linear4bit)` (or
     `LoraLinear(nn.Linear)` when `quantize=False`), freezes every other parameter, and
     returns the model (changed in place). Layers that are already `Linear4bit` (a model from
     `fastlora.from_pretrained`) are wrapped as they are, never quantized again; the
     quantization arguments then do not apply to them (`compute_dtype`, if given, does). The
-    settings are kept on the model for `save_adapter`."""
+    settings are kept on the model for `save_adapter`.
+
+    `modules_to_save` (PEFT's option, e.g. `["score"]` or `["classifier"]` for a sequence
+    classifier's head) names modules trained whole, in full precision, and saved with the
+    adapter under PEFT's keys, so that a head trained here comes back when the adapter is
+    loaded, by `load_adapter` or by PEFT."""
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; prepare_model applies once")
     # Everything that can fail is checked before the model changes: a bad call leaves it as it was.
     check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
     names = find_target_modules(model, target_modules)
+    saved = find_modules_to_save(model, modules_to_save)
+    if target_modules == ALL_LINEAR:  # a head trained whole is not also a LoRA target (PEFT's rule)
+        names = [n for n in names if not any(_within(n, m) for m in saved)]
+        if not names:
+            raise ValueError("target_modules='all-linear' leaves no layer outside modules_to_save")
+    for name in names:
+        inside = next((m for m in saved if _within(name, m) or _within(m, name)), None)
+        if inside is not None:
+            raise ValueError(f"modules_to_save: {inside} overlaps the LoRA target {name}")
     if compute_dtype is not None and compute_dtype not in _checks.FLOAT_DTYPES:
         raise ValueError(f"compute_dtype must be float32, bfloat16, float16 or None, got {compute_dtype!r}")
     if quantize:
@@ -124,10 +161,13 @@ def prepare_model(
                            init_lora_weights=init_lora_weights)
         layer.train(model.training)  # an eval model must not get live LoRA dropout
         _set_submodule(model, name, layer)
+    for name in saved:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
     model.fastlora_config = {
         "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "use_rslora": use_rslora,
         "target_modules": names, "quant_type": quant_type, "compress_statistics": compress_statistics,
-        "blocksize": blocksize, "quantize": quantize or bool(prequantized),
+        "blocksize": blocksize, "quantize": quantize or bool(prequantized), "modules_to_save": saved,
     }
     return model
 
