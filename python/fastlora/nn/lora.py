@@ -32,6 +32,22 @@ def check_lora_args(r: object, lora_alpha: object, lora_dropout: object, init_lo
         raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
 
 
+def fused_lora_forward(base: Linear4bit, x: torch.Tensor, dropout: nn.Module, A: torch.Tensor, B: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+    """`base(x) + scaling * (dropout(x) @ A.T) @ B.T` in fastlora's fused 4-bit LoRA op (the
+    forward of `LoraLinear` and of PEFT's layer over a `Linear4bit`, `fastlora.peft`)."""
+    check_input(x, base.in_features, base.compute_dtype)
+    dtype = base.compute_dtype or x.dtype
+    xc = x if x.dtype == dtype else x.to(dtype)
+    x_drop = dropout(xc)
+    if torch.compiler.is_compiling():  # traced: the op on the layer's tensors (a plan is eager state)
+        y = ops.lora.lora_linear_4bit(xc, x_drop, base.packed_bytes(), base.block_scales(), base.bias, A, B, scaling,
+                                      base.blocksize, base.quant_type)
+    else:
+        y = base.plan().lora_linear(xc, x_drop, base.bias, A, B, scaling)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 class LoraLinear(AtomicLoad, nn.Module):
     def __init__(
         self,
@@ -113,16 +129,8 @@ class LoraLinear(AtomicLoad, nn.Module):
         if self.merged:
             return base(x)
         if isinstance(base, Linear4bit):
-            check_input(x, self.in_features, base.compute_dtype)
-            dtype = base.compute_dtype or x.dtype
-            xc = x if x.dtype == dtype else x.to(dtype)
-            x_drop, A, B = self.lora_dropout(xc), self.lora_A.weight, self.lora_B.weight
-            if torch.compiler.is_compiling():  # traced: the op on the layer's tensors (a plan is eager state)
-                y = ops.lora.lora_linear_4bit(xc, x_drop, base.packed_bytes(), base.block_scales(), base.bias, A, B,
-                                              self.scaling, base.blocksize, base.quant_type)
-            else:
-                y = base.plan().lora_linear(xc, x_drop, base.bias, A, B, self.scaling)
-            return y if y.dtype == x.dtype else y.to(x.dtype)
+            return fused_lora_forward(base, x, self.lora_dropout, self.lora_A.weight, self.lora_B.weight,
+                                      self.scaling)
         y = base(x)
         lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
         return y + (lora * self.scaling).to(y.dtype)

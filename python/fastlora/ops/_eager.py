@@ -28,13 +28,15 @@ _is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 
 def direct(*tensors: torch.Tensor | None) -> bool:
     """Whether a call with these tensor arguments may skip the dispatcher."""
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the mode checks below
+        return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TYPES or not (t.is_cpu or t.is_cuda) or (grad and t.requires_grad)):
             return False
     if not _CHECKABLE or _dispatch_modes() or _function_modes() or _functorch() is not None:
         return False
-    return not (_is_tracing() or torch.compiler.is_compiling())
+    return not _is_tracing()
 
 
 def call(op: Callable, implementation: Callable, *args):
