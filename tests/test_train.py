@@ -22,7 +22,6 @@ from fastlora.cli import main
 from fastlora.model import lora_layers
 from fastlora.nn import Linear4bit
 from fastlora.train import TrainConfig, TrainError, checkpoint, data, modeling
-from fastlora.train.quantize import load_quantized, to_prepared_keys
 
 DETERMINISTIC = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "loss_tokens", "eval_loss")
 
@@ -375,26 +374,20 @@ def test_quantize_writes_bitsandbytes_format(tiny_model, tmp_path):
     for key in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
         assert torch.equal(state[key], original.state_dict()[key])
 
-    # Loads into a fastlora-prepared model (built from other random weights) via load_state_dict
-    # and gives the outputs of the model prepared from the original weights.
-    torch.manual_seed(99)
+    # `fastlora.from_pretrained` (what `fastlora train --model <dir>` uses) reads it back: the
+    # bytes of the model prepared from the original weights.
     expected = fastlora.prepare_model(LlamaForCausalLM.from_pretrained(tiny_model), r=4, quantize=True)
-    other = fastlora.prepare_model(LlamaForCausalLM(original.config), r=4, quantize=True)
-    result = other.load_state_dict(to_prepared_keys(state, list(lora_layers(other))), strict=False)
-    assert not result.unexpected_keys
-    assert result.missing_keys and all(".lora_A." in k or ".lora_B." in k for k in result.missing_keys)
-    for name, layer in lora_layers(other).items():
-        layer.lora_A.weight.data.copy_(lora_layers(expected)[name].lora_A.weight)
+    loaded = fastlora.prepare_model(fastlora.from_pretrained(out), r=4)
+    for name, layer in lora_layers(loaded).items():
+        assert torch.equal(layer.base_layer.weight, lora_layers(expected)[name].base_layer.weight)
+        assert torch.equal(layer.base_layer.absmax, lora_layers(expected)[name].base_layer.absmax)
+        lora_layers(expected)[name].lora_A.weight.data.copy_(layer.lora_A.weight)
         torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
         lora_layers(expected)[name].lora_B.weight.data.copy_(layer.lora_B.weight)
     ids = torch.randint(0, 256, (2, 8))
     with torch.no_grad():
-        assert torch.equal(other(input_ids=ids).logits, expected(input_ids=ids).logits)
-    # And `load_quantized` (what `fastlora train --model <dir>` uses) gives the same base.
-    loaded = load_quantized(out, r=4)
-    for name, layer in lora_layers(loaded).items():
-        assert torch.equal(layer.base_layer.weight, lora_layers(expected)[name].base_layer.weight)
-        assert torch.equal(layer.base_layer.absmax, lora_layers(expected)[name].base_layer.absmax)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_train_on_a_quantized_checkpoint(tiny_model, task_file, tmp_path):
@@ -495,6 +488,17 @@ def test_cli_errors_are_one_line(tiny_model, task_file, tmp_path, capsys):
 
     assert main(["quantize", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "q")]) == 2
     assert "nope: no such model directory" in _error_line(capsys)
+
+
+def test_cli_quantizes_the_embedded_model_into_what_generate_and_train_read(task_file, tmp_path, capsys):
+    q = tmp_path / "q"
+    assert main(["quantize", "--output-dir", str(q), "--target-modules", "q_proj,v_proj,up_proj"]) == 0
+    loaded = fastlora.from_pretrained(q)
+    assert sorted({n.rsplit(".", 1)[-1] for n, m in loaded.named_modules() if isinstance(m, Linear4bit)}) == [
+        "q_proj", "up_proj", "v_proj"]
+    assert main(["generate", "--model", str(q), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+    result = fastlora.train(**options(q, task_file, tmp_path / "run", max_steps=1, target_modules="v_proj"))
+    assert result.step == 1 and math.isfinite(result.loss)
 
 
 def test_cli_trains(tiny_model, task_file, tmp_path, capsys):

@@ -35,6 +35,7 @@ except ImportError as exc:  # transformers missing, or 4.x (another quantizer in
 
 from . import _checks
 from .formats import QUANT_TYPES
+from .model import dequantize_model
 from .nn import Linear4bit
 from .quant_state import QuantState
 
@@ -107,13 +108,15 @@ class FastLoraConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         """bitsandbytes' entry (`BitsAndBytesConfig.to_dict()` keys), so a saved checkpoint is
         one that transformers + bitsandbytes load."""
-        from .train.quantize import quantization_config
-
-        entry = quantization_config(self.quant_type, self.compress_statistics, self.blocksize,
-                                    self.skip_modules or [], self.compute_dtype or torch.float32)
-        if self.compute_dtype is None:
-            entry["bnb_4bit_compute_dtype"] = "float32"
-        return entry
+        compute_dtype = str(self.compute_dtype or torch.float32).removeprefix("torch.")
+        return {
+            "quant_method": _BNB_METHOD, "_load_in_4bit": True, "_load_in_8bit": False, "load_in_4bit": True,
+            "load_in_8bit": False, "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_type": self.quant_type,
+            "bnb_4bit_use_double_quant": self.compress_statistics, "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+            "llm_int8_skip_modules": self.skip_modules or None, "llm_int8_threshold": 6.0,
+            "fastlora_blocksize": self.blocksize,  # bitsandbytes' config has no block size (it assumes 64)
+        }
 
     def fields(self) -> dict[str, Any]:
         """fastlora's own entry, which `from_dict` reads back (`to_dict` is bitsandbytes')."""
@@ -187,6 +190,9 @@ class FastLoraHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return True
 
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        return dequantize_model(model, dtype)
+
     def get_quantize_ops(self) -> ConversionOps:
         return FastLoraQuantize(self)
 
@@ -230,11 +236,21 @@ class FastLoraQuantize(ConversionOps):
         return result
 
 
+class _Unchanged(ConversionOps):
+    def convert(self, input_dict: dict[str, Any], **kwargs: Any) -> dict:
+        return input_dict
+
+
 class FastLoraDeserialize(ConversionOps):
     """A bitsandbytes 4-bit weight (packed bytes and its statistics) as stored."""
 
     def __init__(self, hf_quantizer: FastLoraHfQuantizer) -> None:
         self.hf_quantizer = hf_quantizer
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        # Saving: `Linear4bit`'s state dict already holds bitsandbytes' keys.
+        return _Unchanged()
 
     def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None, full_layer_name: str | None = None,
                 **kwargs: Any) -> dict:

@@ -185,3 +185,20 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     if hasattr(model, "fastlora_config"):
         del model.fastlora_config
     return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replaces every `Linear4bit` (a 4-bit layer without an adapter, e.g. left by
+    `merge_and_unload`) by a dense `nn.Linear` holding its dequantized weight, in `dtype`
+    (default: the layer's compute dtype, else the weight's original dtype); returns the model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear4bit):
+            layer_dtype = dtype or module.compute_dtype or module.weight_dtype
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               dtype=layer_dtype, device=module.weight.device)
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantize().to(layer_dtype))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            _set_submodule(model, name, linear)
+    return model

@@ -102,18 +102,28 @@ def resolve(model: str | os.PathLike | None) -> tuple[str, Path | None]:
     return name, None
 
 
-def load_model(model: str | os.PathLike | None, dtype: torch.dtype) -> tuple[nn.Module, object, str]:
-    """(model, tokenizer, name). The embedded model when `model` is None."""
+def load_model(model: str | os.PathLike | None, dtype: torch.dtype,
+               quantization: dict | None = None) -> tuple[nn.Module, object, str]:
+    """(model, tokenizer, name). The embedded model when `model` is None. With `quantization`
+    (`fastlora.from_pretrained`'s options), and always for a bitsandbytes 4-bit checkpoint, a
+    checkpoint is loaded through `fastlora.from_pretrained`: its linear layers come as
+    `Linear4bit`, quantized while loading, or as stored (a 4-bit checkpoint's own settings
+    win)."""
     name, path = resolve(model)
     if model is None:
         return build_embedded(dtype), load_tokenizer(path), name
     transformers = _hf()
     source = str(path) if path is not None else name
-    if path is not None and is_quantized_dir(path):
-        raise TrainError(f"{name}: holds an already 4-bit model (fastlora.train.quantize.load_quantized reads it)")
+    if quantization is None and path is not None and is_quantized_dir(path):
+        quantization = {}  # its 4-bit layers as stored
     try:
-        net = transformers.AutoModelForCausalLM.from_pretrained(source, **dtype_kwarg(dtype))
-    except (OSError, ValueError, KeyError, TypeError, EnvironmentError) as exc:
+        if quantization is not None:
+            from .. import hf
+
+            net = hf.from_pretrained(source, **quantization, **dtype_kwarg(dtype))
+        else:
+            net = transformers.AutoModelForCausalLM.from_pretrained(source, **dtype_kwarg(dtype))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EnvironmentError) as exc:
         where = "local directory" if path is not None else "Hugging Face Hub model"
         raise TrainError(f"{name}: cannot load a causal LM from this {where} ({_one_line(exc)})") from None
     return net, load_tokenizer(source), name
@@ -136,7 +146,9 @@ def check_target_modules(model: nn.Module, target: str | list[str]) -> None:
     """Raises a one-line `TrainError` when `target` selects no `nn.Linear` of the model:
     naming the unknown module, or saying the model has no linear layers to adapt."""
     head = _output_head(model)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n}
+    from ..nn import Linear4bit
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Linear4bit)) and n}
     eligible = {n for n, m in linears.items() if m is not head and not (head is None and n.endswith("lm_head"))}
     kind = type(model).__name__
     if target == ALL_LINEAR:

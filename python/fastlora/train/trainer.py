@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from ..adapter import load_adapter, save_adapter
-from ..model import lora_layers, merge_and_unload, prepare_model
+from ..model import dequantize_model, lora_layers, merge_and_unload, prepare_model
 from . import checkpoint, data, distributed, modeling, report
 from .distributed import DistInfo
 from .early_stopping import BEST_DIR, EarlyStopping, check_metric, write_best
@@ -406,18 +406,14 @@ def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 def _build(cfg: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None) -> tuple[nn.Module, object, str]:
     """The model with LoRA adapters over 4-bit layers, on the device."""
     load_dtype = torch.bfloat16 if autocast_dtype is torch.bfloat16 and info.device.type == "cuda" else torch.float32
-    name, path = modeling.resolve(cfg.model)
     target = modeling.parse_target_modules(cfg.target_modules)
     lora = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
-    if path is not None and cfg.model is not None and modeling.is_quantized_dir(path):
-        from .quantize import load_quantized
-
-        try:
-            model = load_quantized(path, dtype=load_dtype, target_modules=target, seed=cfg.seed, **lora)
-        except ValueError as exc:
-            raise TrainError(str(exc)) from None
-        return model.to(info.device), modeling.load_tokenizer(path), name
-    model, tokenizer, name = modeling.load_model(cfg.model, load_dtype)
+    # A checkpoint is quantized while it loads (or read as stored, when it is a bitsandbytes
+    # 4-bit one): the dense model never sits in memory. The embedded model is built here.
+    quantization = None if cfg.model is None else dict(
+        quant_type=cfg.quant_type, compress_statistics=cfg.double_quant, target_modules=target,
+        compute_dtype=autocast_dtype)
+    model, tokenizer, name = modeling.load_model(cfg.model, load_dtype, quantization)
     modeling.check_target_modules(model, target)
     model.to(info.device)
     torch.manual_seed(cfg.seed)  # the LoRA initialization
@@ -431,19 +427,14 @@ def _build(cfg: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None)
 
 def _merge(cfg: TrainConfig, adapter_dir: Path, out_dir: Path, tokenizer, autocast_dtype) -> Path:
     """Reloads the base model, applies the saved adapter and writes the merged dense model."""
-    from .quantize import dense_copy, load_quantized
-
-    name, path = modeling.resolve(cfg.model)
     load_dtype = torch.bfloat16 if autocast_dtype is torch.bfloat16 and torch.cuda.is_available() else torch.float32
-    if path is not None and cfg.model is not None and modeling.is_quantized_dir(path):
-        model = load_quantized(path, dtype=load_dtype, target_modules=modeling.parse_target_modules(cfg.target_modules),
-                               r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
-        load_adapter(model, adapter_dir)
-    else:
-        model, _, _ = modeling.load_model(cfg.model, load_dtype)
-        load_adapter(model, adapter_dir, compute_dtype=autocast_dtype)
+    model, _, _ = modeling.load_model(cfg.model, load_dtype)  # a 4-bit checkpoint: its base as trained
+    load_adapter(model, adapter_dir, compute_dtype=autocast_dtype)
     merge_and_unload(model)
-    dense_copy(model)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.dequantize()  # the other 4-bit layers too, and the quantization config goes
+    else:
+        dequantize_model(model)
     model.config.use_cache = True
     tmp = out_dir / f".{MERGED_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
