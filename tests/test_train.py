@@ -874,3 +874,106 @@ def test_monitoring_errors_are_one_line(tiny_model, task_file, tmp_path, capsys,
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     assert main(base + ["--data", str(task_file), "--report-to", "tensorboard"]) == 2
     assert "--report-to tensorboard: the tensorboard package is not installed" in _error_line(capsys)
+
+
+# -- sequence classification ------------------------------------------------------------------
+
+SENTIMENT = [("what a lovely bright day", "positive"), ("this is wonderful and kind", "positive"),
+             ("great work, well done", "positive"), ("i love this song", "positive"),
+             ("a terrible awful mess", "negative"), ("this is bad and sad", "negative"),
+             ("i hate the cold rain", "negative"), ("what a horrible noise", "negative"),
+             ("the sky is grey today", "neutral"), ("the table has four legs", "neutral"),
+             ("it is a tuesday", "neutral"), ("the box holds two cups", "neutral")]
+
+
+@pytest.fixture
+def labelled(tmp_path) -> Path:
+    path = tmp_path / "labelled.jsonl"
+    rows = SENTIMENT * 3
+    path.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows))
+    return path
+
+
+def save_tiny_bert(path: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(modeling.embedded_model_dir())
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(3)
+    BertModel(config).save_pretrained(path)  # a base checkpoint: the classifier head is new
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_seq_cls_trains_a_classifier_whose_head_reloads_in_peft(kind, tiny_model, labelled, tmp_path):
+    model_dir = tiny_model if kind == "llama" else save_tiny_bert(tmp_path / "bert")
+    out = tmp_path / "run"
+    result = fastlora.train(**options(model_dir, labelled, out, task="seq-cls", max_steps=16, lr=5e-3, eval_steps=8,
+                                      eval_fraction=0.25, max_length=16, lora_dropout=0.0, batch_size=8,
+                                      merge=True))
+    records = read_metrics(out)
+    evals = [r for r in records if "eval_loss" in r]
+    assert len(evals) == 2 and all(0 <= r["eval_accuracy"] <= 1 and 0 <= r["eval_macro_f1"] <= 1 for r in evals)
+    losses = [r["loss"] for r in records]
+    if kind == "llama":  # it learns (a random BERT pools its first token, the same bos everywhere: slowly)
+        assert sum(losses[-4:]) < sum(losses[:4]) and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    head = "score" if kind == "llama" else "classifier"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == [head]
+    trained = result.model.eval()
+    assert trained.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    # The head comes back trained, through PEFT over the dequantized base, and here.
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    ids = torch.randint(0, 200, (3, 9))
+    with torch.no_grad():
+        ours = trained(input_ids=ids).logits
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3,
+                                                              pad_token_id=trained.config.pad_token_id)
+    for name, layer in lora_layers(trained).items():
+        base.get_submodule(name).weight.data = layer.base_layer.dequantize()
+    theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    assert not any(isinstance(m, Linear4bit) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(merged(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_seq_cls_accuracy_and_f1_are_those_of_the_predictions(tiny_model, labelled, tmp_path):
+    result = fastlora.train(**options(tiny_model, labelled, tmp_path / "run", task="seq-cls", max_steps=2,
+                                      eval_fraction=0.5, max_length=16))
+    records = read_metrics(tmp_path / "run")
+    model = result.model.eval()
+    tokenizer = result.tokenizer
+    classes = [model.config.id2label[i] for i in range(3)]
+    dataset = data.load_dataset(labelled, tokenizer, 16, False, 0.5, 7, classes=classes)
+    truth, predicted = [], []
+    with torch.no_grad():
+        for example in dataset.eval:
+            logits = model(input_ids=torch.tensor([example.input_ids])).logits
+            truth.append(example.label)
+            predicted.append(int(logits.argmax()))
+    accuracy = sum(t == p for t, p in zip(truth, predicted, strict=True)) / len(truth)
+    f1s = []
+    for c in sorted(set(truth) | set(predicted)):
+        tp = sum(t == c and p == c for t, p in zip(truth, predicted, strict=True))
+        f1s.append(2 * tp / (truth.count(c) + predicted.count(c)))
+    assert records[-1]["eval_accuracy"] == pytest.approx(accuracy)
+    assert records[-1]["eval_macro_f1"] == pytest.approx(sum(f1s) / len(f1s))
+
+
+def test_seq_cls_bad_data_is_a_clear_error(tiny_model, tmp_path):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n')
+    with pytest.raises(TrainError, match="mixes integer and named labels"):
+        fastlora.train(**options(tiny_model, mixed, tmp_path / "a", task="seq-cls"))
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text('{"text": "a", "label": 0}\n{"text": "b"}\n')
+    with pytest.raises(TrainError, match='record 2 has no "label"'):
+        fastlora.train(**options(tiny_model, unlabelled, tmp_path / "b", task="seq-cls"))
+    with pytest.raises(TrainError, match="--task"):
+        fastlora.train(**options(tiny_model, unlabelled, tmp_path / "c", task="regression"))

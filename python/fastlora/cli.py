@@ -17,7 +17,7 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def _add_train(commands) -> None:
     from .train.report import REPORT_TO
-    from .train.trainer import CHECKPOINT_POLICIES, TrainConfig
+    from .train.trainer import CHECKPOINT_POLICIES, TASKS, TrainConfig
 
     d = TrainConfig()
     p = commands.add_parser(
@@ -37,6 +37,10 @@ def _add_train(commands) -> None:
                         "response only), or a plain text file (documents separated by blank lines); repeatable: "
                         "training rows are drawn from each file in proportion to its WEIGHT (default 1), e.g. "
                         "--data task.jsonl:3 --data general.txt:1 (default: a small task set shipped with fastlora)")
+    g.add_argument("--task", choices=TASKS, default=d.task,
+                   help='causal-lm: next-token loss; seq-cls: a sequence classifier trained on JSONL {"text", '
+                        '"label"} records (labels as names or integers), its head trained whole and saved with the '
+                        "adapter, eval accuracy and macro F1 logged")
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per row")
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=d.packing,
                    help="concatenate examples into full rows (else pad each example)")

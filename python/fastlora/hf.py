@@ -163,7 +163,7 @@ class FastLoraHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         config = self.quantization_config
         keep_dense = getattr(model, "_keep_in_fp32_modules", None)
-        skip = self.get_modules_to_not_convert(model, config.skip_modules, keep_dense)
+        skip = self.get_modules_to_not_convert(model, config.skip_modules, keep_dense, add_default_skips=True)
         self.targets = {
             name for name, module in model.named_modules()
             if type(module) is nn.Linear and name and _selected(name, config.target_modules)
@@ -291,21 +291,32 @@ def _register() -> None:
 _register()
 
 
+# `from_pretrained` arguments that the model's loading needs as well as the config's.
+_LOADING_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder", "dtype",
+                   "torch_dtype", "device_map")
+
+
 def from_pretrained(name_or_path: str | os.PathLike, *, compute_dtype: torch.dtype | None = None,
                     quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64,
-                    target_modules: str | list[str] = "all-linear", device: torch.device | str | None = None,
-                    auto_class: type | None = None, **kwargs: Any) -> nn.Module:
+                    target_modules: str | list[str] = "all-linear", skip_modules: list[str] | None = None,
+                    device: torch.device | str | None = None, auto_class: type | None = None,
+                    **kwargs: Any) -> nn.Module:
     """A Hugging Face model (`AutoModelForCausalLM` unless `auto_class` says otherwise) with
     its linear layers as `fastlora.Linear4bit`. A bitsandbytes 4-bit checkpoint is loaded as
     stored (its own quantization settings win over the arguments here), bitsandbytes not
-    needed; any other checkpoint is quantized while it loads. `kwargs` go to transformers'
-    `from_pretrained` (`dtype`, `revision`, `token`, ...)."""
+    needed; any other checkpoint is quantized while it loads, but for `skip_modules` (kept
+    dense, like the output head, which always is). `kwargs` go to transformers'
+    `from_pretrained` (`dtype`, `revision`, `token`, `num_labels`, ...)."""
     auto_class = auto_class or transformers.AutoModelForCausalLM
     if target_modules != "all-linear" and (isinstance(target_modules, str) or not target_modules):
         raise ValueError(f"target_modules must be 'all-linear' or a list of module names, got {target_modules!r}")
-    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
-                  if k in kwargs}
-    config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    config = kwargs.pop("config", None)
+    if config is None:
+        # Config attributes among kwargs (num_labels, ...) go into the config; what the model's
+        # loading also needs is passed on again.
+        kept = {k: kwargs[k] for k in _LOADING_KWARGS if k in kwargs}
+        config, unused = transformers.AutoConfig.from_pretrained(name_or_path, return_unused_kwargs=True, **kwargs)
+        kwargs = {**unused, **kept}
     stored = getattr(config, "quantization_config", None)
     if stored is not None:
         entry = stored if isinstance(stored, dict) else stored.to_dict()
@@ -322,7 +333,8 @@ def from_pretrained(name_or_path: str | os.PathLike, *, compute_dtype: torch.dty
     else:
         extra = {"quantization_config": FastLoraConfig(
             quant_type=quant_type, compress_statistics=compress_statistics, blocksize=blocksize,
-            compute_dtype=compute_dtype, target_modules=None if target_modules == "all-linear" else target_modules)}
+            compute_dtype=compute_dtype, skip_modules=skip_modules,
+            target_modules=None if target_modules == "all-linear" else target_modules)}
     if device is not None:
         kwargs.setdefault("device_map", {"": torch.device(device)})
     return auto_class.from_pretrained(name_or_path, config=config, **extra, **kwargs)

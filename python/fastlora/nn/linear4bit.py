@@ -200,8 +200,7 @@ class Linear4bit(AtomicLoad, nn.Module):
             offset=self.nested_offset if self.compress_statistics else None, state2=state2,
         )
 
-    def packed_bytes(self) -> torch.Tensor:
-        weight = self.weight
+    def _check_storage(self, weight: torch.Tensor) -> None:
         if weight.dtype != self.quant_storage:
             # A float quant_storage's words are not numbers: a cast canonicalizes the NaN bit
             # patterns among them, so the codes cannot be recovered.
@@ -209,7 +208,10 @@ class Linear4bit(AtomicLoad, nn.Module):
                 f"Linear4bit.weight holds {weight.dtype} but the layer stores its 4-bit codes as {self.quant_storage}: "
                 "something cast the packed weight (peft.prepare_model_for_kbit_training casts float16/bfloat16 "
                 "parameters to float32), which corrupts it; use quant_storage=torch.uint8 (the default)")
-        return weight.view(torch.uint8).reshape(-1)
+
+    def packed_bytes(self) -> torch.Tensor:
+        self._check_storage(self.weight)
+        return self.weight.view(torch.uint8).reshape(-1)
 
     def block_scales(self) -> BlockScales:
         """The block scales as the ops take them, from the layer's buffers."""
@@ -222,7 +224,7 @@ class Linear4bit(AtomicLoad, nn.Module):
         """The layer's call plan (`fastlora.plan`), made again when the weight changed."""
         plan, weight = self._plan, self._parameters["weight"]
         if plan is None or not plan.is_current(weight) or plan.scales.absmax is not self._buffers["absmax"]:
-            self.packed_bytes()  # raises for a cast weight
+            self._check_storage(weight)  # no tensor op: see WeightPlan
             plan = self._plan = WeightPlan(weight, self.block_scales(), self.out_features, self.in_features,
                                            self.blocksize, self.quant_type)
         return plan

@@ -12,6 +12,10 @@ sequence (`G`, the global batch, is `batch_size * grad_accum * world_size`). The
 is thus a function of the number of samples seen, which is all a checkpoint needs to resume,
 and a run on N processes sees the same samples per step as one process with N times the batch.
 
+For sequence classification (`--task seq-cls`) a record is `{"text": ..., "label": ...}`, the
+label a class name or an integer; an example is the text's tokens, truncated to `max_length`,
+and its class (`Example.label`), never split or packed.
+
 Several sources (`--data FILE:WEIGHT`, repeatable) are tokenized, split and packed each on
 its own; global sample `i` comes from the source drawn for position `i` with probability
 proportional to the weights (seeded, in fixed chunks of positions), and takes that source's
@@ -38,17 +42,20 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 @dataclass
 class Record:
-    """One example before tokenization: `text`, or `prompt` and `response`."""
+    """One example before tokenization: `text`, or `prompt` and `response`; a classification
+    record has a `label` beside its `text`."""
 
     text: str | None = None
     prompt: str | None = None
     response: str | None = None
+    label: str | int | None = None
 
 
 @dataclass
 class Example:
     input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX where there is no loss
+    labels: list[int]  # per token, IGNORE_INDEX where there is no loss (language modelling)
+    label: int | None = None  # the class index (sequence classification; IGNORE_INDEX: no loss)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -136,7 +143,11 @@ def _record(obj: object, where: str) -> Record:
     if "text" in obj:
         if not isinstance(obj["text"], str):
             raise TrainError(f'{where}: "text" must be a string, got {type(obj["text"]).__name__}')
-        return Record(text=obj["text"])
+        label = obj.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))
+                                  or (isinstance(label, int) and label < 0)):
+            raise TrainError(f'{where}: "label" must be a class name or a non-negative integer, got {label!r}')
+        return Record(text=obj["text"], label=label)
     if "prompt" in obj or "response" in obj:
         for key in ("prompt", "response"):
             if key not in obj:
@@ -233,6 +244,45 @@ def tokenize(records: list[Record], tokenizer, max_length: int) -> tuple[list[Ex
     return examples, stats
 
 
+def label_names(records: list[Record], where: str) -> list[str]:
+    """The classes of a classification data set, in index order: `0 .. max` for integer
+    labels, else the sorted names. Every record needs a label, all of one kind."""
+    labels = []
+    for i, record in enumerate(records):
+        if record.label is None or record.text is None:
+            raise TrainError(f'{where}: record {i + 1} has no "label" (--task seq-cls needs "text" and "label")')
+        labels.append(record.label)
+    if all(isinstance(label, int) for label in labels):
+        return [str(i) for i in range(max(labels) + 1)]
+    if all(isinstance(label, str) for label in labels):
+        return sorted(set(labels))
+    raise TrainError(f"{where}: mixes integer and named labels")
+
+
+def classify(records: list[Record], tokenizer, max_length: int, classes: list[str],
+             where: str) -> tuple[list[Example], dict[str, int]]:
+    """Classification examples: each text's tokens (with bos and eos where the tokenizer has
+    them), truncated to `max_length`, with its class index in `classes`."""
+    bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
+    index = {name: i for i, name in enumerate(classes)}
+    stats = {"records": len(records), "split": 0, "truncated": 0, "dropped": 0}
+    ids_list = tokenizer([r.text for r in records], add_special_tokens=False)["input_ids"] if records else []
+    examples = []
+    for i, (record, ids) in enumerate(zip(records, ids_list, strict=True)):
+        if record.label is None:
+            raise TrainError(f'{where}: record {i + 1} has no "label" (--task seq-cls needs "text" and "label")')
+        key = str(record.label)
+        if key not in index:
+            raise TrainError(f"{where}: record {i + 1} has the label {record.label!r}, not one of the training "
+                             f"data's classes ({', '.join(classes)})")
+        tokens = ([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else [])
+        if len(tokens) > max_length:
+            stats["truncated"] += 1
+            tokens = tokens[:max_length]
+        examples.append(Example(tokens, [], label=index[key]))
+    return examples, stats
+
+
 def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """A held-out eval split of `round(eval_fraction * n)` examples (at least one when the
     fraction is positive and there are two or more), drawn with `seed`."""
@@ -254,9 +304,14 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
 
 
 def load_dataset(path: str | Path, tokenizer, max_length: int, packing: bool, eval_fraction: float, seed: int,
-                 records: list[Record] | None = None) -> Dataset:
+                 records: list[Record] | None = None, classes: list[str] | None = None) -> Dataset:
+    """With `classes`, a classification data set (never packed)."""
     records = read_records(path) if records is None else records
-    examples, stats = tokenize(records, tokenizer, max_length)
+    if classes is not None:
+        examples, stats = classify(records, tokenizer, max_length, classes, str(path))
+        packing = False
+    else:
+        examples, stats = tokenize(records, tokenizer, max_length)
     if not examples:
         raise TrainError(f"{path}: no example has a token to train on within --max-length {max_length}")
     train, held = split(examples, eval_fraction, seed)
@@ -271,12 +326,12 @@ def load_dataset(path: str | Path, tokenizer, max_length: int, packing: bool, ev
 
 
 def load_mixture(sources: list[Source], tokenizer, max_length: int, packing: bool, eval_fraction: float,
-                 seed: int, records: list[list[Record]] | None = None) -> Dataset:
+                 seed: int, records: list[list[Record]] | None = None, classes: list[str] | None = None) -> Dataset:
     """One source: `load_dataset`. Several: each loaded on its own (its held-out split
     included), their training rows concatenated with `parts` and `weights` set for
     `MixedSampler`, their eval rows concatenated."""
     records = records or [None] * len(sources)
-    sets = [load_dataset(src.path, tokenizer, max_length, packing, eval_fraction, seed, records=recs)
+    sets = [load_dataset(src.path, tokenizer, max_length, packing, eval_fraction, seed, records=recs, classes=classes)
             for src, recs in zip(sources, records, strict=True)]
     if len(sets) == 1:
         return sets[0]
@@ -289,20 +344,25 @@ def load_mixture(sources: list[Source], tokenizer, max_length: int, packing: boo
 
 
 def loss_tokens(examples: list[Example]) -> int:
-    """Tokens that carry a loss: labels after the causal shift that are not ignored."""
-    return sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in examples)
+    """Tokens that carry a loss: labels after the causal shift that are not ignored (for
+    classification examples: the examples whose class is not ignored)."""
+    return sum((e.label != IGNORE_INDEX) if e.label is not None else
+               sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in examples)
 
 
 def collate(examples: list[Example], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and `labels` (padding: IGNORE_INDEX)."""
+    """Right-padded `input_ids`, `attention_mask` and `labels` (padding: IGNORE_INDEX); for
+    classification examples `labels` holds one class per row."""
     length = max(len(e) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.long)
     for i, e in enumerate(examples):
         ids[i, :len(e)] = torch.tensor(e.input_ids)
-        labels[i, :len(e)] = torch.tensor(e.labels)
+        labels[i, :len(e.labels)] = torch.tensor(e.labels, dtype=torch.long)
         mask[i, :len(e)] = 1
+    if examples[0].label is not None:
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 

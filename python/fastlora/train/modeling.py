@@ -60,14 +60,31 @@ def load_tokenizer(source: str | Path):
         raise TrainError(f"{source}: cannot load a tokenizer ({_one_line(exc)})") from None
 
 
-def build_embedded(dtype: torch.dtype = torch.float32) -> nn.Module:
+def classifier_options(classes: list[str]) -> dict:
+    """`from_pretrained`/`from_config` options for a sequence classifier over `classes`."""
+    return {"auto_class": _hf().AutoModelForSequenceClassification, "num_labels": len(classes),
+            "id2label": dict(enumerate(classes)), "label2id": {name: i for i, name in enumerate(classes)}}
+
+
+def set_pad_token(model: nn.Module, tokenizer) -> None:
+    """Gives a sequence classifier the padding id it lacks: Llama-style classifiers pool the
+    last token that is not padding, and cannot batch without it."""
+    if getattr(model.config, "pad_token_id", None) is None:
+        pad = tokenizer.pad_token_id
+        model.config.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
+
+
+def build_embedded(dtype: torch.dtype = torch.float32, head: dict | None = None) -> nn.Module:
     """The shipped tiny Llama, randomly initialized with a fixed seed (the same model every
-    time, whatever the training seed)."""
+    time, whatever the training seed); with `head` (`classifier_options`), as a sequence
+    classifier."""
     transformers = _hf()
-    config = transformers.AutoConfig.from_pretrained(str(embedded_model_dir()))
+    options = dict(head or {})
+    auto_class = options.pop("auto_class", transformers.AutoModelForCausalLM)
+    config = transformers.AutoConfig.from_pretrained(str(embedded_model_dir()), **options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(EMBEDDED_SEED)
-        model = transformers.AutoModelForCausalLM.from_config(config, **dtype_kwarg(dtype))
+        model = auto_class.from_config(config, **dtype_kwarg(dtype))
     model.config._name_or_path = EMBEDDED_NAME
     return model
 
@@ -102,30 +119,33 @@ def resolve(model: str | os.PathLike | None) -> tuple[str, Path | None]:
     return name, None
 
 
-def load_model(model: str | os.PathLike | None, dtype: torch.dtype,
-               quantization: dict | None = None) -> tuple[nn.Module, object, str]:
+def load_model(model: str | os.PathLike | None, dtype: torch.dtype, quantization: dict | None = None,
+               head: dict | None = None) -> tuple[nn.Module, object, str]:
     """(model, tokenizer, name). The embedded model when `model` is None. With `quantization`
     (`fastlora.from_pretrained`'s options), and always for a bitsandbytes 4-bit checkpoint, a
     checkpoint is loaded through `fastlora.from_pretrained`: its linear layers come as
     `Linear4bit`, quantized while loading, or as stored (a 4-bit checkpoint's own settings
-    win)."""
+    win). `head` (`classifier_options`) makes it a sequence classifier."""
     name, path = resolve(model)
     if model is None:
-        return build_embedded(dtype), load_tokenizer(path), name
+        return build_embedded(dtype, head), load_tokenizer(path), name
     transformers = _hf()
     source = str(path) if path is not None else name
     if quantization is None and path is not None and is_quantized_dir(path):
-        quantization = {}  # its 4-bit layers as stored
+        quantization = dict(head or {})  # its 4-bit layers as stored
     try:
         if quantization is not None:
             from .. import hf
 
             net = hf.from_pretrained(source, **quantization, **dtype_kwarg(dtype))
         else:
-            net = transformers.AutoModelForCausalLM.from_pretrained(source, **dtype_kwarg(dtype))
+            options = dict(head or {})
+            auto_class = options.pop("auto_class", transformers.AutoModelForCausalLM)
+            net = auto_class.from_pretrained(source, **options, **dtype_kwarg(dtype))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, EnvironmentError) as exc:
         where = "local directory" if path is not None else "Hugging Face Hub model"
-        raise TrainError(f"{name}: cannot load a causal LM from this {where} ({_one_line(exc)})") from None
+        kind = "sequence classifier" if head else "causal LM"
+        raise TrainError(f"{name}: cannot load a {kind} from this {where} ({_one_line(exc)})") from None
     return net, load_tokenizer(source), name
 
 

@@ -62,6 +62,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # short and memory is not; full on GPU, where memory is what QLoRA saves.
 CHECKPOINT_POLICIES = ("auto", "full", "selective")
 QUANT_TYPES = ("nf4", "fp4")
+# causal-lm: next-token loss on text or prompt/response records; seq-cls: a sequence classifier
+# (AutoModelForSequenceClassification, its head trained whole) on text/label records.
+TASKS = ("causal-lm", "seq-cls")
+# The classifier heads of transformers' sequence classifiers (PEFT's SEQ_CLS defaults).
+CLASSIFIER_HEADS = ["score", "classifier"]
 
 
 @dataclass
@@ -70,6 +75,7 @@ class TrainConfig:
 
     model: str | None = None  # a local directory, a Hub id, or None: the embedded tiny Llama
     data: str | list[str] | None = None  # FILE or FILE:WEIGHT (several: mixed by weight); None: the shipped set
+    task: str = "causal-lm"  # see TASKS
     output_dir: str = "fastlora-output"
     max_steps: int = 100
     batch_size: int = 8  # per process and micro-batch
@@ -155,6 +161,12 @@ def _check_config(cfg: TrainConfig) -> None:
     number("warmup_ratio", float, 0, 1)
     number("eval_fraction", float, 0, 0.5)
     number("lora_dropout", float, 0, 1, high_open=True)
+    if cfg.task not in TASKS:
+        raise TrainError(f"--task: expected one of {', '.join(TASKS)}, got {cfg.task!r}")
+    if cfg.task == "seq-cls" and cfg.sample_prompts:
+        raise TrainError("--sample-prompts: a sequence classifier does not generate text (--task seq-cls)")
+    if cfg.task == "seq-cls" and cfg.data is None:
+        raise TrainError("--task seq-cls needs --data: JSONL records with \"text\" and \"label\"")
     if cfg.quant_type not in QUANT_TYPES:
         raise TrainError(f"--quant-type: expected one of {', '.join(QUANT_TYPES)}, got {cfg.quant_type!r}")
     if cfg.checkpoint_policy not in CHECKPOINT_POLICIES:
@@ -290,6 +302,58 @@ class Trainer:
         return total / max(count, 1)
 
 
+class ClassifierTrainer(Trainer):
+    """The step and evaluation of a sequence classifier (`.logits` of shape (batch, classes)):
+    summed cross entropy over the examples, and eval accuracy and macro F1 beside the loss."""
+
+    def __init__(self, model: nn.Module, dataset: data.Dataset, cfg: TrainConfig, info: DistInfo,
+                 autocast_dtype: torch.dtype | None = None, num_classes: int = 2) -> None:
+        super().__init__(model, dataset, cfg, info, autocast_dtype)
+        self.num_classes = num_classes
+        self.scores: dict[str, float] = {}
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        self.last_logits = logits
+        return F.cross_entropy(logits.float(), batch["labels"], ignore_index=data.IGNORE_INDEX, reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self, held: list[data.Example] | None = None) -> float | None:
+        """Example-mean loss over `held` (default: the eval split); `scores` then holds its
+        `accuracy` and `macro_f1` (F1 averaged over the classes that occur in `held` or in
+        the predictions)."""
+        held = self.dataset.eval if held is None else held
+        if not held:
+            self.scores = {}
+            return None
+        self.model.eval()
+        classes = self.num_classes
+        total, count = 0.0, 0
+        confusion = torch.zeros(classes, classes, dtype=torch.float64)  # [true, predicted]
+        for ids in data.eval_batches(len(held), self.cfg.batch_size, self.info.rank, self.info.world_size):
+            filler = data.Example(held[0].input_ids, [], label=data.IGNORE_INDEX)
+            examples = [held[i] if i is not None else filler for i in ids]
+            batch = self._batch(examples)
+            total += self._forward_loss(batch).item()
+            count += data.loss_tokens(examples)
+            kept = batch["labels"] != data.IGNORE_INDEX
+            predicted = self.last_logits.argmax(-1)[kept].cpu()
+            confusion.index_put_((batch["labels"][kept].cpu(), predicted), torch.ones(len(predicted),
+                                 dtype=torch.float64), accumulate=True)
+        self.model.train()
+        total, count, *cells = distributed.all_reduce_sum(self.info, [total, float(count)]
+                                                          + confusion.flatten().tolist())
+        confusion = torch.tensor(cells, dtype=torch.float64).reshape(classes, classes)
+        hits = confusion.diag()
+        support, predicted = confusion.sum(1), confusion.sum(0)
+        present = (support + predicted) > 0
+        f1 = 2 * hits / (support + predicted).clamp(min=1)
+        self.scores = {"accuracy": float(hits.sum() / confusion.sum().clamp(min=1)),
+                       "macro_f1": float(f1[present].mean()) if bool(present.any()) else 0.0}
+        return total / max(count, 1)
+
+
 _EVAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
@@ -310,12 +374,16 @@ def eval_sets(specs: list[str] | None) -> dict[str, Path]:
 
 
 def _evaluate_named(trainer: Trainer, named: dict[str, list[data.Example]]) -> dict[str, float]:
-    """`eval_NAME_loss` and `eval_NAME_ppl` for every named eval set."""
+    """`eval_NAME_loss` and `eval_NAME_ppl` for every named eval set (a classifier's:
+    `eval_NAME_loss`, `eval_NAME_accuracy` and `eval_NAME_macro_f1`)."""
     out: dict[str, float] = {}
     for name, held in named.items():
         loss = trainer.evaluate(held)
         out[f"eval_{name}_loss"] = loss
-        out[f"eval_{name}_ppl"] = math.exp(min(loss, 700.0))
+        if isinstance(trainer, ClassifierTrainer):
+            out.update({f"eval_{name}_{key}": value for key, value in trainer.scores.items()})
+        else:
+            out[f"eval_{name}_ppl"] = math.exp(min(loss, 700.0))
     return out
 
 
@@ -403,32 +471,43 @@ def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _build(cfg: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None) -> tuple[nn.Module, object, str]:
-    """The model with LoRA adapters over 4-bit layers, on the device."""
+def _build(cfg: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None,
+           classes: list[str] | None = None) -> tuple[nn.Module, object, str]:
+    """The model with LoRA adapters over 4-bit layers, on the device. With `classes`, a
+    sequence classifier over them, its head trained whole."""
     load_dtype = torch.bfloat16 if autocast_dtype is torch.bfloat16 and info.device.type == "cuda" else torch.float32
     target = modeling.parse_target_modules(cfg.target_modules)
     lora = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+    head = modeling.classifier_options(classes) if classes is not None else {}
     # A checkpoint is quantized while it loads (or read as stored, when it is a bitsandbytes
     # 4-bit one): the dense model never sits in memory. The embedded model is built here.
     quantization = None if cfg.model is None else dict(
         quant_type=cfg.quant_type, compress_statistics=cfg.double_quant, target_modules=target,
-        compute_dtype=autocast_dtype)
-    model, tokenizer, name = modeling.load_model(cfg.model, load_dtype, quantization)
+        compute_dtype=autocast_dtype, skip_modules=CLASSIFIER_HEADS if classes is not None else None, **head)
+    model, tokenizer, name = modeling.load_model(cfg.model, load_dtype, quantization, head)
+    if classes is not None:
+        modeling.set_pad_token(model, tokenizer)
     modeling.check_target_modules(model, target)
     model.to(info.device)
     torch.manual_seed(cfg.seed)  # the LoRA initialization
     try:
         prepare_model(model, target_modules=target, quant_type=cfg.quant_type, compress_statistics=cfg.double_quant,
-                      compute_dtype=autocast_dtype, **lora)
+                      compute_dtype=autocast_dtype, modules_to_save=CLASSIFIER_HEADS if classes is not None else None,
+                      **lora)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     return model, tokenizer, name
 
 
-def _merge(cfg: TrainConfig, adapter_dir: Path, out_dir: Path, tokenizer, autocast_dtype) -> Path:
-    """Reloads the base model, applies the saved adapter and writes the merged dense model."""
+def _merge(cfg: TrainConfig, adapter_dir: Path, out_dir: Path, tokenizer, autocast_dtype,
+           classes: list[str] | None) -> Path:
+    """Reloads the base model, applies the saved adapter (and trained head) and writes the
+    merged dense model."""
     load_dtype = torch.bfloat16 if autocast_dtype is torch.bfloat16 and torch.cuda.is_available() else torch.float32
-    model, _, _ = modeling.load_model(cfg.model, load_dtype)  # a 4-bit checkpoint: its base as trained
+    head = modeling.classifier_options(classes) if classes is not None else None
+    model, _, _ = modeling.load_model(cfg.model, load_dtype, head=head)  # a 4-bit checkpoint: its base as trained
+    if classes is not None:
+        modeling.set_pad_token(model, tokenizer)
     load_adapter(model, adapter_dir, compute_dtype=autocast_dtype)
     merge_and_unload(model)
     if getattr(model, "hf_quantizer", None) is not None:
@@ -556,9 +635,11 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     autocast_dtype = _precision(cfg, info.device)
-    model, tokenizer, name = _build(cfg, info, autocast_dtype)
+    classes = data.label_names([r for recs in records for r in recs], " + ".join(str(s.path) for s in sources)) \
+        if cfg.task == "seq-cls" else None
+    model, tokenizer, name = _build(cfg, info, autocast_dtype, classes)
     dataset = data.load_mixture(sources, tokenizer, cfg.max_length, cfg.packing, cfg.eval_fraction, cfg.seed,
-                                records=records)
+                                records=records, classes=classes)
     tracker = None
     if cfg.early_stopping_patience:
         if cfg.early_stopping_metric == "eval_loss" and not dataset.eval:
@@ -566,7 +647,8 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                              "or a single example); raise --eval-fraction or follow an --eval-data set's metric")
         tracker = EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience, cfg.early_stopping_min_delta)
     # Named eval sets: every row of each file (none held back), packed as the training data is.
-    named = {name: data.load_dataset(path, tokenizer, cfg.max_length, cfg.packing, 0.0, cfg.seed).train
+    named = {name: data.load_dataset(path, tokenizer, cfg.max_length, cfg.packing, 0.0, cfg.seed,
+                                     classes=classes).train
              for name, path in eval_sets(cfg.eval_data).items()}
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
@@ -580,7 +662,8 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
         except (ValueError, FileNotFoundError) as exc:
             raise TrainError(f"--resume: the checkpoint's adapter does not fit ({exc})") from None
     wrapped = distributed.wrap(model, info)
-    trainer = Trainer(wrapped, dataset, cfg, info, autocast_dtype)
+    trainer = Trainer(wrapped, dataset, cfg, info, autocast_dtype) if classes is None else \
+        ClassifierTrainer(wrapped, dataset, cfg, info, autocast_dtype, num_classes=len(classes))
     torch.manual_seed(cfg.seed + info.rank)
     random.seed(cfg.seed + info.rank)
     if resume_from is not None:
@@ -659,6 +742,8 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                     last_eval = trainer.evaluate()
                     if last_eval is not None:
                         record["eval_loss"] = last_eval
+                        if isinstance(trainer, ClassifierTrainer):
+                            record.update({f"eval_{key}": value for key, value in trainer.scores.items()})
                     latest_named = _evaluate_named(trainer, named)
                     record.update(latest_named)
                     if prompts:
@@ -704,7 +789,7 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
     merged_dir = None
     if cfg.merge:
         if info.is_main:
-            merged_dir = _merge(cfg, adapter_dir, out, tokenizer, autocast_dtype)
+            merged_dir = _merge(cfg, adapter_dir, out, tokenizer, autocast_dtype, classes)
         distributed.barrier(info)
     final_loss = records[-1]["loss"] if records else None
     if info.is_main:
