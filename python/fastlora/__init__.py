@@ -14,7 +14,7 @@ import importlib.metadata
 from . import _native
 from ._threads import get_num_threads, set_num_threads, thread_pool
 from .adapter import load_adapter, save_adapter
-from .functional import dequantize_4bit, matmul_4bit, quantize_4bit
+from .functional import dequantize_4bit, lora_batched, matmul_4bit, quantize_4bit
 from .model import merge_and_unload, prepare_model
 from .nn import Linear4bit, LoraLinear
 from .quant_state import QuantState
@@ -52,6 +52,7 @@ __all__ = [
     "QuantState",
     "from_pretrained",
     "load_adapter",
+    "lora_batched",
     "merge_and_unload",
     "prepare_model",
     "save_adapter",

@@ -60,6 +60,18 @@ def matmul_4bit(
     y: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
     dtype: str,
 ) -> None: ...
+def lora_batched(
+    x: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    a: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    b: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    indices: npt.NDArray[np.int64],
+    scaling: npt.NDArray[np.float32],
+    k: int,
+    r: int,
+    o: int,
+    y: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    dtype: str,
+) -> None: ...
 class PackedWeight:
     """A frozen packed weight and its fp32 scales, held for many calls (`backends.cpu.PreparedWeight`)."""
 

@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from . import _checks
+from . import _checks, ops
 from .formats import NESTED_BLOCKSIZE, code_tensor, dynamic_map
 from .plan import WeightPlan
 from .quant_state import QuantState
@@ -205,3 +205,52 @@ def _matmul_plan(packed: object, quant_state: object) -> WeightPlan:
     plan = WeightPlan(packed, _scales(state), n, k, state.blocksize, state.quant_type)
     _plans[state] = plan
     return plan
+
+
+def lora_batched(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
+                 scaling: torch.Tensor | float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The LoRA term of a batch whose rows use different adapters (many adapters over one
+    base): `y[t] = scaling[i] * (x[t] @ A[i].T) @ B[i].T` with `i = indices[t]`, and 0 for the
+    rows whose index is -1 (the base alone).
+
+    x is `(T, K)`; the `n` adapters come stacked, `A` `(n, r, K)` and `B` `(n, O, r)` in x's
+    dtype, ranks padded to `r` with zero rows of `A`; `indices` `(T,)` integers in `[-1, n)`;
+    `scaling` one value per adapter `(n,)` (or one for all). With `out` `(T, O)`, the term is
+    added into it (the base layer's output) and `out` is returned. Inference only."""
+    x = _checks.float_tensor("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (T, K), got {tuple(x.shape)}")
+    A, B = _checks.tensor("A", A), _checks.tensor("B", B)
+    if A.dim() != 3 or A.shape[2] != x.shape[1]:
+        raise ValueError(f"A must have shape (n, r, {x.shape[1]}), got {tuple(A.shape)}")
+    n, r, k = A.shape
+    if B.dim() != 3 or B.shape[0] != n or B.shape[2] != r:
+        raise ValueError(f"B must have shape ({n}, O, {r}), got {tuple(B.shape)}")
+    o = B.shape[1]
+    if min(r, k, o) == 0:
+        raise ValueError(f"A and B need a rank, an input and an output size above 0, got r={r}, K={k}, O={o}")
+    for name, t in (("A", A), ("B", B)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; it must have x's dtype {x.dtype}")
+    indices = _checks.tensor("indices", indices)
+    if indices.dtype not in (torch.int32, torch.int64) or indices.shape != (x.shape[0],):
+        raise ValueError(f"indices must be {x.shape[0]} int32 or int64 values (one per row of x), got "
+                         f"{indices.dtype} of shape {tuple(indices.shape)}")
+    if not isinstance(scaling, torch.Tensor):
+        scaling = torch.full((n,), float(scaling), device=x.device)
+    if not scaling.dtype.is_floating_point or scaling.shape != (n,):
+        raise ValueError(f"scaling must be {n} float values (one per adapter), got {scaling.dtype} of shape "
+                         f"{tuple(scaling.shape)}")
+    _checks.same_device(x=x, A=A, B=B, indices=indices, scaling=scaling, out=out)
+    if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= n):
+        raise ValueError(f"indices must lie in [-1, {n}), got values from {int(indices.min())} to {int(indices.max())}")
+    if out is not None:
+        _checks.float_tensor("out", out)
+        if out.shape != (x.shape[0], o) or out.dtype != x.dtype:
+            raise ValueError(f"out must be a {x.dtype} tensor of shape ({x.shape[0]}, {o}), got {out.dtype} of "
+                             f"shape {tuple(out.shape)}")
+    if n == 0:  # every row is -1
+        y = x.new_zeros((x.shape[0], o))
+    else:
+        y = ops.lora_batched.lora_batched(x, A, B, indices.long(), scaling.float())
+    return y if out is None else out.add_(y)

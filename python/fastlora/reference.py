@@ -208,3 +208,13 @@ def lora_linear(
     scaling is applied last, after ``B``, in the order peft uses.
     """
     return F.linear(x, W, bias) + F.linear(F.linear(x, A), B) * scaling
+
+
+def lora_batched(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
+                 scaling: torch.Tensor) -> torch.Tensor:
+    """`y[t] = scaling[i] * (x[t] @ A[i].T) @ B[i].T` with `i = indices[t]`, 0 where `i` is
+    -1: each row's adapter gathered, two einsums in fp32."""
+    chosen = indices.clamp(min=0)
+    h = torch.einsum("tk,trk->tr", x.float(), A[chosen].float())
+    y = torch.einsum("tr,tor->to", h, B[chosen].float()) * scaling.float()[chosen][:, None]
+    return torch.where((indices >= 0)[:, None], y, torch.zeros_like(y)).to(x.dtype)

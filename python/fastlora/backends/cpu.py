@@ -135,6 +135,17 @@ def dequantize_blockwise(
     return out
 
 
+def lora_batched(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
+                 scaling: torch.Tensor) -> torch.Tensor:
+    rows, (_, r, k), o = x.shape[0], A.shape, B.shape[1]
+    y = torch.empty((rows, o), dtype=x.dtype)
+    _threads.sync()
+    _native.lora_batched(as_numpy(x.contiguous()), as_numpy(A.contiguous()), as_numpy(B.contiguous()),
+                         as_numpy(indices.contiguous()), as_numpy(scaling.contiguous()), k, r, o, as_numpy(y),
+                         dtype_name(x.dtype))
+    return y
+
+
 # Up to this many activation rows the fused Rust kernel (weight decoded in registers) runs;
 # above, Rust dequantizes weight tiles and torch's BLAS multiplies them (`_matmul_tiled`).
 FUSED_MAX_ROWS = _native.FUSED_MAX_ROWS

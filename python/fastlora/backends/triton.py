@@ -10,6 +10,7 @@ import torch
 
 from ..kernels import dequantize as _dequantize
 from ..kernels import lora as _lora
+from ..kernels import lora_batched as _lora_batched
 from ..kernels import matmul as _matmul
 from ..scales import BlockScales
 
@@ -52,6 +53,11 @@ def lora_linear_4bit(x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor
     """Bias and the LoRA term fused into the matmul's epilogue."""
     return _lora.lora_linear_4bit(x, x_drop, packed, scales.absmax, bias, A, B, scaling, blocksize, quant_type,
                                   nested=scales.nested)
+
+
+def lora_batched(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
+                 scaling: torch.Tensor) -> torch.Tensor:
+    return _lora_batched.lora_batched(x, A, B, indices, scaling)
 
 
 class PreparedWeight:

@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import dequantize, matmul
+from . import dequantize, lora_batched, matmul
 
 ARCHS = {"sm_90": 90, "sm_89": 89, "sm_86": 86}
 _WARP = 32
@@ -111,6 +111,12 @@ def kernel_configs(arch: str = "sm_90") -> Iterator[KernelConfig]:
         {"a_ptr": "*fp32", "code_ptr": "*fp32", "q_ptr": "*u8", "absmax_ptr": "*fp32", "numel": "i64"},
         {"BLOCKSIZE": 256, "BLOCK": 256, "ROWS": dequantize._QUANTIZE_ELEMENTS // 256,
          "GRID_STEPS": dequantize._GRID_STEPS}, 4)
+    yield KernelConfig(
+        "lora_batched", {"BLOCK_O": lora_batched._BLOCK_O, "BLOCK_R": 16, "num_warps": 4},
+        lora_batched._lora_batched_kernel,
+        {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "indices_ptr": "*i64", "scaling_ptr": "*fp32",
+         "y_ptr": "*bf16", "K": "i32", "R": "i32", "N_OUT": "i32"},
+        {"BLOCK_K": lora_batched._BLOCK_K, "BLOCK_R": 16, "BLOCK_O": lora_batched._BLOCK_O}, 4)
     yield KernelConfig(
         "dequantize_blockwise", {"ELEMENTS": dequantize._QUANTIZE_ELEMENTS, "num_warps": 4},
         dequantize._dequantize_blockwise_kernel,

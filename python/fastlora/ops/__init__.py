@@ -10,6 +10,6 @@ Arguments are validated before they get here (the public API, the call plans); t
 (`_eager`).
 """
 
-from . import lora, matmul, quantize
+from . import lora, lora_batched, matmul, quantize
 
-__all__ = ["lora", "matmul", "quantize"]
+__all__ = ["lora", "lora_batched", "matmul", "quantize"]

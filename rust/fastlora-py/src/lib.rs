@@ -254,6 +254,55 @@ fn matmul_4bit(
     }))
 }
 
+/// The LoRA term of a mixed batch, each row through its own adapter (`lora::lora_batched`):
+/// x `(rows, k)`, A `(n, r, k)`, B `(n, o, r)` and y `(rows, o)` of dtype `dtype`, `indices`
+/// (`rows` of them, in `[-1, n)`) and `scaling` (`n`).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn lora_batched(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    a: &Bound<'_, PyAny>,
+    b: &Bound<'_, PyAny>,
+    indices: PyReadonlyArray1<'_, i64>,
+    scaling: PyReadonlyArray1<'_, f32>,
+    k: usize,
+    r: usize,
+    o: usize,
+    y: &Bound<'_, PyAny>,
+    dtype: &str,
+) -> PyResult<()> {
+    let (indices, scaling) = (slice(&indices, "indices")?, slice(&scaling, "scaling")?);
+    let (x, a, b) = (Input::new(x, dtype)?, Input::new(a, dtype)?, Input::new(b, dtype)?);
+    let mut output = Output::new(y, dtype)?;
+    let ops = indices.len().saturating_mul(r.saturating_mul(k + o)) / MACS_PER_OP;
+    match (&x, &a, &b, &mut output) {
+        (Input::F32(x), Input::F32(a), Input::F32(b), Output::F32(y)) => {
+            let (x, a, b, y) = (slice(x, "x")?, slice(a, "A")?, slice(b, "B")?, slice_mut(y, "y")?);
+            run(py, ops, || lora::lora_batched(x, a, b, indices, scaling, k, r, o, y))
+        }
+        (Input::Bits(x, Dtype::Bf16), Input::Bits(a, _), Input::Bits(b, _), Output::Bits(y, _)) => {
+            let (x, a, b): (&[bf16], &[bf16], &[bf16]) = (
+                slice(x, "x")?.reinterpret_cast(),
+                slice(a, "A")?.reinterpret_cast(),
+                slice(b, "B")?.reinterpret_cast(),
+            );
+            let y: &mut [bf16] = slice_mut(y, "y")?.reinterpret_cast_mut();
+            run(py, ops, || lora::lora_batched(x, a, b, indices, scaling, k, r, o, y))
+        }
+        (Input::Bits(x, _), Input::Bits(a, _), Input::Bits(b, _), Output::Bits(y, _)) => {
+            let (x, a, b): (&[f16], &[f16], &[f16]) = (
+                slice(x, "x")?.reinterpret_cast(),
+                slice(a, "A")?.reinterpret_cast(),
+                slice(b, "B")?.reinterpret_cast(),
+            );
+            let y: &mut [f16] = slice_mut(y, "y")?.reinterpret_cast_mut();
+            run(py, ops, || lora::lora_batched(x, a, b, indices, scaling, k, r, o, y))
+        }
+        _ => Err(PyValueError::new_err("x, A, B and y must share one dtype")),
+    }
+}
+
 /// A frozen 4-bit weight prepared once for many calls: its packed bytes and fp32 block
 /// scales (numpy views of the layer's tensors, kept alive here), shape and format, parsed and
 /// validated at construction. A call passes only the activation and output, as the data
@@ -448,6 +497,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_blockwise_8bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_blockwise_8bit, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(lora_batched, m)?)?;
     m.add_class::<PackedWeight>()?;
     m.add("FUSED_MAX_ROWS", matmul::FUSED_MAX_ROWS)?;
     Ok(())
