@@ -97,6 +97,8 @@ with torch.no_grad():
     out = model(ids).logits
 save_file({{"logits": out.contiguous(), "packed": model.model.layers[1].mlp.down_proj.weight.detach().clone()}},
           {str(tmp_path / "out.safetensors")!r})
+model.num_parameters()  # transformers imports bitsandbytes here for models it thinks are its own
+model.save_pretrained({str(tmp_path / "resaved")!r}, max_shard_size="40KB")
 assert "bitsandbytes" not in sys.modules or sys.modules["bitsandbytes"] is None
 """
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
@@ -104,6 +106,8 @@ assert "bitsandbytes" not in sys.modules or sys.modules["bitsandbytes"] is None
         ours, packed = f.get_tensor("logits"), f.get_tensor("packed")
     stored = checkpoint_tensors(ckpt)
     assert torch.equal(packed, stored["model.layers.1.mlp.down_proj.weight"])
+    resaved = checkpoint_tensors(tmp_path / "resaved")
+    assert resaved.keys() == stored.keys() and all(torch.equal(resaved[k], stored[k]) for k in stored)
     torch.testing.assert_close(ours, logits(exact_model(dense_dir, stored), ids), rtol=1e-4, atol=1e-4)
 
 
@@ -258,3 +262,21 @@ def test_a_missing_shard_is_a_clear_error(dense_dir, tmp_path):
     (ckpt / missing).unlink()
     with pytest.raises(OSError, match=missing):
         fastlora.from_pretrained(ckpt)
+
+
+def test_a_dense_weight_of_the_wrong_shape_is_a_clear_error(dense_dir, caplog):
+    config = json.loads((dense_dir / "config.json").read_text())
+    config["intermediate_size"] = 96  # the file's MLP weights are (128, 64) and (64, 128)
+    (dense_dir / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="conversion"):
+        fastlora.from_pretrained(dense_dir)
+    assert "down_proj.weight: the checkpoint's weight has shape (64, 128), the model's layer (64, 96)" in caplog.text
+
+
+def test_a_classifier_head_stays_dense_and_trains_whole(dense_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    model = fastlora.from_pretrained(dense_dir, auto_class=AutoModelForSequenceClassification, num_labels=3)
+    assert type(model.score) is nn.Linear and model.score.out_features == 3
+    fastlora.prepare_model(model, r=4, modules_to_save=["score"])
+    assert model.score.weight.requires_grad

@@ -1046,3 +1046,27 @@ def test_functional_plans_follow_the_state(gen):
                                x.double() @ exact_weight(packed2, state).t(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="x must have shape"):
         fastlora.matmul_4bit(rand((3, 63), gen=gen), packed, state)  # a planned call still checks x
+
+
+@pytest.mark.parametrize("case", ["non-contiguous x", "3-D x", "non-contiguous bias", "bias of another dtype",
+                                  "rows above the fused kernel"])
+def test_no_grad_calls_the_direct_path_declines_give_the_same_result(case, gen):
+    """A one-row decode call goes straight to the native kernel; every other shape of call
+    takes the general path, with the same values."""
+    layer = fastlora.Linear4bit.from_linear(nn.Linear(64, 48))
+    x = rand((3, 64), gen=gen)
+    if case == "non-contiguous x":
+        x = rand((64, 3), gen=gen).T
+    elif case == "3-D x":
+        x = rand((2, 3, 64), gen=gen)
+    elif case == "non-contiguous bias":
+        layer.bias = nn.Parameter(rand((96,), gen=gen)[::2])
+    elif case == "bias of another dtype":
+        layer.bias = nn.Parameter(rand((48,), torch.float64, gen=gen))
+    else:
+        x = rand((40, 64), gen=gen)
+    expected = x.double() @ exact_weight(layer.weight, layer.quant_state).T + layer.bias.detach().double()
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], 48)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

@@ -621,6 +621,12 @@ def test_modules_to_save_that_do_not_fit_are_refused(gen, tmp_path):
     with pytest.raises(ValueError, match="overlaps the LoRA target"):
         fastlora.prepare_model(llama_classifier(), target_modules=["q_proj", "score"], modules_to_save=["score"],
                                quantize=False)
+    quantized_head = llama_classifier()
+    quantized_head.score = Linear4bit.from_linear(quantized_head.score)
+    before = snapshot(quantized_head)
+    with pytest.raises(ValueError, match="score.weight is a 4-bit weight"):
+        fastlora.prepare_model(quantized_head, modules_to_save=["score"])
+    assert_unchanged(before, quantized_head)
     model = fastlora.prepare_model(llama_classifier(), r=4, quantize=False, modules_to_save=["score"])
     fastlora.save_adapter(model, tmp_path)
     state = load_file(tmp_path / "adapter_model.safetensors")

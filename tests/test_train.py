@@ -977,3 +977,19 @@ def test_seq_cls_bad_data_is_a_clear_error(tiny_model, tmp_path):
         fastlora.train(**options(tiny_model, unlabelled, tmp_path / "b", task="seq-cls"))
     with pytest.raises(TrainError, match="--task"):
         fastlora.train(**options(tiny_model, unlabelled, tmp_path / "c", task="regression"))
+
+
+def test_early_stopping_follows_a_classifier_metric_upwards():
+    from fastlora.train.early_stopping import EarlyStopping, check_metric
+
+    check_metric("eval_macro_f1", ["held"], "seq-cls")
+    check_metric("eval_held_accuracy", ["held"], "seq-cls")
+    with pytest.raises(TrainError, match="unknown metric 'eval_held_ppl'"):
+        check_metric("eval_held_ppl", ["held"], "seq-cls")
+    with pytest.raises(TrainError, match="unknown metric 'eval_accuracy'"):
+        check_metric("eval_accuracy", [], "causal-lm")
+    tracker = EarlyStopping("eval_accuracy", patience=2, min_delta=0.01)
+    assert tracker.update(1, {"eval_accuracy": 0.5}) and tracker.best == 0.5
+    assert tracker.update(2, {"eval_accuracy": 0.7}) and tracker.best_step == 2
+    assert not tracker.update(3, {"eval_accuracy": 0.705})  # within min_delta
+    assert not tracker.update(4, {"eval_accuracy": 0.6}) and tracker.should_stop

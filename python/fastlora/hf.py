@@ -164,6 +164,8 @@ class FastLoraHfQuantizer(HfQuantizer):
         config = self.quantization_config
         keep_dense = getattr(model, "_keep_in_fp32_modules", None)
         skip = self.get_modules_to_not_convert(model, config.skip_modules, keep_dense, add_default_skips=True)
+        # transformers names the head by its last parameter ("classifier.bias"): its module is meant.
+        skip = [s.removesuffix(".weight").removesuffix(".bias") for s in skip]
         self.targets = {
             name for name, module in model.named_modules()
             if type(module) is nn.Linear and name and _selected(name, config.target_modules)
@@ -180,7 +182,7 @@ class FastLoraHfQuantizer(HfQuantizer):
         left = sorted(n for n in self.targets if not isinstance(model.get_submodule(n), Linear4bit))
         if left and not self.pre_quantized:
             raise ValueError(f"fastlora: {left[0]}.weight is missing from the checkpoint")
-        model.is_loaded_in_4bit = True  # what PEFT's prepare_model_for_kbit_training looks for
+        # Not `is_loaded_in_4bit`: transformers then imports bitsandbytes (`num_parameters`).
         return model
 
     def is_serializable(self, safe_serialization: bool = True) -> bool:
@@ -226,6 +228,9 @@ class FastLoraQuantize(ConversionOps):
             weight = value[0] if isinstance(value, list) else value
             module_name = param_name.rpartition(".")[0]
             old = model.get_submodule(module_name)
+            if tuple(weight.shape) != (old.out_features, old.in_features):
+                raise ValueError(f"{param_name}: the checkpoint's weight has shape {tuple(weight.shape)}, the "
+                                 f"model's layer {(old.out_features, old.in_features)}")
             dense = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
             dense.weight = nn.Parameter(weight, requires_grad=False)
             _checks.finite(param_name, weight)

@@ -111,7 +111,7 @@ def prepare_model(
     settings are kept on the model for `save_adapter`.
 
     `modules_to_save` (PEFT's option, e.g. `["score"]` or `["classifier"]` for a sequence
-    classifier's head) names modules trained whole, in full precision, and saved with the
+    classifier's head) names dense modules trained whole, in their own dtype, and saved with the
     adapter under PEFT's keys, so that a head trained here comes back when the adapter is
     loaded, by `load_adapter` or by PEFT."""
     if lora_layers(model):
@@ -128,6 +128,11 @@ def prepare_model(
         inside = next((m for m in saved if _within(name, m) or _within(m, name)), None)
         if inside is not None:
             raise ValueError(f"modules_to_save: {inside} overlaps the LoRA target {name}")
+    for name in saved:
+        frozen = next((n for n, p in model.get_submodule(name).named_parameters() if not p.is_floating_point()), None)
+        if frozen is not None:
+            raise ValueError(f"modules_to_save: {name}.{frozen} is a 4-bit weight, which cannot be trained whole; "
+                             "load that module dense (fastlora.from_pretrained keeps skip_modules dense)")
     if compute_dtype is not None and compute_dtype not in _checks.FLOAT_DTYPES:
         raise ValueError(f"compute_dtype must be float32, bfloat16, float16 or None, got {compute_dtype!r}")
     if quantize:
@@ -193,12 +198,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     (default: the layer's compute dtype, else the weight's original dtype); returns the model."""
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
-            layer_dtype = dtype or module.compute_dtype or module.weight_dtype
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               dtype=layer_dtype, device=module.weight.device)
-            with torch.no_grad():
-                linear.weight.copy_(module.dequantize().to(layer_dtype))
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            _set_submodule(model, name, linear)
+            _set_submodule(model, name, module.to_linear(dtype or module.compute_dtype))
     return model

@@ -148,7 +148,10 @@ class LoraLinear4bit(PeftLoraLinear):
             return
         quantized = self.base_layer
         if isinstance(quantized, Linear4bit):
-            self.base_layer = dense_linear(quantized)
+            # The weight's original dtype, not the compute dtype: the dense layer stands in the
+            # model for the 4-bit one, which took activations of any dtype, so it must take the
+            # model's (`from_linear` keeps the dtype of the layer it quantized).
+            self.base_layer = quantized.to_linear().requires_grad_(False)
             # Kept outside the module tree: as a submodule its packed bytes would sit in
             # state_dict() and named_modules() next to the dense copy.
             self.__dict__["quantized_base"] = quantized
@@ -171,18 +174,3 @@ class LoraLinear4bit(PeftLoraLinear):
         quantized = self.__dict__.pop("quantized_base")
         # The dense stand-in may have been moved since the merge.
         self.base_layer = quantized.to(self.base_layer.weight.device)
-
-
-def dense_linear(layer: Linear4bit) -> nn.Linear:
-    """A frozen `nn.Linear` holding `layer`'s dequantized weight and bias."""
-    weight = layer.dequantize()
-    # The weight's original dtype, not the compute dtype: the dense layer stands in the model
-    # in place of the 4-bit one, which took activations of any dtype, so it must take the
-    # model's (`from_linear` keeps the dtype of the layer it quantized).
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
-                       dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
-    return linear.requires_grad_(False)

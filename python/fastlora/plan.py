@@ -4,10 +4,9 @@ prepared once.
 A `WeightPlan` is made by a layer (`Linear4bit`, `LoraLinear`) when it is first called after
 being built, loaded, moved or given a new state, and checks the weight then: packed size,
 block scales, devices. A call checks only its input's dtype and shape (the layer) and device
-(the plan). Each backend
-prepares its own part on first use (`backends.<name>.prepare`: on CPU the decoded fp32
-scales and a native handle on the packed bytes; on the Triton backend the kernels'
-arguments), kept per backend so that `FASTLORA_BACKEND` may change between calls.
+(the plan). Each backend prepares its own part on first use (`backends.<name>.prepare`: on
+CPU the decoded fp32 scales and a native handle on the packed bytes; on the Triton backend
+the kernels' arguments), kept per backend so that `FASTLORA_BACKEND` may change between calls.
 
 A plan never outlives what it was made from: the layer drops it in `_apply` (`.to`,
 `.cuda`, `.half`, ...) and when its state is replaced (`load_state_dict`, quantizing again),

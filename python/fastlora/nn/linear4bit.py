@@ -233,6 +233,18 @@ class Linear4bit(AtomicLoad, nn.Module):
         """The dense weight in its original dtype (for merging and inspection)."""
         return self.plan().dequantize(self.weight_dtype)
 
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A dense `nn.Linear` holding the dequantized weight and the bias, in `dtype`
+        (default: the weight's original dtype)."""
+        dtype = dtype or self.weight_dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype,
+                           device=self.weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantize().to(dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute_dtype = self.compute_dtype
         check_input(x, self.in_features, compute_dtype)

@@ -13,8 +13,9 @@ is thus a function of the number of samples seen, which is all a checkpoint need
 and a run on N processes sees the same samples per step as one process with N times the batch.
 
 For sequence classification (`--task seq-cls`) a record is `{"text": ..., "label": ...}`, the
-label a class name or an integer; an example is the text's tokens, truncated to `max_length`,
-and its class (`Example.label`), never split or packed.
+label a class name or an integer; an example is the text as the tokenizer encodes one sequence
+(its own special tokens), truncated to `max_length`, and its class (`Example.label`), never
+split or packed.
 
 Several sources (`--data FILE:WEIGHT`, repeatable) are tokenized, split and packed each on
 its own; global sample `i` comes from the source drawn for position `i` with probability
@@ -203,6 +204,14 @@ def _special_id(tokenizer, name: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its eos, else 0. A
+    language model masks padded positions; a sequence classifier that pools the last token
+    that is not padding is told this id (its config's `pad_token_id`)."""
+    pad = _special_id(tokenizer, "pad")
+    return pad if pad is not None else (_special_id(tokenizer, "eos") or 0)
+
+
 def tokenize(records: list[Record], tokenizer, max_length: int) -> tuple[list[Example], dict[str, int]]:
     """Examples of at most `max_length` tokens; returns them and counts of what was cut."""
     bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
@@ -261,12 +270,12 @@ def label_names(records: list[Record], where: str) -> list[str]:
 
 def classify(records: list[Record], tokenizer, max_length: int, classes: list[str],
              where: str) -> tuple[list[Example], dict[str, int]]:
-    """Classification examples: each text's tokens (with bos and eos where the tokenizer has
-    them), truncated to `max_length`, with its class index in `classes`."""
-    bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
+    """Classification examples: each text as the tokenizer encodes a single sequence (with its
+    own special tokens: BERT's [CLS] and [SEP], Llama's bos), truncated to `max_length`, with
+    its class index in `classes`."""
     index = {name: i for i, name in enumerate(classes)}
     stats = {"records": len(records), "split": 0, "truncated": 0, "dropped": 0}
-    ids_list = tokenizer([r.text for r in records], add_special_tokens=False)["input_ids"] if records else []
+    ids_list = tokenizer([r.text for r in records])["input_ids"] if records else []
     examples = []
     for i, (record, ids) in enumerate(zip(records, ids_list, strict=True)):
         if record.label is None:
@@ -275,7 +284,7 @@ def classify(records: list[Record], tokenizer, max_length: int, classes: list[st
         if key not in index:
             raise TrainError(f"{where}: record {i + 1} has the label {record.label!r}, not one of the training "
                              f"data's classes ({', '.join(classes)})")
-        tokens = ([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else [])
+        tokens = list(ids)
         if len(tokens) > max_length:
             stats["truncated"] += 1
             tokens = tokens[:max_length]
@@ -317,9 +326,7 @@ def load_dataset(path: str | Path, tokenizer, max_length: int, packing: bool, ev
     train, held = split(examples, eval_fraction, seed)
     if packing:
         train, held = pack(train, max_length), pack(held, max_length)
-    pad = _special_id(tokenizer, "pad")
-    if pad is None:
-        pad = _special_id(tokenizer, "eos") or 0  # padded positions are masked: any id does
+    pad = pad_id(tokenizer)
     stats.update(examples=len(examples), train_rows=len(train), eval_rows=len(held),
                  train_tokens=sum(len(e) for e in train))
     return Dataset(train=train, eval=held, pad_id=pad, source=str(path), stats=stats)

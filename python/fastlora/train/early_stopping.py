@@ -1,10 +1,11 @@
 """Early stopping on an eval metric, and the best adapter it keeps.
 
-With `--early-stopping-patience N`, every eval compares the chosen metric (lower is better:
-a loss or a perplexity) with the best so far; an improvement of more than
-`--early-stopping-min-delta` writes the adapter to `<output-dir>/best/` and resets the count,
-anything else counts one bad eval, and N bad evals in a row stop the run. At the end
-`adapter/` holds the best adapter (and the returned model its weights) unless `--no-load-best`.
+With `--early-stopping-patience N`, every eval compares the chosen metric with the best so far
+(lower is better for a loss or a perplexity, higher for a classifier's accuracy or macro F1);
+an improvement of more than `--early-stopping-min-delta` writes the adapter to
+`<output-dir>/best/` and resets the count, anything else counts one bad eval, and N bad evals
+in a row stop the run. At the end `adapter/` holds the best adapter (and the returned model its
+weights) unless `--no-load-best`.
 The tracker's state goes into every checkpoint with a copy of `best/`, so `--resume`
 continues the same count towards the same best.
 """
@@ -24,13 +25,18 @@ BEST_DIR = "best"
 BEST_META = "best_metric.json"
 
 
-def metric_names(eval_set_names: list[str]) -> list[str]:
-    """The metrics early stopping can follow, given the named eval sets."""
-    return ["eval_loss"] + [f"eval_{name}_{kind}" for name in eval_set_names for kind in ("loss", "ppl")]
+_HIGHER_IS_BETTER = ("accuracy", "macro_f1")
 
 
-def check_metric(metric: str, eval_set_names: list[str]) -> None:
-    names = metric_names(eval_set_names)
+def metric_names(eval_set_names: list[str], task: str = "causal-lm") -> list[str]:
+    """The metrics early stopping can follow, given the task and the named eval sets."""
+    kinds = ("loss", "accuracy", "macro_f1") if task == "seq-cls" else ("loss", "ppl")
+    return [f"eval_{kind}" for kind in kinds if kind != "ppl"] + [
+        f"eval_{name}_{kind}" for name in eval_set_names for kind in kinds]
+
+
+def check_metric(metric: str, eval_set_names: list[str], task: str = "causal-lm") -> None:
+    names = metric_names(eval_set_names, task)
     if metric not in names:
         raise TrainError(f"--early-stopping-metric: unknown metric {metric!r}; expected one of {', '.join(names)}")
 
@@ -50,7 +56,8 @@ class EarlyStopping:
         value = record.get(self.metric)
         if value is None:
             return False
-        if math.isfinite(value) and (self.best is None or value < self.best - self.min_delta):
+        sign = -1.0 if self.metric.endswith(_HIGHER_IS_BETTER) else 1.0
+        if math.isfinite(value) and (self.best is None or sign * value < sign * self.best - self.min_delta):
             self.best, self.best_step, self.bad_evals = float(value), step, 0
             return True
         self.bad_evals += 1

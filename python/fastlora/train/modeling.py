@@ -66,14 +66,6 @@ def classifier_options(classes: list[str]) -> dict:
             "id2label": dict(enumerate(classes)), "label2id": {name: i for i, name in enumerate(classes)}}
 
 
-def set_pad_token(model: nn.Module, tokenizer) -> None:
-    """Gives a sequence classifier the padding id it lacks: Llama-style classifiers pool the
-    last token that is not padding, and cannot batch without it."""
-    if getattr(model.config, "pad_token_id", None) is None:
-        pad = tokenizer.pad_token_id
-        model.config.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
-
-
 def build_embedded(dtype: torch.dtype = torch.float32, head: dict | None = None) -> nn.Module:
     """The shipped tiny Llama, randomly initialized with a fixed seed (the same model every
     time, whatever the training seed); with `head` (`classifier_options`), as a sequence
@@ -93,13 +85,30 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or not _HUB_ID.match(name)
 
 
+def _is_4bit(quant: object) -> bool:
+    """Whether a config's `quantization_config` (a dict, or transformers' object) is bitsandbytes' 4-bit."""
+    if not quant:
+        return False
+    entry = quant if isinstance(quant, dict) else quant.to_dict()
+    return entry.get("quant_method") == "bitsandbytes" and bool(entry.get("load_in_4bit"))
+
+
 def is_quantized_dir(path: Path) -> bool:
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    quant = config.get("quantization_config") or {}
-    return quant.get("quant_method") == "bitsandbytes" and bool(quant.get("load_in_4bit"))
+    return _is_4bit(config.get("quantization_config"))
+
+
+def _is_quantized_hub_model(name: str) -> bool:
+    """Whether a Hub model's config says it is a bitsandbytes 4-bit checkpoint (its config
+    fetched; a model that cannot be reached is left for the load to report)."""
+    try:
+        config = _hf().AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return _is_4bit(getattr(config, "quantization_config", None))
 
 
 def resolve(model: str | os.PathLike | None) -> tuple[str, Path | None]:
@@ -131,8 +140,8 @@ def load_model(model: str | os.PathLike | None, dtype: torch.dtype, quantization
         return build_embedded(dtype, head), load_tokenizer(path), name
     transformers = _hf()
     source = str(path) if path is not None else name
-    if quantization is None and path is not None and is_quantized_dir(path):
-        quantization = dict(head or {})  # its 4-bit layers as stored
+    if quantization is None and (is_quantized_dir(path) if path is not None else _is_quantized_hub_model(name)):
+        quantization = dict(head or {})  # its 4-bit layers as stored, without bitsandbytes
     try:
         if quantization is not None:
             from .. import hf
@@ -163,8 +172,8 @@ def parse_target_modules(value: str | list[str] | tuple[str, ...]) -> str | list
 
 
 def check_target_modules(model: nn.Module, target: str | list[str]) -> None:
-    """Raises a one-line `TrainError` when `target` selects no `nn.Linear` of the model:
-    naming the unknown module, or saying the model has no linear layers to adapt."""
+    """Raises a one-line `TrainError` when `target` selects no linear layer (`nn.Linear` or
+    `Linear4bit`) of the model: naming the unknown module, or saying the model has none to adapt."""
     head = _output_head(model)
     from ..nn import Linear4bit
 

@@ -97,7 +97,7 @@ class TrainConfig:
     eval_data: list[str] | None = None  # NAME=FILE sets evaluated beside the held-out split (base level at step 0)
     eval_steps: int = 25  # 0: evaluate only after the last step
     early_stopping_patience: int = 0  # evals without improvement before stopping (0: no early stopping)
-    early_stopping_metric: str = "eval_loss"  # eval_loss, eval_NAME_loss or eval_NAME_ppl (lower is better)
+    early_stopping_metric: str = "eval_loss"  # eval_loss, eval_NAME_loss/_ppl (seq-cls: also _accuracy, _macro_f1)
     early_stopping_min_delta: float = 0.0  # an improvement must exceed this
     load_best: bool = True  # with early stopping: adapter/ and the returned model hold the best adapter
     sample_prompts: str | None = None  # a prompts file: greedy continuations logged at every eval
@@ -174,7 +174,10 @@ def _check_config(cfg: TrainConfig) -> None:
                          f"got {cfg.checkpoint_policy!r}")
     if cfg.precision not in PRECISIONS:
         raise TrainError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    check_metric(cfg.early_stopping_metric, list(eval_sets(cfg.eval_data)))
+    check_metric(cfg.early_stopping_metric, list(eval_sets(cfg.eval_data)), cfg.task)
+    if cfg.task == "seq-cls" and cfg.distributed == "fsdp":
+        # The head trained whole is a sharded parameter of the root: saving it is not wired.
+        raise TrainError("--task seq-cls runs single-process or with --distributed ddp, not fsdp")
     data.parse_sources(cfg.data, modeling.default_data_path())
     report.check(cfg.report_to)
     if cfg.distributed not in distributed.MODES:
@@ -373,6 +376,16 @@ def eval_sets(specs: list[str] | None) -> dict[str, Path]:
     return sets
 
 
+def _split_eval(trainer: Trainer) -> dict[str, float]:
+    """`eval_loss` of the held-out split (a classifier's also `eval_accuracy` and
+    `eval_macro_f1`); empty without a split."""
+    loss = trainer.evaluate()
+    if loss is None:
+        return {}
+    scores = trainer.scores if isinstance(trainer, ClassifierTrainer) else {}
+    return {"eval_loss": loss, **{f"eval_{key}": value for key, value in scores.items()}}
+
+
 def _evaluate_named(trainer: Trainer, named: dict[str, list[data.Example]]) -> dict[str, float]:
     """`eval_NAME_loss` and `eval_NAME_ppl` for every named eval set (a classifier's:
     `eval_NAME_loss`, `eval_NAME_accuracy` and `eval_NAME_macro_f1`)."""
@@ -486,7 +499,8 @@ def _build(cfg: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None,
         compute_dtype=autocast_dtype, skip_modules=CLASSIFIER_HEADS if classes is not None else None, **head)
     model, tokenizer, name = modeling.load_model(cfg.model, load_dtype, quantization, head)
     if classes is not None:
-        modeling.set_pad_token(model, tokenizer)
+        # Llama-style classifiers pool the last token that is not padding: the id the batches pad with.
+        model.config.pad_token_id = data.pad_id(tokenizer)
     modeling.check_target_modules(model, target)
     model.to(info.device)
     torch.manual_seed(cfg.seed)  # the LoRA initialization
@@ -507,7 +521,7 @@ def _merge(cfg: TrainConfig, adapter_dir: Path, out_dir: Path, tokenizer, autoca
     head = modeling.classifier_options(classes) if classes is not None else None
     model, _, _ = modeling.load_model(cfg.model, load_dtype, head=head)  # a 4-bit checkpoint: its base as trained
     if classes is not None:
-        modeling.set_pad_token(model, tokenizer)
+        model.config.pad_token_id = data.pad_id(tokenizer)
     load_adapter(model, adapter_dir, compute_dtype=autocast_dtype)
     merge_and_unload(model)
     if getattr(model, "hf_quantizer", None) is not None:
@@ -691,7 +705,7 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                f"{'bf16 autocast' if autocast_dtype else 'fp32'}, global batch {trainer.global_batch}, "
                f"{f'{policy} gradient checkpointing' if checkpointing else 'no gradient checkpointing'}")
     for key, what in (("split", "texts longer than --max-length were split"),
-                      ("truncated", "prompt/response pairs were truncated to --max-length"),
+                      ("truncated", "examples were truncated to --max-length"),
                       ("dropped", "pairs were dropped: the prompt fills --max-length")):
         if stats.get(key):
             _log(info, f"{stats[key]} {what}")
@@ -718,8 +732,7 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
     try:
         with open(metrics_path, "a") if info.is_main else contextlib.nullcontext() as metrics_file:
             if (named or prompts) and step == 0:  # the base model's level on every set, once, as step 0
-                base = {"step": 0, **({} if (loss := trainer.evaluate()) is None else {"eval_loss": loss}),
-                        **_evaluate_named(trainer, named)}
+                base = {"step": 0, **_split_eval(trainer), **_evaluate_named(trainer, named)}
                 if prompts:
                     base["samples"] = _samples(trainer, tokenizer, prompts, cfg, info, 0)
                 log_record(base)
@@ -739,11 +752,9 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
                 samples_seen += trainer.global_batch
                 record = {"step": step, "epoch": round(trainer.sampler.epoch(samples_seen), 4), **record}
                 if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
-                    last_eval = trainer.evaluate()
-                    if last_eval is not None:
-                        record["eval_loss"] = last_eval
-                        if isinstance(trainer, ClassifierTrainer):
-                            record.update({f"eval_{key}": value for key, value in trainer.scores.items()})
+                    scores = _split_eval(trainer)
+                    last_eval = scores.get("eval_loss")
+                    record.update(scores)
                     latest_named = _evaluate_named(trainer, named)
                     record.update(latest_named)
                     if prompts:
