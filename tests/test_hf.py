@@ -44,10 +44,11 @@ def dense_dir(tmp_path) -> Path:
     return path
 
 
-def bnb_checkpoint(dense: Path, out: Path, quant_type: str = "nf4", double: bool = True) -> Path:
+def bnb_checkpoint(dense: Path, out: Path, quant_type: str = "nf4", double: bool = True,
+                   storage: torch.dtype = torch.uint8) -> Path:
     model = AutoModelForCausalLM.from_pretrained(dense, device_map="cpu", quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double,
-        bnb_4bit_compute_dtype=torch.float32))
+        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=storage))
     model.save_pretrained(out, max_shard_size=SHARD)
     return out
 
@@ -280,3 +281,24 @@ def test_a_classifier_head_stays_dense_and_trains_whole(dense_dir):
     assert type(model.score) is nn.Linear and model.score.out_features == 3
     fastlora.prepare_model(model, r=4, modules_to_save=["score"])
     assert model.score.weight.requires_grad
+
+
+def test_a_float_quant_storage_checkpoint_loads_as_stored(dense_dir, tmp_path, gen):
+    ckpt = bnb_checkpoint(dense_dir, tmp_path / "bnb", storage=torch.bfloat16)
+    stored = checkpoint_tensors(ckpt)
+    assert stored["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    model = fastlora.from_pretrained(ckpt)
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.quant_storage == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
+    assert torch.equal(layer.weight.view(torch.uint8), stored["model.layers.0.mlp.up_proj.weight"].view(torch.uint8))
+    ids = torch.randint(0, 96, (2, 7), generator=gen)
+    torch.testing.assert_close(logits(model, ids), logits(exact_model(dense_dir, stored), ids), rtol=1e-4, atol=1e-4)
+
+
+def test_an_index_naming_an_absent_tensor_is_a_clear_error(dense_dir, tmp_path, caplog):
+    ckpt = bnb_checkpoint(dense_dir, tmp_path / "bnb")
+    key = "model.layers.1.mlp.up_proj.weight.absmax"
+    _rewrite(ckpt, key, lambda tensors: tensors.pop(key))  # the index still names it
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="conversion"):
+        fastlora.from_pretrained(ckpt)
+    assert "model.layers.1.mlp.up_proj.weight.absmax" in caplog.text

@@ -269,8 +269,10 @@ class FastLoraDeserialize(ConversionOps):
             raise ValueError(f"{full_layer_name}: the checkpoint has its quantization statistics but not the weight")
         try:
             state = QuantState.from_dict(tensors, device=packed.device)
-        except ValueError as exc:
-            raise ValueError(f"{module_name}.{exc}") from None
+        except ValueError as exc:  # it names the entry, with or without the "weight." its key has
+            message = str(exc)
+            raise ValueError(f"{module_name}.{message if message.startswith('weight.') else 'weight.' + message}") \
+                from None
         old = model.get_submodule(module_name)
         expected = (getattr(old, "out_features", None), getattr(old, "in_features", None))
         if tuple(state.shape) != expected:
