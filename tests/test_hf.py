@@ -207,6 +207,10 @@ def test_bad_configs_are_clear_errors():
         FastLoraConfig(compute_dtype="float64")
     with pytest.raises(ValueError, match="skip_modules"):
         FastLoraConfig(skip_modules="lm_head")
+    with pytest.raises(ValueError, match="quant_storage"):
+        FastLoraConfig(quant_storage="int8")
+    with pytest.raises(TypeError):
+        FastLoraConfig(quant_tpye="nf4")  # a misspelt option is not silently ignored
     with pytest.raises(ValueError, match="not a bitsandbytes 4-bit"):
         FastLoraConfig.from_bitsandbytes({"quant_method": "bitsandbytes", "load_in_8bit": True})
     with pytest.raises(ValueError, match="target_modules"):
@@ -293,6 +297,19 @@ def test_a_float_quant_storage_checkpoint_loads_as_stored(dense_dir, tmp_path, g
     assert torch.equal(layer.weight.view(torch.uint8), stored["model.layers.0.mlp.up_proj.weight"].view(torch.uint8))
     ids = torch.randint(0, 96, (2, 7), generator=gen)
     torch.testing.assert_close(logits(model, ids), logits(exact_model(dense_dir, stored), ids), rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path / "again")  # says what it holds
+    entry = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert entry["bnb_4bit_quant_storage"] == "bfloat16"
+
+
+def test_a_dense_checkpoint_quantized_into_a_float_storage(dense_dir):
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=FastLoraConfig(
+        quant_storage="bfloat16"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.weight.dtype == torch.bfloat16 and layer.quant_storage == torch.bfloat16
+    reference_layer = Linear4bit.from_linear(LlamaForCausalLM.from_pretrained(dense_dir).model.layers[0].self_attn
+                                             .q_proj)
+    assert torch.equal(layer.weight.view(torch.uint8).reshape(-1), reference_layer.weight.reshape(-1))
 
 
 def test_an_index_naming_an_absent_tensor_is_a_clear_error(dense_dir, tmp_path, caplog):

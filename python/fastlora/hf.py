@@ -42,6 +42,7 @@ from .quant_state import QuantState
 QUANT_METHOD = "fastlora"
 _BNB_METHOD = "bitsandbytes"
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORAGE_DTYPES = ("uint8", "float16", "bfloat16", "float32")
 _STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map") + tuple(
     f"quant_state.bitsandbytes__{q}" for q in QUANT_TYPES)
 
@@ -61,14 +62,19 @@ def _dtype(value: object, name: str) -> torch.dtype | None:
 class FastLoraConfig(QuantizationConfigMixin):
     """What to quantize and how: bitsandbytes' 4-bit format (`quant_type` "nf4" or "fp4",
     `blocksize`, `compress_statistics` = double quantization), `compute_dtype` for the layers'
-    products (default: the input's dtype), and `skip_modules`, names of modules left dense
-    (default: the output head, as bitsandbytes does). `target_modules` restricts quantization
-    to the `nn.Linear` layers whose names equal or end in one of its entries."""
+    products (default: the input's dtype), `quant_storage`, the dtype the packed bytes are
+    viewed as ("uint8", or a float dtype for FSDP over 16-bit models, bitsandbytes'
+    `bnb_4bit_quant_storage`), and `skip_modules`, names of modules left dense (default: the
+    output head, as bitsandbytes does). `target_modules` restricts quantization to the
+    `nn.Linear` layers whose names equal or end in one of its entries."""
 
     def __init__(self, quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64,
                  compute_dtype: torch.dtype | str | None = None, skip_modules: list[str] | None = None,
-                 target_modules: list[str] | None = None, **kwargs: Any) -> None:
+                 target_modules: list[str] | None = None, quant_storage: str = "uint8") -> None:
         self.quant_method = QUANT_METHOD
+        if quant_storage not in _STORAGE_DTYPES:
+            raise ValueError(f"quant_storage must be one of {', '.join(_STORAGE_DTYPES)}, got {quant_storage!r}")
+        self.quant_storage = quant_storage
         self.quant_type = _checks.quant_type(quant_type)
         self.compress_statistics = bool(compress_statistics)
         self.blocksize = _checks.blocksize(blocksize)
@@ -86,10 +92,10 @@ class FastLoraConfig(QuantizationConfigMixin):
         entry = config if isinstance(config, dict) else config.to_dict()
         if entry.get("quant_method") != _BNB_METHOD or not (entry.get("load_in_4bit") or entry.get("_load_in_4bit")):
             raise ValueError(f"not a bitsandbytes 4-bit quantization_config: {entry!r}")
-        storage = entry.get("bnb_4bit_quant_storage") or "uint8"
-        if storage not in ("uint8", "float16", "bfloat16", "float32"):
+        storage = str(entry.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")
+        if storage not in _STORAGE_DTYPES:
             raise ValueError(f"bnb_4bit_quant_storage: unsupported storage dtype {storage!r}")
-        return cls(quant_type=entry.get("bnb_4bit_quant_type", "fp4"),
+        return cls(quant_type=entry.get("bnb_4bit_quant_type", "fp4"), quant_storage=storage,
                    compress_statistics=bool(entry.get("bnb_4bit_use_double_quant", False)),
                    blocksize=int(entry.get("fastlora_blocksize") or 64),
                    compute_dtype=entry.get("bnb_4bit_compute_dtype"),
@@ -112,7 +118,7 @@ class FastLoraConfig(QuantizationConfigMixin):
         return {
             "quant_method": _BNB_METHOD, "_load_in_4bit": True, "_load_in_8bit": False, "load_in_4bit": True,
             "load_in_8bit": False, "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_type": self.quant_type,
-            "bnb_4bit_use_double_quant": self.compress_statistics, "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_use_double_quant": self.compress_statistics, "bnb_4bit_quant_storage": self.quant_storage,
             "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
             "llm_int8_skip_modules": self.skip_modules or None, "llm_int8_threshold": 6.0,
             "fastlora_blocksize": self.blocksize,  # bitsandbytes' config has no block size (it assumes 64)
@@ -123,7 +129,8 @@ class FastLoraConfig(QuantizationConfigMixin):
         return {"quant_method": QUANT_METHOD, "quant_type": self.quant_type,
                 "compress_statistics": self.compress_statistics, "blocksize": self.blocksize,
                 "compute_dtype": None if self.compute_dtype is None else str(self.compute_dtype).removeprefix("torch."),
-                "skip_modules": self.skip_modules, "target_modules": self.target_modules}
+                "skip_modules": self.skip_modules, "target_modules": self.target_modules,
+                "quant_storage": self.quant_storage}
 
     def get_loading_attributes(self) -> dict[str, Any]:
         return {"compute_dtype": self.compute_dtype}
@@ -235,7 +242,8 @@ class FastLoraQuantize(ConversionOps):
             dense.weight = nn.Parameter(weight, requires_grad=False)
             _checks.finite(param_name, weight)
             layer = Linear4bit.from_linear(dense, quant_type=config.quant_type, blocksize=config.blocksize,
-                                           compress_statistics=config.compress_statistics)
+                                           compress_statistics=config.compress_statistics,
+                                           quant_storage=getattr(torch, config.quant_storage))
             layer.register_parameter("bias", None)
             result[param_name] = self.hf_quantizer.swap_in(model, module_name, layer).weight
         return result
