@@ -1070,3 +1070,20 @@ def test_no_grad_calls_the_direct_path_declines_give_the_same_result(case, gen):
         y = layer(x)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], 48)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_from_quantized_rejects_what_does_not_fit(gen):
+    packed, state = fastlora.quantize_4bit(rand((16, 64), gen=gen))
+    layer = fastlora.Linear4bit.from_quantized(packed, state, bias=rand((16,), gen=gen))
+    assert (layer.out_features, layer.in_features) == (16, 64) and torch.equal(layer.weight, packed)
+    with pytest.raises(TypeError, match="quant_state"):
+        fastlora.Linear4bit.from_quantized(packed, {"absmax": state.absmax})
+    with pytest.raises(ValueError, match="packed holds 511 bytes"):
+        fastlora.Linear4bit.from_quantized(packed[:-1], state)
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+        fastlora.Linear4bit.from_quantized(packed, state, bias=rand((15,), gen=gen))
+    with pytest.raises(ValueError, match="compute_dtype"):
+        fastlora.Linear4bit.from_quantized(packed, state, compute_dtype=torch.float64)
+    _, flat_state = fastlora.quantize_4bit(rand((1024,), gen=gen))
+    with pytest.raises(ValueError, match="out_features, in_features"):
+        fastlora.Linear4bit.from_quantized(packed, flat_state)

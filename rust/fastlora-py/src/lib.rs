@@ -254,6 +254,20 @@ fn matmul_4bit(
     }))
 }
 
+/// Calls `$body` with three read-only `uint16` arrays and one writable one viewed as `&[$t]`
+/// and `&mut [$t]` (bf16 or f16: `half`'s bit casts are not generic outside the crate).
+macro_rules! half_bits {
+    ($t:ty, ($x:expr, $a:expr, $b:expr, $y:expr), |$xs:ident, $as_:ident, $bs:ident, $ys:ident| $body:expr) => {{
+        let ($xs, $as_, $bs): (&[$t], &[$t], &[$t]) = (
+            slice($x, "x")?.reinterpret_cast(),
+            slice($a, "A")?.reinterpret_cast(),
+            slice($b, "B")?.reinterpret_cast(),
+        );
+        let $ys: &mut [$t] = slice_mut($y, "y")?.reinterpret_cast_mut();
+        $body
+    }};
+}
+
 /// The LoRA term of a mixed batch, each row through its own adapter (`lora::lora_batched`):
 /// x `(rows, k)`, A `(n, r, k)`, B `(n, o, r)` and y `(rows, o)` of dtype `dtype`, `indices`
 /// (`rows` of them, in `[-1, n)`) and `scaling` (`n`).
@@ -282,22 +296,14 @@ fn lora_batched(
             run(py, ops, || lora::lora_batched(x, a, b, indices, scaling, k, r, o, y))
         }
         (Input::Bits(x, Dtype::Bf16), Input::Bits(a, _), Input::Bits(b, _), Output::Bits(y, _)) => {
-            let (x, a, b): (&[bf16], &[bf16], &[bf16]) = (
-                slice(x, "x")?.reinterpret_cast(),
-                slice(a, "A")?.reinterpret_cast(),
-                slice(b, "B")?.reinterpret_cast(),
-            );
-            let y: &mut [bf16] = slice_mut(y, "y")?.reinterpret_cast_mut();
-            run(py, ops, || lora::lora_batched(x, a, b, indices, scaling, k, r, o, y))
+            half_bits!(bf16, (x, a, b, y), |x, a, b, y| run(py, ops, || {
+                lora::lora_batched(x, a, b, indices, scaling, k, r, o, y)
+            }))
         }
         (Input::Bits(x, _), Input::Bits(a, _), Input::Bits(b, _), Output::Bits(y, _)) => {
-            let (x, a, b): (&[f16], &[f16], &[f16]) = (
-                slice(x, "x")?.reinterpret_cast(),
-                slice(a, "A")?.reinterpret_cast(),
-                slice(b, "B")?.reinterpret_cast(),
-            );
-            let y: &mut [f16] = slice_mut(y, "y")?.reinterpret_cast_mut();
-            run(py, ops, || lora::lora_batched(x, a, b, indices, scaling, k, r, o, y))
+            half_bits!(f16, (x, a, b, y), |x, a, b, y| run(py, ops, || {
+                lora::lora_batched(x, a, b, indices, scaling, k, r, o, y)
+            }))
         }
         _ => Err(PyValueError::new_err("x, A, B and y must share one dtype")),
     }
