@@ -35,7 +35,7 @@ except ImportError as exc:  # transformers missing, or 4.x (another quantizer in
 
 from . import _checks
 from .formats import QUANT_TYPES
-from .model import dequantize_model
+from .model import _set_submodule, dequantize_model
 from .nn import Linear4bit
 from .quant_state import QuantState
 
@@ -136,11 +136,6 @@ class FastLoraConfig(QuantizationConfigMixin):
         return {"compute_dtype": self.compute_dtype}
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
 def _selected(name: str, patterns: list[str] | None) -> bool:
     return patterns is None or any(name == p or name.endswith("." + p) for p in patterns)
 
@@ -211,14 +206,13 @@ class FastLoraHfQuantizer(HfQuantizer):
     def swap_in(self, model: nn.Module, module_name: str, layer: Linear4bit) -> Linear4bit:
         """Replaces the (meta) `nn.Linear` at `module_name` by `layer`, keeping its bias if it
         was loaded first."""
-        parent, child = _parent(model, module_name)
-        old = parent._modules[child]
+        old = model.get_submodule(module_name)
         bias = getattr(old, "bias", None)
         if layer.bias is None and bias is not None:
             layer.bias = bias if not bias.is_meta else nn.Parameter(torch.empty_like(bias, device="meta"))
         layer.compute_dtype = self.quantization_config.compute_dtype
         layer._is_hf_initialized = True
-        parent._modules[child] = layer
+        _set_submodule(model, module_name, layer)
         return layer
 
 

@@ -315,11 +315,16 @@ class ClassifierTrainer(Trainer):
         self.num_classes = num_classes
         self.scores: dict[str, float] = {}
 
-    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._autocast():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        self.last_logits = logits
-        return F.cross_entropy(logits.float(), batch["labels"], ignore_index=data.IGNORE_INDEX, reduction="sum")
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, ignore_index=data.IGNORE_INDEX, reduction="sum")
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._loss(self._logits(batch), batch["labels"])
 
     @torch.no_grad()
     def evaluate(self, held: list[data.Example] | None = None) -> float | None:
@@ -338,10 +343,11 @@ class ClassifierTrainer(Trainer):
             filler = data.Example(held[0].input_ids, [], label=data.IGNORE_INDEX)
             examples = [held[i] if i is not None else filler for i in ids]
             batch = self._batch(examples)
-            total += self._forward_loss(batch).item()
+            logits = self._logits(batch)
+            total += self._loss(logits, batch["labels"]).item()
             count += data.loss_tokens(examples)
             kept = batch["labels"] != data.IGNORE_INDEX
-            predicted = self.last_logits.argmax(-1)[kept].cpu()
+            predicted = logits.argmax(-1)[kept].cpu()
             confusion.index_put_((batch["labels"][kept].cpu(), predicted), torch.ones(len(predicted),
                                  dtype=torch.float64), accumulate=True)
         self.model.train()
