@@ -16,6 +16,7 @@ from ._threads import get_num_threads, set_num_threads, thread_pool
 from .adapter import load_adapter, save_adapter
 from .functional import dequantize_4bit, lora_batched, matmul_4bit, quantize_4bit
 from .model import merge_and_unload, prepare_model
+from .named_adapters import active_adapter, adapters_per_row, delete_adapter, list_adapters, set_adapter
 from .nn import Linear4bit, LoraLinear
 from .quant_state import QuantState
 
@@ -50,12 +51,17 @@ __all__ = [
     "Linear4bit",
     "LoraLinear",
     "QuantState",
+    "active_adapter",
+    "adapters_per_row",
+    "delete_adapter",
     "from_pretrained",
+    "list_adapters",
     "load_adapter",
     "lora_batched",
     "merge_and_unload",
     "prepare_model",
     "save_adapter",
+    "set_adapter",
     "dequantize_4bit",
     "get_num_threads",
     "matmul_4bit",

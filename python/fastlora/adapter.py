@@ -7,6 +7,9 @@ as PEFT saves them: every parameter under `base_model.model.<module>.<parameter>
 fastlora's own settings (quantization) go to `fastlora_config.json` beside them, since older
 peft versions reject unknown config keys. Files are read with safetensors (never pickle) and
 written to a temporary file, then renamed.
+
+A model holds named adapters (`fastlora.named_adapters`): each is saved on its own, and a
+loaded one either fills an adapter the model has or is added beside them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model import find_modules_to_save, find_target_modules, lora_layers, prepare_model
+from . import named_adapters
+from .model import _set_submodule, find_modules_to_save, find_target_modules, lora_modules, prepare_model
+from .nn import LoraLinear
+from .nn.lora import LoraAdapter, check_lora_args
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -75,11 +81,26 @@ def _saved_module_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[
             for name in names for param, p in model.get_submodule(name).named_parameters()}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Writes the model's LoRA weights and config in PEFT's format; returns the directory."""
-    layers = lora_layers(model)
-    if not layers:
+def _adapter_layers(model: nn.Module, name: str) -> dict[str, LoraAdapter]:
+    return {layer_name: layer.adapters[name] for layer_name, layer in lora_modules(model).items()
+            if name in layer.adapters}
+
+
+def _adapter_name(model: nn.Module, adapter_name: object) -> str | None:
+    """The adapter a call means: `adapter_name`, else the active one (None: no LoRA layers)."""
+    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    return adapter_name or named_adapters.active_adapter(model)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Writes one adapter's LoRA weights and config in PEFT's format (`adapter_name`, default
+    the active adapter); returns the directory."""
+    name = _adapter_name(model, adapter_name)
+    if name is None:
         raise ValueError("model has no LoRA layers; call fastlora.prepare_model first")
+    named_adapters._check_name(model, name)
+    layers = _adapter_layers(model, name)
     first = next(iter(layers.values()))
     settings = (first.r, first.lora_alpha, first.use_rslora)
     if any((layer.r, layer.lora_alpha, layer.use_rslora) != settings for layer in layers.values()):
@@ -87,14 +108,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, layer in layers.items():
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
-    settings = getattr(model, "fastlora_config", {})
+    for layer_name, layer in layers.items():
+        tensors[f"{KEY_PREFIX}{layer_name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{KEY_PREFIX}{layer_name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+    settings = named_adapters.settings(model, name)
     saved = list(settings.get("modules_to_save") or [])
-    for name in saved:
-        for param, p in model.get_submodule(name).named_parameters():
-            tensors[f"{KEY_PREFIX}{name}.{param}"] = p.detach().contiguous().cpu()
+    for module in saved:
+        for param, p in model.get_submodule(module).named_parameters():
+            tensors[f"{KEY_PREFIX}{module}.{param}"] = p.detach().contiguous().cpu()
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     config = {
         "peft_type": "LORA",
@@ -161,11 +182,19 @@ def _read_quant_settings(directory: Path) -> dict:
     return {k: v for k, v in settings.items() if k in _QUANT_KEYS}
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, **prepare_kwargs) -> nn.Module:
-    """Loads a PEFT-format LoRA adapter (fastlora's or peft's) into the model. A model
-    without LoRA layers is first prepared from the adapter's config (`prepare_kwargs` go
-    to `prepare_model`, e.g. `quant_type`). Every key and shape is checked before any weight
-    changes; a mismatch raises `ValueError` naming the key."""
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None,
+                 **prepare_kwargs) -> nn.Module:
+    """Loads a PEFT-format LoRA adapter (fastlora's or peft's) into the model.
+
+    - A model without LoRA layers is first prepared from the adapter's config
+      (`prepare_kwargs` go to `prepare_model`, e.g. `quant_type`); the adapter is named
+      `adapter_name` (default "default") and is active.
+    - Into a model with adapters, the weights fill adapter `adapter_name` (default: the
+      active one) if the model has it, with the same r and alpha; a new name is added beside
+      the others, with its own r, alpha and target modules, inactive until `set_adapter`.
+
+    Every key and shape is checked before any weight changes; a mismatch raises `ValueError`
+    naming the key, and the model is left as it was."""
     directory = Path(directory)
     config = _read_config(directory)
     weights_path = directory / WEIGHTS_NAME
@@ -182,32 +211,48 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, **prepare_kwarg
         raise ValueError(f"{directory / CONFIG_NAME}: modules_to_save must be a list of names, got {saved_entries!r}")
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     use_rslora = bool(config.get("use_rslora", False))
-    # Every key and shape is checked against the model (or, for a model still to be prepared,
+    dropout = config.get("lora_dropout", 0.0) or 0.0
+    targets = config.get("target_modules") or "all-linear"
+    # Every key and shape is checked against the model (or, for layers still to be made,
     # against the layers the config targets) before anything changes.
-    layers = lora_layers(model)
-    options = None
-    if layers:
-        for name, layer in layers.items():
-            if (layer.r, layer.lora_alpha, layer.use_rslora) != (r, alpha, use_rslora):
-                raise ValueError(f"{name}: layer has r={layer.r}, lora_alpha={layer.lora_alpha}, use_rslora="
-                                 f"{layer.use_rslora}; the adapter has r={r}, lora_alpha={alpha}, "
-                                 f"use_rslora={use_rslora}")
-        features = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
-    else:
+    name = _adapter_name(model, adapter_name)
+    options = None  # prepare_model's arguments, for a model without LoRA layers
+    new_adapter = False
+    if not lora_modules(model):
+        name = adapter_name or "default"
         options = {
-            "r": r, "lora_alpha": alpha, "target_modules": config.get("target_modules") or "all-linear",
-            "lora_dropout": config.get("lora_dropout", 0.0) or 0.0, "use_rslora": use_rslora,
-            "modules_to_save": saved_entries, **_read_quant_settings(directory), **prepare_kwargs,
+            "r": r, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": dropout,
+            "use_rslora": use_rslora, "modules_to_save": saved_entries, "adapter_name": name,
+            **_read_quant_settings(directory), **prepare_kwargs,
         }
-        names = find_target_modules(model, options["target_modules"])
-        features = {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features)
-                    for name in names}
+        features = _features(model, find_target_modules(model, options["target_modules"]))
+    elif name in named_adapters.list_adapters(model):
+        layers = _adapter_layers(model, name)
+        for layer_name, layer in layers.items():
+            if (layer.r, layer.lora_alpha, layer.use_rslora) != (r, alpha, use_rslora):
+                raise ValueError(f"{layer_name}: adapter {name!r} has r={layer.r}, lora_alpha={layer.lora_alpha}, "
+                                 f"use_rslora={layer.use_rslora}; the file has r={r}, lora_alpha={alpha}, "
+                                 f"use_rslora={use_rslora} (load it under a new adapter_name)")
+        features = {n: (layer.lora_A.in_features, layer.lora_B.out_features) for n, layer in layers.items()}
+    else:
+        if saved_entries:
+            raise ValueError(f"{directory / CONFIG_NAME}: an adapter with modules_to_save (modules trained whole) "
+                             "can only be a model's first adapter: the model keeps one copy of those modules")
+        if prepare_kwargs:
+            raise TypeError(f"load_adapter: {sorted(prepare_kwargs)} set up the base model, which is already "
+                            f"prepared; adapter {name!r} is added over it as it is")
+        try:
+            check_lora_args(r, alpha, dropout, True)
+        except ValueError as exc:
+            raise ValueError(f"{directory / CONFIG_NAME}: {exc}") from None
+        new_adapter = True
+        features = _features(model, find_target_modules(model, targets))
 
     saved = find_modules_to_save(model, saved_entries)
     expected = _saved_module_shapes(model, saved)
-    for name, (in_features, out_features) in features.items():
-        expected[f"{KEY_PREFIX}{name}.lora_A.weight"] = (r, in_features)
-        expected[f"{KEY_PREFIX}{name}.lora_B.weight"] = (out_features, r)
+    for layer_name, (in_features, out_features) in features.items():
+        expected[f"{KEY_PREFIX}{layer_name}.lora_A.weight"] = (r, in_features)
+        expected[f"{KEY_PREFIX}{layer_name}.lora_B.weight"] = (out_features, r)
     for key, shape in expected.items():
         if key not in state:
             raise ValueError(f"{weights_path}: missing key {key}")
@@ -221,24 +266,51 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, **prepare_kwarg
 
     if options is not None:
         prepare_model(model, **options)
-        layers = lora_layers(model)
+    elif new_adapter:
+        _add_adapter(model, name, list(features), r=r, lora_alpha=alpha, lora_dropout=dropout,
+                     use_rslora=use_rslora)
+    layers = _adapter_layers(model, name)
     updates = [
-        (getattr(layer, part).weight, state[f"{KEY_PREFIX}{name}.{part}.weight"])
-        for name, layer in layers.items() for part in ("lora_A", "lora_B")
+        (getattr(layer, part).weight, state[f"{KEY_PREFIX}{layer_name}.{part}.weight"])
+        for layer_name, layer in layers.items() for part in ("lora_A", "lora_B")
     ]
-    updates += [(p, state[f"{KEY_PREFIX}{name}.{param}"])
-                for name in saved for param, p in model.get_submodule(name).named_parameters()]
+    updates += [(p, state[f"{KEY_PREFIX}{module}.{param}"])
+                for module in saved for param, p in model.get_submodule(module).named_parameters()]
     with torch.no_grad():
         for target, value in updates:
             target.copy_(_laid_out_like(target, value))
     if saved:  # trained whole from here on, and saved with the adapter
-        for name in saved:
-            for p in model.get_submodule(name).parameters():
+        for module in saved:
+            for p in model.get_submodule(module).parameters():
                 p.requires_grad_(True)
-        settings = getattr(model, "fastlora_config", None)
-        if settings is not None:
-            settings["modules_to_save"] = sorted(set(settings.get("modules_to_save") or []) | set(saved))
+        settings = named_adapters.settings(model, name)
+        settings["modules_to_save"] = sorted(set(settings.get("modules_to_save") or []) | set(saved))
     return model
+
+
+def _features(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int]]:
+    return {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features) for name in names}
+
+
+def _add_adapter(model: nn.Module, name: str, targets: list[str], **lora) -> None:
+    """Adapter `name` on `targets`, beside the model's adapters and inactive: a LoRA layer
+    gets one more; a plain linear layer is wrapped, running its base alone until `name` is
+    set active."""
+    active = named_adapters.active_adapter(model)
+    for target in targets:
+        module = model.get_submodule(target)
+        if isinstance(module, LoraLinear):
+            module.add_adapter(name, init_lora_weights=False, **lora)
+        else:
+            layer = LoraLinear(module, init_lora_weights=False, adapter_name=name, **lora)
+            layer.set_adapter(active)
+            layer.train(module.training)
+            _set_submodule(model, target, layer)
+    kept = getattr(model, "fastlora_adapters", None)
+    if kept is not None:
+        first = kept.get(active, {})
+        kept[name] = {**{k: first[k] for k in _QUANT_KEYS if k in first}, **lora, "target_modules": targets,
+                      "modules_to_save": []}
 
 
 def _laid_out_like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -269,6 +270,78 @@ def decode_135m_case(prompt: int, tokens: int, layers: int, vocab: int, r: int) 
                              **dict(SMOLLM_135M, vocab_size=vocab))
 
 
+def _random_adapters(model: nn.Module, names: list[str], directory: Path, gen: torch.Generator) -> dict[str, Path]:
+    """Saves one adapter per name (the model's LoRA layers with random A and B, B nonzero so
+    that each changes the output) and returns their directories."""
+    dirs = {}
+    for name in names:
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_" in param_name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * (0.2 if "lora_A" in param_name else 0.1))
+        dirs[name] = fastlora.save_adapter(model, directory / name)
+    return dirs
+
+
+def mixed_adapter_models(rows: int, layers: int, vocab: int, r: int) -> tuple[nn.Module, nn.Module | None, list[str]]:
+    """A 4-bit Llama of the SmolLM-135M shape (`layers`, `vocab` shrink it) with `rows`
+    random adapters (r on all seven projections) loaded by name, twice: fastlora, and
+    bitsandbytes + peft loading the same adapter files (None when either is not installed).
+    Returns both models and the adapter names."""
+    import tempfile
+
+    from .train import modeling
+
+    transformers = modeling._hf()
+    config = transformers.AutoConfig.from_pretrained(str(modeling.embedded_model_dir()))
+    for key, value in dict(SMOLLM_135M, vocab_size=vocab, num_hidden_layers=layers, head_dim=64).items():
+        setattr(config, key, value)
+
+    def base() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return transformers.AutoModelForCausalLM.from_config(config, **modeling.dtype_kwarg(torch.float32)).eval()
+
+    names = [f"a{i}" for i in range(rows)]
+    ours = fastlora.prepare_model(base(), r=r, lora_alpha=2 * r, adapter_name=names[0])
+    theirs = None
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = _random_adapters(ours, names, Path(tmp), torch.Generator().manual_seed(0))
+        for name in names:  # the first fills the adapter prepare_model made, the rest are added
+            fastlora.load_adapter(ours, dirs[name], adapter_name=name)
+        try:
+            theirs = bitsandbytes_peft_model(base(), r, 2 * r).eval()
+            for name in names:
+                theirs.load_adapter(str(dirs[name]), adapter_name=name)
+        except ImportError:  # bitsandbytes or peft not installed
+            theirs = None
+    return ours, theirs, names
+
+
+def decode_mixed_case(rows: int, prompt: int, tokens: int, layers: int, vocab: int, r: int) -> dict[str, Impl]:
+    """Greedy decoding with the KV cache of `rows` rows, each through its own adapter
+    (`mixed_adapter_models`): fastlora's `adapters_per_row`; PEFT's mixed batch
+    (`adapter_names=`) over bitsandbytes; and fastlora with the whole batch on one adapter
+    ("one adapter": the mixed batch's cost over a plain batch)."""
+    ours, theirs, names = mixed_adapter_models(rows, layers, vocab, r)
+    ids = torch.randint(0, vocab, (rows, prompt), generator=torch.Generator().manual_seed(1))
+    options = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False, "pad_token_id": 0}
+
+    def mixed() -> torch.Tensor:
+        with torch.no_grad(), fastlora.adapters_per_row(ours, names):
+            return ours.generate(input_ids=ids, **options)
+
+    def one_adapter() -> torch.Tensor:
+        with torch.no_grad():
+            return ours.generate(input_ids=ids, **options)
+
+    impls: dict[str, Impl] = {"fastlora": mixed}
+    if theirs is not None:
+        impls["bitsandbytes"] = lambda: theirs.generate(input_ids=ids, adapter_names=names, **options)
+    impls["one adapter"] = one_adapter
+    return impls
+
+
 def _repeated(fn: Callable[[], object], calls: int) -> Impl:
     def run() -> None:
         for _ in range(calls):
@@ -341,13 +414,13 @@ FULL_SHAPES = {"dequantize": (4096, 4096), "dequantize_out": (4096, 4096), "matm
                "matmul_m512": (512, 4096, 4096),
                "layer": (512, 4096, 4096, 16), "model_step": (4, 128, 512, 8, 16),
                "model_decode": (16, 32, 512, 8, 16), "decode_135m": (16, 32, 30, 49152, 16),
-               "host_call": (64, 1000),
+               "decode_mixed": (8, 16, 16, 30, 49152, 16), "host_call": (64, 1000),
                "linear_64": (64, 0, 1000), "lora_64": (64, 16, 1000), "linear_576": (576, 0, 200),
                "lora_576": (576, 16, 200), "linear_4096": (4096, 0, 20), "lora_4096": (4096, 16, 20)}
 QUICK_SHAPES = {"dequantize": (1024, 1024), "dequantize_out": (1024, 1024), "matmul_m1": (1, 2752, 1024),
                 "matmul_m512": (64, 1024, 1024),
                 "layer": (64, 1024, 1024, 16), "model_step": (2, 32, 128, 2, 8), "model_decode": (4, 8, 128, 2, 8),
-                "decode_135m": (4, 4, 1, 512, 4), "host_call": (64, 10),
+                "decode_135m": (4, 4, 1, 512, 4), "decode_mixed": (3, 4, 3, 1, 512, 4), "host_call": (64, 10),
                 "linear_64": (64, 0, 10), "lora_64": (64, 4, 10), "linear_576": (576, 0, 5), "lora_576": (576, 4, 5),
                 "linear_4096": (256, 0, 2), "lora_4096": (256, 4, 2)}
 CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
@@ -359,6 +432,7 @@ CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
     "model_step": (model_step_case, True),
     "model_decode": (model_decode_case, True),
     "decode_135m": (decode_135m_case, True),
+    "decode_mixed": (decode_mixed_case, False),
     "host_call": (host_call_case, False),
     **{f"{kind}_{size}": (layer_call_case, False) for kind in ("linear", "lora") for size in (64, 576, 4096)},
 }
@@ -366,7 +440,8 @@ CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
 
 # Optional packages a case cannot run without; a missing one skips the case with a note.
 # (A missing bitsandbytes or peft only leaves that column empty.)
-REQUIRES = {"model_step": ("transformers",), "model_decode": ("transformers",), "decode_135m": ("transformers",)}
+REQUIRES = {"model_step": ("transformers",), "model_decode": ("transformers",), "decode_135m": ("transformers",),
+            "decode_mixed": ("transformers",)}
 INSTALL_HINT = "pip install 'fastlora[bench]'"
 
 
@@ -399,6 +474,10 @@ def title(key: str, quick: bool) -> str:
         prompt, tokens, layers, vocab, r = shape
         return (f"greedy decode with KV cache fp32 SmolLM-135M shape ({layers} layers, vocab {vocab}) r={r}, "
                 f"{tokens} tokens after {prompt}")
+    if key == "decode_mixed":
+        rows, prompt, tokens, layers, vocab, r = shape
+        return (f"greedy decode, {rows} rows on {rows} adapters (bitsandbytes: peft adapter_names=), fp32 "
+                f"SmolLM-135M shape ({layers} layers, vocab {vocab}) r={r}, {tokens} tokens after {prompt}")
     if key == "host_call":
         size, calls = shape
         return f"matmul_4bit {calls} one-row calls {size}x{size} (native: the kernel alone)"
@@ -482,12 +561,10 @@ def format_table(cases: list[Case]) -> str:
         dense = t.get("dense", t.get("dense copy"))
         mem = " / ".join(f"{case.peak_mib[k]:.0f}" if k in case.peak_mib else "-"
                          for k in ("fastlora", "bitsandbytes", "dense"))
-        lines.append(
-            f"| {case.name} | {ours:.2f} | {bnb:.2f} | {dense:.2f} | {bnb / ours:.2f}x faster | "
-            f"{ours / dense:.2f}x the time | {mem} |"
-            if bnb is not None
-            else f"| {case.name} | {ours:.2f} | - | {dense:.2f} | - | {ours / dense:.2f}x the time | {mem} |"
-        )
+        cells = [f"{ours:.2f}", "-" if bnb is None else f"{bnb:.2f}", "-" if dense is None else f"{dense:.2f}",
+                 "-" if bnb is None else f"{bnb / ours:.2f}x faster",
+                 "-" if dense is None else f"{ours / dense:.2f}x the time"]
+        lines.append(f"| {case.name} | {' | '.join(cells)} | {mem} |")
     return "\n".join(lines)
 
 
@@ -549,6 +626,10 @@ def run(quick: bool = False, repeats: int | None = None, json_path: str | None =
             calls = (QUICK_SHAPES if quick else FULL_SHAPES)[key][-1]
             host_us = (results[-1].times_ms["fastlora"] - results[-1].times_ms["native"]) / calls * 1e3
             print(f"note: host time of fastlora.matmul_4bit above the native kernel: {host_us:.1f} us per call")
+        if "one adapter" in results[-1].times_ms:
+            times = results[-1].times_ms
+            print(f"note: the mixed batch takes {times['fastlora'] / times['one adapter']:.2f}x the time of the same "
+                  "batch on one adapter")
     print()
     print(format_table(results))
     if json_path:

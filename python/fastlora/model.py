@@ -21,7 +21,8 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def find_target_modules(model: nn.Module, target_modules: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Names of the linear modules (`nn.Linear`, or `Linear4bit` already in 4 bits) that
+    """Names of the linear modules (`nn.Linear`, `Linear4bit` already in 4 bits, or a
+    `LoraLinear` holding other adapters) that
     `target_modules` selects, PEFT's way: `"all-linear"` is every linear layer but the output
     head (`get_output_embeddings()`, else a module named `lm_head`); a list matches names
     equal to or ending in `.<entry>`."""
@@ -38,9 +39,12 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str] | tupl
         for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
         for child, _ in module.named_children()
     }
+    # A LoRA layer is the linear layer at its name (a further adapter goes beside the others);
+    # the modules inside it are not targets.
+    inside_lora = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, LoraLinear))
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Linear4bit)) or not name:
+        if not isinstance(module, (nn.Linear, Linear4bit, LoraLinear)) or not name or name.startswith(inside_lora):
             continue
         if target_modules == ALL_LINEAR:
             if module is head or (head is None and name.split(".")[-1] == "lm_head") or name in in_attention:
@@ -84,8 +88,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
+    """Every `LoraLinear`, whichever adapters it holds."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """The `LoraLinear` layers the active adapter is on (what trains and what is saved)."""
+    return {name: m for name, m in lora_modules(model).items() if m.active_adapter is not None}
 
 
 def prepare_model(
@@ -102,6 +112,7 @@ def prepare_model(
     init_lora_weights: bool | str = True,
     quantize: bool = True,
     modules_to_save: list[str] | None = None,
+    adapter_name: str = "default",
 ) -> nn.Module:
     """Replaces the selected `nn.Linear` layers with `LoraLinear(Linear4bit)` (or
     `LoraLinear(nn.Linear)` when `quantize=False`), freezes every other parameter, and
@@ -113,9 +124,14 @@ def prepare_model(
     `modules_to_save` (PEFT's option, e.g. `["score"]` or `["classifier"]` for a sequence
     classifier's head) names dense modules trained whole, in their own dtype, and saved with the
     adapter under PEFT's keys, so that a head trained here comes back when the adapter is
-    loaded, by `load_adapter` or by PEFT."""
-    if lora_layers(model):
-        raise ValueError("model already has LoRA layers; prepare_model applies once")
+    loaded, by `load_adapter` or by PEFT.
+
+    The adapter is named `adapter_name`; `fastlora.load_adapter(..., adapter_name=)` adds
+    others beside it (`fastlora.named_adapters`)."""
+    if lora_modules(model):
+        raise ValueError("model already has LoRA layers; prepare_model applies once (load_adapter adds adapters)")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
     # Everything that can fail is checked before the model changes: a bad call leaves it as it was.
     check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
     names = find_target_modules(model, target_modules)
@@ -163,7 +179,7 @@ def prepare_model(
         if base.bias is not None:
             base.bias.requires_grad_(False)
         layer = LoraLinear(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                           init_lora_weights=init_lora_weights)
+                           init_lora_weights=init_lora_weights, adapter_name=adapter_name)
         layer.train(model.training)  # an eval model must not get live LoRA dropout
         _set_submodule(model, name, layer)
     for name in saved:
@@ -174,21 +190,24 @@ def prepare_model(
         "target_modules": names, "quant_type": quant_type, "compress_statistics": compress_statistics,
         "blocksize": blocksize, "quantize": quantize or bool(prequantized), "modules_to_save": saved,
     }
+    # Each adapter's settings by name; `fastlora_config` is the active adapter's.
+    model.fastlora_adapters = {adapter_name: model.fastlora_config}
     return model
 
 
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replaces every `LoraLinear` by a dense `nn.Linear` holding `W + scaling * B @ A`
-    (in `dtype`, default the layer's compute dtype or the weight's original dtype) and
-    returns the model. Merging into 16 bits and quantizing again, not into 4 bits, is
-    the lossless order."""
-    layers = lora_layers(model)
+    """Replaces every `LoraLinear` by a dense `nn.Linear` holding `W + scaling * B @ A` of
+    the active adapter (in `dtype`, default the layer's compute dtype or the weight's original
+    dtype; the other adapters are dropped) and returns the model. Merging into 16 bits and
+    quantizing again, not into 4 bits, is the lossless order."""
+    layers = lora_modules(model)
     if not layers:
         raise ValueError("model has no LoRA layers to merge")
     for name, layer in layers.items():
         _set_submodule(model, name, layer.merged_linear(dtype))
-    if hasattr(model, "fastlora_config"):
-        del model.fastlora_config
+    for attribute in ("fastlora_config", "fastlora_adapters"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
     return model
 
 

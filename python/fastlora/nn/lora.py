@@ -1,14 +1,20 @@
-"""`LoraLinear`: a LoRA adapter over a frozen base layer, with PEFT's semantics.
+"""`LoraLinear`: LoRA adapters over a frozen base layer, with PEFT's semantics.
 
 `y = base(x) + scaling * lora_B(lora_A(dropout(x)))`, scaling `lora_alpha / r` (or
 `lora_alpha / sqrt(r)` with rsLoRA). Over a `Linear4bit` base the whole layer is one fused op
 (`torch.ops.fastlora.lora_linear_4bit`); over an `nn.Linear` base it is plain torch.
-Parameter names (`lora_A.weight`, `lora_B.weight`) are PEFT's, less the adapter name.
+
+A layer holds named adapters and runs its active one; only the active one's weights are
+submodules (`lora_A.weight`, `lora_B.weight`: PEFT's names, less the adapter name), so the
+state dict, the optimizer and distributed wrappers see exactly what trains, and switching
+rebinds modules instead of copying weights. In a mixed batch (`fastlora.adapters_per_row`)
+each row runs through its own adapter in one `fastlora::lora_batched` op.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -48,6 +54,53 @@ def fused_lora_forward(base: Linear4bit, x: torch.Tensor, dropout: nn.Module, A:
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+@dataclass(eq=False)
+class LoraAdapter:
+    """One adapter at one layer: its two products, its dropout and its settings."""
+
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    lora_dropout: nn.Module
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / math.sqrt(self.r) if self.use_rslora else self.lora_alpha / self.r
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        return self.lora_A, self.lora_B, self.lora_dropout
+
+
+@dataclass(eq=False)
+class RowAdapters:
+    """A layer's adapters stacked for a mixed batch: `rows[b]` is batch row b's index into
+    the stacks (-1: the base alone), `A` `(n, r, K)` and `B` `(n, O, r)` with ranks padded by
+    zeros, `scaling` `(n,)`; no stacks when no row uses an adapter of this layer. The per-token
+    indices are kept per input shape (a decoding step repeats the shape of the one before)."""
+
+    rows: torch.Tensor
+    A: torch.Tensor | None
+    B: torch.Tensor | None
+    scaling: torch.Tensor | None
+    _indices: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def indices(self, batch: int, tokens: int) -> torch.Tensor:
+        key = (batch, tokens)
+        found = self._indices.get(key)
+        if found is None:
+            if batch % len(self.rows):
+                raise ValueError(f"adapters_per_row names {len(self.rows)} rows, but the model got a batch of "
+                                 f"{batch} (it must be a multiple: generate's num_return_sequences or num_beams "
+                                 "repeat each row)")
+            # Rows repeated by generate stay together (repeat_interleave), and a batch flattened
+            # to (B*S, K) is batch-major, so repeating each row's index covers both.
+            found = self.rows.repeat_interleave(tokens // len(self.rows))
+            self._indices[key] = found
+        return found
+
+
 class LoraLinear(AtomicLoad, nn.Module):
     def __init__(
         self,
@@ -57,44 +110,109 @@ class LoraLinear(AtomicLoad, nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, (nn.Linear, Linear4bit)):
             raise TypeError(f"base_layer must be an nn.Linear or fastlora.Linear4bit, got {type(base_layer).__name__}")
-        check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, bool(use_rslora)
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        device = base_layer.weight.device
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device)
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.active_adapter: str | None = None
+        self.row_adapters: RowAdapters | None = None
         self.merged = False
-        self.reset_lora_parameters(init_lora_weights)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self.set_adapter(adapter_name)
+
+    def add_adapter(self, name: str, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> LoraAdapter:
+        """A new adapter beside the others (inactive, frozen until `set_adapter` picks it)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"this layer already has an adapter named {name!r}")
+        check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
+        device = self.base_layer.weight.device
+        adapter = LoraAdapter(
+            lora_A=nn.Linear(self.in_features, r, bias=False, device=device),
+            lora_B=nn.Linear(r, self.out_features, bias=False, device=device),
+            lora_dropout=nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity(),
+            r=r, lora_alpha=lora_alpha, use_rslora=bool(use_rslora),
+        )
+        _reset_lora_parameters(adapter, init_lora_weights)
+        for module in adapter.modules():
+            module.train(self.training).requires_grad_(False)
+        self.adapters[name] = adapter
+        return adapter
+
+    def set_adapter(self, name: str | None) -> None:
+        """Makes `name` the adapter this layer runs and trains (PEFT's rule: the others are
+        frozen); a name this layer does not have (or None) leaves the base alone."""
+        if self.merged:
+            raise ValueError("cannot switch adapters while one is merged into the base; unmerge first")
+        for adapter in self.adapters.values():
+            for p in (adapter.lora_A.weight, adapter.lora_B.weight):
+                p.requires_grad_(False)
+        adapter = self.adapters.get(name)
+        self.active_adapter = name if adapter is not None else None
+        if adapter is None:
+            self.lora_A = self.lora_B = None
+            self.lora_dropout = nn.Identity()
+            return
+        self.lora_A, self.lora_B, self.lora_dropout = adapter.modules()
+        self.lora_A.weight.requires_grad_(True)
+        self.lora_B.weight.requires_grad_(True)
+        adapter.lora_dropout.train(self.training)
+
+    def delete_adapter(self, name: str) -> None:
+        if name == self.active_adapter:
+            self.set_adapter(None)
+        del self.adapters[name]
+
+    def _active(self) -> LoraAdapter:
+        if self.active_adapter is None:
+            raise AttributeError("this layer has no active adapter (the base alone runs)")
+        return self.adapters[self.active_adapter]
+
+    # The active adapter's settings, under PEFT's names.
+    r = property(lambda self: self._active().r)
+    lora_alpha = property(lambda self: self._active().lora_alpha)
+    use_rslora = property(lambda self: self._active().use_rslora)
+    scaling = property(lambda self: self._active().scaling)
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`, `.cuda()`, `.half()` and the like reach the inactive adapters too (only
+        the active one is a submodule)."""
+        super()._apply(fn, recurse)
+        for name, adapter in self.adapters.items():
+            if name != self.active_adapter:
+                adapter.lora_A._apply(fn, recurse)
+                adapter.lora_B._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for adapter in self.adapters.values():
+            adapter.lora_dropout.train(mode)
+        return self
 
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
-        """PEFT's initializations: kaiming-uniform A (or gaussian with std 1/r) and zero B,
-        so a fresh adapter leaves the base's output unchanged; `False` keeps random B."""
-        if init_lora_weights is False:
-            return
-        with torch.no_grad():
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
+        """PEFT's initializations of the active adapter: kaiming-uniform A (or gaussian with
+        std 1/r) and zero B, so a fresh adapter leaves the base's output unchanged; `False`
+        keeps random B."""
+        _reset_lora_parameters(self._active(), init_lora_weights)
 
     def delta_weight(self) -> torch.Tensor:
-        """`scaling * B @ A` in fp32 (what merging adds to the base weight)."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        """`scaling * B @ A` of the active adapter in fp32 (what merging adds to the base weight)."""
+        adapter = self._active()
+        return (adapter.lora_B.weight.float() @ adapter.lora_A.weight.float()) * adapter.scaling
 
     def merge(self) -> None:
-        """Adds the adapter into an `nn.Linear` base weight. A 4-bit base cannot hold the sum
-        without requantizing (lossy): use `fastlora.merge_and_unload` for a dense model."""
+        """Adds the active adapter into an `nn.Linear` base weight. A 4-bit base cannot hold the
+        sum without requantizing (lossy): use `fastlora.merge_and_unload` for a dense model."""
         if isinstance(self.base_layer, Linear4bit):
             raise TypeError("cannot merge into a 4-bit weight; use fastlora.merge_and_unload(model) for dense weights")
-        if not self.merged:
+        if not self.merged and self.active_adapter is not None:
             with torch.no_grad():
                 w = self.base_layer.weight
                 w.copy_((w.float() + self.delta_weight()).to(w.dtype))
@@ -108,25 +226,60 @@ class LoraLinear(AtomicLoad, nn.Module):
             self.merged = False
 
     def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A dense `nn.Linear` holding `W + scaling * B @ A` (and the bias) in `dtype`
-        (default: the base weight's dtype)."""
+        """A dense `nn.Linear` holding `W + scaling * B @ A` of the active adapter (W alone
+        without one) and the bias, in `dtype` (default: the base weight's dtype)."""
         base = self.base_layer
         dense = base.dequantize() if isinstance(base, Linear4bit) else base.weight.detach()
         # Taken before unmerging below turns `dense` into fp32.
         dtype = dtype or (base.compute_dtype or base.weight_dtype if isinstance(base, Linear4bit) else dense.dtype)
+        delta = self.delta_weight() if self.active_adapter is not None else 0.0
         if self.merged:
-            dense = dense.float() - self.delta_weight()  # the base already holds the delta
+            dense = dense.float() - delta  # the base already holds the delta
         linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device=dense.device,
                            dtype=dtype)
         with torch.no_grad():
-            linear.weight.copy_((dense.float() + self.delta_weight()).to(dtype))
+            linear.weight.copy_((dense.float() + delta).to(dtype))
             if base.bias is not None:
                 linear.bias.copy_(base.bias.to(dtype))
         return linear
 
+    def stack_adapters(self, rows: list[str | None]) -> RowAdapters:
+        """The adapters `rows` names, stacked for a mixed batch (`fastlora.adapters_per_row`).
+        The stacks are a copy, in the dtype of the first adapter's weights, kept while the
+        batch runs."""
+        names = list(dict.fromkeys(n for n in rows if n in self.adapters))
+        device = self.base_layer.weight.device
+        if not names:
+            return RowAdapters(torch.full((len(rows),), -1, dtype=torch.long, device=device), None, None, None)
+        adapters = [self.adapters[n] for n in names]
+        weight = adapters[0].lora_A.weight
+        rank = max(a.r for a in adapters)
+        A = weight.new_zeros((len(names), rank, self.in_features))
+        B = weight.new_zeros((len(names), self.out_features, rank))
+        with torch.no_grad():
+            for i, adapter in enumerate(adapters):
+                A[i, :adapter.r] = adapter.lora_A.weight
+                B[i, :, :adapter.r] = adapter.lora_B.weight
+        scaling = torch.tensor([a.scaling for a in adapters], dtype=torch.float32, device=weight.device)
+        index = {n: i for i, n in enumerate(names)}
+        local = torch.tensor([index.get(n, -1) for n in rows], dtype=torch.long, device=weight.device)
+        return RowAdapters(local, A, B, scaling)
+
+    def _forward_rows(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        y = self.base_layer(x)
+        x2 = x.reshape(-1, self.in_features)
+        indices = rows.indices(x.shape[0] if x.dim() > 1 else 1, x2.shape[0])
+        if rows.A is None:
+            return y
+        xc = x2 if x2.dtype == rows.A.dtype else x2.to(rows.A.dtype)
+        term = ops.lora_batched.lora_batched(xc, rows.A, rows.B, indices, rows.scaling)
+        return y + term.view(y.shape).to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        if self.merged:
+        if self.row_adapters is not None:
+            return self._forward_rows(x, self.row_adapters)
+        if self.merged or self.lora_A is None:
             return base(x)
         if isinstance(base, Linear4bit):
             return fused_lora_forward(base, x, self.lora_dropout, self.lora_A.weight, self.lora_B.weight,
@@ -136,4 +289,19 @@ class LoraLinear(AtomicLoad, nn.Module):
         return y + (lora * self.scaling).to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        if self.active_adapter is None:
+            return f"adapters={list(self.adapters)}, active=None"
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}, "
+                f"active={self.active_adapter!r}" + (f", adapters={list(self.adapters)}" if len(self.adapters) > 1
+                                                       else ""))
+
+
+def _reset_lora_parameters(adapter: LoraAdapter, init_lora_weights: bool | str) -> None:
+    if init_lora_weights is False:
+        return
+    with torch.no_grad():
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(adapter.lora_A.weight, std=1 / adapter.r)
+        else:
+            nn.init.kaiming_uniform_(adapter.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(adapter.lora_B.weight)
