@@ -114,8 +114,10 @@ def test_out_accumulates_the_term_into_the_base_output(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows,k,r,o", [(5, 190, 3, 77), (1, 4096, 16, 64), (9, 33, 20, 130)])
+@pytest.mark.parametrize("rows,k,r,o", [(5, 190, 3, 77), (1, 4096, 16, 64), (9, 33, 20, 130),
+                                        (40, 70, 3, 77), (100, 130, 16, 65), (33, 16, 20, 130)])
 def test_triton_kernel_matches_the_reference(dtype, rows, k, r, o, gen):
+    """Per-row kernel up to 32 rows, the segment kernel above (segments of 0 to 3 tiles)."""
     from fastlora.kernels import lora_batched as kernel
 
     x = torch.randn(rows, k, generator=gen).to(dtype)
@@ -123,6 +125,17 @@ def test_triton_kernel_matches_the_reference(dtype, rows, k, r, o, gen):
     indices = torch.randint(-1, 4, (rows,), generator=gen)
     y = kernel.lora_batched(x.to(DEVICE), A.to(DEVICE), B.to(DEVICE), indices.to(DEVICE), scaling.to(DEVICE))
     assert_close(y.cpu(), float64(x, A, B, indices, scaling), dtype)
+
+
+@pytest.mark.parametrize("indices", [[-1] * 50, [2] * 70, [0] * 33 + [-1] * 2 + [1] * 31])
+def test_triton_segment_kernel_on_one_adapter_or_none(indices, gen):
+    from fastlora.kernels import lora_batched as kernel
+
+    indices = torch.tensor(indices)
+    x = torch.randn(len(indices), 48, generator=gen)
+    A, B, scaling = adapters(3, 4, 48, 70, gen=gen)
+    y = kernel.lora_batched(x.to(DEVICE), A.to(DEVICE), B.to(DEVICE), indices.to(DEVICE), scaling.to(DEVICE))
+    assert_close(y.cpu(), float64(x, A, B, indices, scaling), torch.float32)
 
 
 def test_the_op_passes_opcheck(gen):

@@ -118,6 +118,15 @@ def kernel_configs(arch: str = "sm_90") -> Iterator[KernelConfig]:
          "y_ptr": "*bf16", "K": "i32", "R": "i32", "N_OUT": "i32"},
         {"BLOCK_K": lora_batched._BLOCK_K, "BLOCK_R": 16, "BLOCK_O": lora_batched._BLOCK_O}, 4)
     yield KernelConfig(
+        "lora_batched segments (tl.dot)",
+        {"BLOCK_M": lora_batched._SEGMENT_ROWS, "BLOCK_O": lora_batched._BLOCK_O, "BLOCK_R": 16, "num_warps": 4},
+        lora_batched._lora_segments_kernel,
+        {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "order_ptr": "*i32", "row_start_ptr": "*i32",
+         "tile_start_ptr": "*i32", "scaling_ptr": "*fp32", "y_ptr": "*bf16", "K": "i32", "R": "i32", "N_OUT": "i32",
+         "N_ADAPTERS": "i32"},
+        {"BLOCK_M": lora_batched._SEGMENT_ROWS, "BLOCK_K": lora_batched._SEGMENT_BLOCK_K, "BLOCK_R": 16,
+         "BLOCK_O": lora_batched._BLOCK_O}, 4)
+    yield KernelConfig(
         "dequantize_blockwise", {"ELEMENTS": dequantize._QUANTIZE_ELEMENTS, "num_warps": 4},
         dequantize._dequantize_blockwise_kernel,
         {"q_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*fp32",
