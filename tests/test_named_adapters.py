@@ -260,3 +260,15 @@ def test_a_second_adapter_with_modules_to_save_is_refused(saved, tmp_path):
     with pytest.raises(ValueError, match="modules_to_save.*first adapter"):
         fastlora.load_adapter(model, tmp_path / "head", adapter_name="head")
     assert_same(before, every_tensor(model))
+
+
+def test_merge_and_unload_merges_the_active_adapter(saved, gen):
+    model = loaded(saved)
+    fastlora.set_adapter(model, "c")
+    ids = torch.randint(0, 64, (2, 9), generator=gen)
+    want = logits(saved["c"][1], ids)
+    merged = fastlora.merge_and_unload(model)
+    assert not lora_modules(merged) and not hasattr(merged, "fastlora_adapters")
+    # Each LoRA layer became a dense layer holding its dequantized base, plus c's delta where c
+    # is: the function of the 4-bit model running c, to fp32 rounding.
+    torch.testing.assert_close(logits(merged, ids), want, rtol=1e-4, atol=1e-4)
