@@ -256,31 +256,44 @@ class PreparedWeight:
     bytes and scales, so a call of up to `FUSED_MAX_ROWS` rows hands Rust only the addresses
     of its activation and output, after checking them here."""
 
-    __slots__ = ("packed", "absmax", "native", "n", "k", "blocksize", "quant_type")
+    __slots__ = ("packed", "absmax", "native", "n", "k", "blocksize", "quant_type", "_bias_shape")
 
     def __init__(self, packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
                  quant_type: str) -> None:
         self.packed, self.absmax = packed, fp32_scales(scales).contiguous()
         self.n, self.k, self.blocksize, self.quant_type = n, k, blocksize, quant_type
+        self._bias_shape = torch.Size([n])
         self.native = _native.PackedWeight(as_numpy(packed), as_numpy(self.absmax), n, k, blocksize, quant_type)
+
+    def decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """`x @ W.T (+ bias)` in one native call when x is a contiguous CPU `(m, k)` float
+        tensor with m <= `FUSED_MAX_ROWS` and the bias (if any) a contiguous `(n,)` tensor of
+        x's dtype (a layer's decoding call: only the output to allocate); else None."""
+        shape = x.shape
+        name = _DTYPE_NAMES.get(x.dtype)
+        if (name is None or len(shape) != 2 or shape[1] != self.k or shape[0] > FUSED_MAX_ROWS or not x.is_cpu
+                or not x.is_contiguous()):
+            return None
+        if bias is not None and (bias.dtype != x.dtype or not bias.is_cpu or not bias.is_contiguous()
+                                 or bias.shape != self._bias_shape):
+            return None
+        y = torch.empty(shape[0], self.n, dtype=x.dtype)
+        _threads.sync()
+        self.native.matmul(x.data_ptr(), shape[0], y.data_ptr(), name, False, None,
+                           None if bias is None else bias.data_ptr())
+        return y
 
     def matmul(self, x: torch.Tensor, transposed: bool = False, lora: tuple | None = None,
                bias: torch.Tensor | None = None) -> torch.Tensor:
         """`x @ W.T` (`x @ W` when `transposed`) for a CPU float tensor x of shape (..., k)
         (or (..., n)); with `lora` = (A, B, scaling), plus `scaling * (x @ A.T) @ B.T`; with
         `bias` (n,), plus the bias."""
+        if lora is None and not transposed:
+            y = self.decode(x, bias)
+            if y is not None:
+                return y
         n, k = self.n, self.k
         name, shape = _DTYPE_NAMES.get(x.dtype), x.shape
-        if (lora is None and not transposed and name is not None and len(shape) == 2 and shape[1] == k
-                and shape[0] <= FUSED_MAX_ROWS and x.is_cpu and x.is_contiguous()
-                and (bias is None or (bias.dtype == x.dtype and bias.is_cpu and bias.is_contiguous()
-                                      and bias.shape == (n,)))):
-            # A layer's usual call (decoding): only the output to allocate.
-            y = x.new_empty((shape[0], n))
-            _threads.sync()
-            self.native.matmul(x.data_ptr(), shape[0], y.data_ptr(), name, False, None,
-                               None if bias is None else bias.data_ptr())
-            return y
         inner, outer = (n, k) if transposed else (k, n)
         if name is None or not x.is_cpu or shape[-1] != inner:
             raise ValueError(f"x must be a CPU float tensor of shape (..., {inner}), got {x.dtype} {tuple(shape)} "

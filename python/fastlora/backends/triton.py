@@ -65,6 +65,7 @@ class PreparedWeight:
     plan, `fastlora.plan`): the kernels' arguments, gathered once."""
 
     __slots__ = ("packed", "scales", "n", "k", "blocksize", "quant_type")
+    decode = None  # no one-step decoding call: every call takes `matmul`
 
     def __init__(self, packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
                  quant_type: str) -> None:

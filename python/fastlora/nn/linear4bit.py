@@ -247,12 +247,17 @@ class Linear4bit(AtomicLoad, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute_dtype = self.compute_dtype
+        compiling = torch.compiler.is_compiling()  # traced: the op on the layer's tensors (a plan is eager state)
+        if not compiling and (compute_dtype is None or getattr(x, "dtype", None) == compute_dtype):
+            y = self.plan().decode(x, self._parameters["bias"])  # a decoding call, in one step
+            if y is not None:
+                return y
         check_input(x, self.in_features, compute_dtype)
         xc = x if compute_dtype is None or x.dtype == compute_dtype else x.to(compute_dtype)
         bias = self._parameters["bias"]
         if bias is not None and bias.dtype != xc.dtype:
             bias = bias.to(xc.dtype)
-        if torch.compiler.is_compiling():  # traced: the op on the layer's tensors (a plan is eager state)
+        if compiling:
             y = ops.matmul.matmul_4bit(xc, self.packed_bytes(), self.block_scales(), self.out_features,
                                        self.in_features, self.blocksize, self.quant_type, False)
             if bias is not None:
