@@ -39,6 +39,11 @@ def test_every_kernel_configuration_compiles_without_spills(arch):
     # The GEMV's tiles differ: the table has as many configurations as the launcher tries.
     gemv = [r for r in reports if r["kernel"] == "matmul_4bit GEMV"]
     assert len(gemv) == len(kernel_inspect.matmul._SMALL_M_TILES)
+    # The one-row GEMV reads its packed bytes 16 at a time and synchronizes no thread inside
+    # its K loop (one reduction, after it).
+    one_row = [r for r in reports if r["kernel"] == "matmul_4bit one-row GEMV"]
+    assert len(one_row) == len(kernel_inspect.matmul._GEMV_TILES)
+    assert all(r["vector_loads_128"] >= 1 and r["barriers_in_loop"] == 0 for r in one_row), one_row
 
 
 def test_ptx_checks_count_what_they_say():

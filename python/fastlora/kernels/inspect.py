@@ -73,7 +73,7 @@ _MATMUL_SIGNATURE = {
 }
 _NESTED = {"NESTED": True, "NESTED_BLOCKSIZE": 256}
 # Sizes taken as multiples of 16, as they are in the models measured (4096, 11008, 14336).
-_ALIGNED_SIZES = {"N", "K", "numel", "n_bytes"}
+_ALIGNED_SIZES = {"N", "K", "K_BYTES", "numel", "n_bytes"}
 
 
 def _matmul_config(kernel: str, tile: dict, transposed: bool, use_dot: bool, warps: int, stages: int) -> KernelConfig:
@@ -92,6 +92,14 @@ def kernel_configs(arch: str = "sm_90") -> Iterator[KernelConfig]:
     for bo, br, warps, stages in matmul._SMALL_M_TILES:
         yield _matmul_config("matmul_4bit GEMV", {"BLOCK_M": 1, "BLOCK_OUT": bo, "BLOCK_RED": br}, False, False,
                              warps, stages)
+    for bo, bb, warps in matmul._GEMV_TILES:
+        pointers = {name: kind for name, kind in _MATMUL_SIGNATURE.items() if name.endswith("_ptr")}
+        yield KernelConfig(
+            "matmul_4bit one-row GEMV", {"BLOCK_OUT": bo, "BLOCK_BYTES": bb, "num_warps": warps},
+            matmul._gemv_4bit_kernel,
+            {**pointers, "N": "i32", "K": "i32", "K_BYTES": "i32", "rank": "i32", "lora_scaling": "fp32"},
+            {"BLOCKSIZE": 64, **_NESTED, "HAS_BIAS": True, "HAS_LORA": True, "RANK_BLOCK": 16, "SPLIT": 1,
+             "BLOCK_OUT": bo, "BLOCK_BYTES": bb}, warps, 1)
     for bo, br, warps, stages in matmul._SMALL_M_TRANSPOSED_TILES:
         yield _matmul_config("matmul_4bit GEMV transposed", {"BLOCK_M": 1, "BLOCK_OUT": bo, "BLOCK_RED": br}, True,
                              False, warps, stages)

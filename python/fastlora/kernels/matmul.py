@@ -8,11 +8,18 @@ included) and multiplies it into the activation tile, accumulating in fp32. The 
 kernels never write the weight back in full precision (the dequantize-then-cuBLAS path,
 below, does, transiently).
 
-* Small M (`M <= SMALL_M_MAX_ROWS`): a single row of output tiles, so each packed byte is
-  read by exactly one program. Up to `GEMV_MAX_ROWS` rows multiply on the CUDA cores
-  (broadcast and sum, a GEMV); above, the rows are padded to a 16-row `tl.dot` tile. When
-  the output alone gives too few programs to fill the GPU, the reduction is split
-  (`SPLIT` programs per output tile, fp32 atomic adds into a zeroed buffer, then one cast).
+* Up to `GEMV_MAX_ROWS` rows, forward, K a multiple of the block size (every model's
+  case): `_gemv_4bit_kernel`, one program per activation row and BLOCK_OUT rows of W, in
+  the shape of bitsandbytes' one-row kernel: 16-byte loads of packed bytes, values decoded
+  where they were loaded, partial sums kept per thread, one reduction after the K loop (no
+  barrier inside it: `python -m fastlora.kernels.inspect` counts them).
+* Otherwise small M (`M <= SMALL_M_MAX_ROWS`, the transposed product, unaligned K): a
+  single row of output tiles, so each packed byte is read by exactly one program. Up to
+  `GEMV_MAX_ROWS` rows multiply on the CUDA cores (broadcast and sum); above, the rows are
+  padded to a 16-row `tl.dot` tile.
+* Both small-M kernels split the reduction when the output alone gives too few programs to
+  fill the GPU (`SPLIT` programs per output tile, fp32 atomic adds into a zeroed buffer,
+  then one cast).
 * Large M: tensor-core tiles (`tl.dot`), grouped program order for L2 reuse, autotuned.
 * `use_dequantize_then_cublas(M, N, K, transposed)` picks bitsandbytes' approach
   (dequantize W once, then cuBLAS) for the row counts where it measured faster.
@@ -35,7 +42,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequantize import INTERPRETED, NestedScales, code_table, decode_weight_tile, dequantize_4bit, scale_args
+from .dequantize import (
+    INTERPRETED,
+    NestedScales,
+    block_scales,
+    code_table,
+    decode_weight_tile,
+    dequantize_4bit,
+    scale_args,
+)
 
 # Up to this many activation rows: the small-M path (each packed byte read once).
 SMALL_M_MAX_ROWS = 16
@@ -196,6 +211,67 @@ def _matmul_4bit_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _gemv_4bit_kernel(
+    a_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, u_ptr, up_ptr, out_ptr,
+    N, K, K_BYTES, rank, lora_scaling,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, RANK_BLOCK: tl.constexpr, SPLIT: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr,
+):
+    """`out[row, outs] = a[row] @ W[outs].T (+ bias + lora)` for one activation row and
+    BLOCK_OUT rows of W (K a multiple of the block size, so every row of W starts on a byte
+    and a block): the shape of bitsandbytes' one-row kernel.
+
+    Each step loads a [BLOCK_OUT, BLOCK_BYTES] tile of packed bytes (`K_BYTES`, K / 2, is
+    its own argument so that a launch specializes it as a multiple of 16 and each thread
+    loads 16 contiguous bytes at once), multiplies the high nibbles' values by the even
+    activations and the low nibbles' by the odd ones, so no value changes place, scales them
+    by their block's scale, and adds them into a tile of partial sums that stays in the
+    threads that loaded it. One reduction across the tile, after the loop, gives the outputs.
+    """
+    pid_out = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    pid_split = tl.program_id(2)
+    bytes_per_split = tl.cdiv(tl.cdiv(K_BYTES, BLOCK_BYTES), SPLIT) * BLOCK_BYTES
+    byte_start = pid_split * bytes_per_split
+    byte_end = tl.minimum(byte_start + bytes_per_split, K_BYTES)
+    outs = pid_out * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    out_ok = outs < N
+    row_bytes = outs.to(tl.int64)[:, None] * K_BYTES
+    blocks_per_row = K // BLOCKSIZE
+    a_row = a_ptr + row * K
+    acc = tl.zeros((BLOCK_OUT, BLOCK_BYTES), tl.float32)
+    for byte0 in range(byte_start, byte_end, BLOCK_BYTES):
+        cols = byte0 + tl.arange(0, BLOCK_BYTES)
+        col_ok = cols < byte_end
+        mask = out_ok[:, None] & col_ok[None, :]
+        packed = tl.load(packed_ptr + row_bytes + cols[None, :], mask=mask, other=0).to(tl.int32)
+        even = tl.load(a_row + 2 * cols, mask=col_ok, other=0.0).to(tl.float32)
+        odd = tl.load(a_row + 2 * cols + 1, mask=col_ok, other=0.0).to(tl.float32)
+        scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                             outs[:, None] * blocks_per_row + (cols // (BLOCKSIZE // 2))[None, :], mask,
+                             NESTED, NESTED_BLOCKSIZE)
+        values = tl.load(code_ptr + (packed >> 4)) * even[None, :] + tl.load(code_ptr + (packed & 15)) * odd[None, :]
+        acc += values * scale
+    y = tl.sum(acc, axis=1)
+    if pid_split == 0:  # the epilogue terms are added once, by the first split
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)
+        if HAS_LORA:
+            offs_r = tl.arange(0, RANK_BLOCK)
+            r_ok = offs_r < rank
+            u = tl.load(u_ptr + row * rank + offs_r, mask=r_ok, other=0.0).to(tl.float32) * lora_scaling
+            up = tl.load(up_ptr + outs.to(tl.int64)[:, None] * rank + offs_r[None, :],
+                         mask=out_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+            y += tl.sum(up * u[None, :], axis=1)
+    out_ptrs = out_ptr + row * N + outs
+    if SPLIT > 1:
+        tl.atomic_add(out_ptrs, y, mask=out_ok, sem="relaxed")
+    else:
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
 # Autotuning keys: the shape, and the compile-time constants that change the kernel.
 _TUNING_KEY = ["M_BUCKET", "N", "K", "BLOCKSIZE", "NESTED", "TRANSPOSED", "HAS_LORA", "USE_DOT", "SPLIT"]
 
@@ -220,6 +296,9 @@ _SMALL_M_TILES = [
     (16, 128, 4, 4), (32, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 4, 4), (32, 512, 8, 3),
     (64, 256, 8, 3),
 ]
+# The one-row GEMV (`_gemv_4bit_kernel`): (BLOCK_OUT, BLOCK_BYTES, warps); BLOCK_OUT rows of W
+# and BLOCK_BYTES packed bytes of each per step, 16 bytes per thread.
+_GEMV_TILES = [(32, 128, 8), (64, 128, 8), (32, 64, 4)]
 # Transposed: BLOCK_OUT contiguous columns of W, BLOCK_RED rows.
 _SMALL_M_TRANSPOSED_TILES = [(128, 32, 4, 4), (128, 64, 4, 3), (256, 32, 4, 3), (64, 64, 4, 4), (256, 64, 8, 3)]
 # The output tile width that the split heuristic assumes, per orientation of the GEMV.
@@ -262,10 +341,14 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _split_count(out_dim: int, red_dim: int, transposed: bool, device: torch.device) -> int:
     """Programs per output tile on the small-M path: enough to give every SM one program."""
     if device.type == "cuda":
-        programs_wanted = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        programs_wanted = _sms(device)
         tile_out, most = _NOMINAL_GEMV_OUT[transposed], red_dim // _MIN_RED_PER_SPLIT
     else:  # the interpreter: split small problems too, so the tests run the atomic path
         programs_wanted, tile_out, most = 4, _INTERPRETER_BLOCK_OUT, triton.cdiv(red_dim, _INTERPRETER_BLOCK_RED)
@@ -324,8 +407,56 @@ def _dequantize_then_matmul(x2d, packed, absmax, n, k, blocksize, quant_type, tr
         out.add_(lora.u @ lora.up.t().to(lora.u.dtype), alpha=lora.scaling)
 
 
+def _gemv_tile(n: int, k: int, m: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_OUT, BLOCK_BYTES, warps) for the one-row GEMV: a heuristic until the GPU sweep
+    writes a measured table; short rows take the narrow tile, many output rows the tall one."""
+    if device.type != "cuda":
+        return _INTERPRETER_BLOCK_OUT, _INTERPRETER_BLOCK_RED // 2, 4
+    if k // 2 <= 128:
+        return _GEMV_TILES[2]
+    if triton.cdiv(n, 32) * m >= 4 * _sms(device):
+        return _GEMV_TILES[1]
+    return _GEMV_TILES[0]
+
+
+def _launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias, lora, out):
+    """One program per activation row and BLOCK_OUT rows of W (`_gemv_4bit_kernel`), the
+    reduction split where that leaves SMs idle (fp32 atomic adds into a zeroed buffer)."""
+    m = x2d.shape[0]
+    block_out, block_bytes, warps = _gemv_tile(n, k, m, x2d.device)
+    programs = triton.cdiv(n, block_out) * m
+    k_bytes = k // 2
+    if x2d.device.type == "cuda":
+        wanted = _sms(x2d.device)
+        split = max(1, min(wanted // programs, k_bytes // (2 * block_bytes)))
+    else:  # the interpreter: split small problems too, so the tests run the atomic path
+        split = max(1, min(4 // programs, triton.cdiv(k_bytes, block_bytes)))
+    target = out
+    if split > 1:
+        if out.dtype == torch.float32:
+            target.zero_()
+        else:
+            target = torch.zeros((m, n), dtype=torch.float32, device=out.device)
+    scale_pointers, scale_constants = scale_args(absmax.contiguous(), nested)
+    rank = 0 if lora is None else lora.u.shape[1]
+    _gemv_4bit_kernel[(triton.cdiv(n, block_out), m, split)](
+        x2d, packed.reshape(-1).view(torch.uint8), code_table(quant_type, x2d.device), *scale_pointers,
+        out if bias is None else bias.contiguous(), out if lora is None else lora.u.contiguous(),
+        out if lora is None else lora.up.contiguous(), target,
+        n, k, k_bytes, rank, 0.0 if lora is None else float(lora.scaling),
+        BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
+        RANK_BLOCK=max(16, triton.next_power_of_2(max(rank, 1))), SPLIT=split, BLOCK_OUT=block_out,
+        BLOCK_BYTES=block_bytes, num_warps=warps, **scale_constants,
+    )
+    if target is not out:
+        out.copy_(target)
+
+
 def _launch(x2d, packed, absmax, n, k, blocksize, quant_type, transposed, nested, bias, lora, out):
     m = x2d.shape[0]
+    if m <= GEMV_MAX_ROWS and not transposed and k % blocksize == 0:
+        _launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias, lora, out)
+        return
     out_dim, red_dim = (k, n) if transposed else (n, k)
     small = m <= SMALL_M_MAX_ROWS
     use_dot = not small or m > GEMV_MAX_ROWS
