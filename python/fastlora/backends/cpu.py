@@ -331,7 +331,11 @@ def _add_in_torch(y: torch.Tensor, x2d: torch.Tensor, lora: tuple | None, bias: 
     """`y += scaling * (x2d @ A.T) @ B.T` (in the adapter's dtype) and `y += bias`, in place."""
     if lora is not None:
         a, b, scaling = lora
-        y.add_(((x2d.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype), alpha=scaling)
+        u = x2d.to(a.dtype) @ a.t()
+        if y.dtype == a.dtype:  # no (m, n) temporary
+            y.addmm_(u, b.t(), alpha=scaling)
+        else:
+            y.add_((u @ b.t()).to(y.dtype), alpha=scaling)
     if bias is not None:
         y.add_(bias.to(y.dtype))
     return y

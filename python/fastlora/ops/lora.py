@@ -2,10 +2,11 @@
 `y = x @ dequant(W).T + bias + scaling * (x_drop @ A.T) @ B.T`, differentiable in x,
 x_drop (dropout's output, which autograd carries back to x), bias, A and B.
 
-Backward forms the rank-r products first (`g @ B`, then `@ A`), never `B @ A`, and gets
-`dx` from the transposed 4-bit product (`fastlora.ops.matmul`): only the packed weight and
-its scales are saved for it. The LoRA term runs in the adapter's dtype (fp32 adapters over a
-bf16 base, as PEFT does) and is added to y in y's dtype.
+Backward forms the rank-r products first (`g @ B`, then `@ A`), never `B @ A`, and the
+adapter's gradients before `dx`, which comes from the transposed 4-bit product
+(`fastlora.ops.matmul`): only the packed weight and its scales are saved for it. The LoRA
+term runs in the adapter's dtype (fp32 adapters over a bf16 base, as PEFT does) and is added
+to y in y's dtype.
 """
 
 from __future__ import annotations
@@ -63,27 +64,34 @@ def _backward(ctx, grad: torch.Tensor):
     needs_x, needs_x_drop, _, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:7]
     n, k = B.shape[0], A.shape[1]
     g = grad.reshape(-1, n)
-    grad_x = grad_x_drop = grad_bias = grad_A = grad_B = None
-    if needs_x:
-        grad_x = matmul.call(grad, packed, absmax, n, k, blocksize, quant_type, True, nested_absmax, nested_code,
-                             nested_offset, nested_blocksize)
+    grad_x = grad_x_drop = grad_bias = grad_A = grad_B = g_u = None
     if needs_bias:
         # Summed in fp32: an fp32 bias under bf16/fp16 activations keeps an fp32-accurate grad.
         grad_bias = g.sum(0, dtype=torch.float32).to(bias_dtype)
     if needs_x_drop or needs_A or needs_B:
+        # First: these temporaries are freed before dx's product dequantizes W.
         xd = x_drop.reshape(-1, k).to(A.dtype)
         g_lora = g.to(A.dtype)
-        g_u = (g_lora @ B) * scaling  # (m, r)
+        g_u = torch.mm(g_lora, B).mul_(scaling)  # (m, r)
         if needs_B:
-            grad_B = (g_lora.t() @ (xd @ A.t())) * scaling
+            grad_B = torch.mm(g_lora.t(), torch.mm(xd, A.t())).mul_(scaling)
         if needs_A:
-            grad_A = g_u.t() @ xd
-        if needs_x_drop and ctx.x_drop_is_x and grad_x is not None:
-            # Added into dx in place (rounded once) instead of a second (m, k) gradient that
-            # autograd would allocate and sum into dx.
-            grad_x.add_((g_u @ A).reshape(grad_x.shape))
-        elif needs_x_drop:
-            grad_x_drop = (g_u @ A).to(x_drop.dtype).reshape(x_drop.shape)
+            grad_A = torch.mm(g_u.t(), xd)
+        del xd, g_lora
+    if needs_x:
+        grad_x = matmul.call(grad, packed, absmax, n, k, blocksize, quant_type, True, nested_absmax, nested_code,
+                             nested_offset, nested_blocksize)
+    if needs_x_drop and ctx.x_drop_is_x and grad_x is not None:
+        # Added into dx in place (rounded once) instead of a second (m, k) gradient that
+        # autograd would allocate and sum into dx; with no (m, k) temporary where dx has the
+        # adapter's dtype.
+        flat = grad_x.view(-1, k)
+        if flat.dtype == A.dtype:
+            flat.addmm_(g_u, A)
+        else:
+            flat.add_(g_u @ A)
+    elif needs_x_drop:
+        grad_x_drop = (g_u @ A).to(x_drop.dtype).reshape(x_drop.shape)
     grads = (grad_x, grad_x_drop, None, None, grad_bias, grad_A, grad_B)
     return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
