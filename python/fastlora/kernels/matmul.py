@@ -403,8 +403,13 @@ def _dequantize_then_matmul(x2d, packed, absmax, n, k, blocksize, quant_type, tr
         torch.addmm(bias.to(out.dtype), x2d, w if transposed else w.t(), out=out)
     del w
     if lora is not None:
-        # As PEFT: the LoRA term in the adapter's precision, added to the rounded base output.
-        out.add_(lora.u @ lora.up.t().to(lora.u.dtype), alpha=lora.scaling)
+        # As PEFT: the LoRA term in the adapter's precision, added to the rounded base output;
+        # in place (no (m, n) temporary) where the output has the adapter's dtype.
+        up_t = lora.up.t().to(lora.u.dtype)
+        if out.dtype == lora.u.dtype:
+            out.addmm_(lora.u, up_t, alpha=lora.scaling)
+        else:
+            out.add_(lora.u @ up_t, alpha=lora.scaling)
 
 
 def _gemv_tile(n: int, k: int, m: int, device: torch.device) -> tuple[int, int, int]:
