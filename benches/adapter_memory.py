@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.adapters < 3:
+        parser.error("--adapters must be at least 3 (one, a second for the first load's costs, and the rest)")
 
     transformers = modeling._hf()
     config = transformers.AutoConfig.from_pretrained(str(modeling.embedded_model_dir()))

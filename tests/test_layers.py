@@ -1087,3 +1087,19 @@ def test_from_quantized_rejects_what_does_not_fit(gen):
     _, flat_state = fastlora.quantize_4bit(rand((1024,), gen=gen))
     with pytest.raises(ValueError, match="out_features, in_features"):
         fastlora.Linear4bit.from_quantized(packed, flat_state)
+
+
+@pytest.mark.parametrize("shape", [(32,), (3, 32), (2, 1, 32), (4, 4, 32), (17, 32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_one_step_decoding_call_equals_the_op(shape, bias, gen):
+    """`Linear4bit`'s one-step decoding call (`WeightPlan.decode`: up to 16 rows with any
+    leading dimensions) gives the op's values and shape; 17 rows take the checked path."""
+    layer = fastlora.Linear4bit.from_linear(nn.Linear(32, 24, bias=bias))
+    x = rand(shape, gen=gen)
+    with torch.no_grad():
+        direct = layer(x)
+    through_op = layer(x.clone().requires_grad_()).detach()
+    assert direct.shape == (*shape[:-1], 24)
+    torch.testing.assert_close(direct, through_op, rtol=0, atol=0)
+    part = layer.plan()._backend_part()
+    assert (part.decode(x, layer.bias) is None) == (x.numel() // 32 > 16)

@@ -164,3 +164,17 @@ def test_bad_arguments_are_clear_errors(change, error, match, gen):
     args.update(change)
     with pytest.raises(error, match=match):
         fastlora.lora_batched(**args)
+
+
+def test_triton_rows_do_not_depend_on_the_batch_around_them(gen):
+    """32 rows take the per-row kernel, 33 the segment kernel: in fp16 the same values for the
+    same rows (both keep the rank-r vector in fp32)."""
+    from fastlora.kernels import lora_batched as kernel
+
+    x = torch.randn(33, 96, generator=gen).half()
+    A, B, scaling = adapters(3, 8, 96, 40, torch.float16, gen)
+    indices = torch.randint(-1, 3, (33,), generator=gen)
+    args = [t.to(DEVICE) for t in (A, B)]
+    small = kernel.lora_batched(x[:32].to(DEVICE), *args, indices[:32].to(DEVICE), scaling.to(DEVICE))
+    large = kernel.lora_batched(x.to(DEVICE), *args, indices.to(DEVICE), scaling.to(DEVICE))
+    torch.testing.assert_close(large[:32].float(), small.float(), rtol=1e-3, atol=1e-3)

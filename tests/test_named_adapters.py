@@ -272,3 +272,62 @@ def test_merge_and_unload_merges_the_active_adapter(saved, gen):
     # Each LoRA layer became a dense layer holding its dequantized base, plus c's delta where c
     # is: the function of the 4-bit model running c, to fp32 rounding.
     torch.testing.assert_close(logits(merged, ids), want, rtol=1e-4, atol=1e-4)
+
+
+def dense_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
+
+
+def test_a_further_adapter_quantizes_its_new_targets_as_the_base_was(saved, gen, tmp_path):
+    """One 4-bit base for every adapter: layers only a later adapter targets become 4-bit with
+    the model's settings (the bytes `Linear4bit.from_linear` gives), and the list keeps the
+    order the adapters were added in, whatever the modules' order."""
+    original = dense_llama()
+    model = copy.deepcopy(original)
+    fastlora.load_adapter(model, saved["c"][0], adapter_name="c")  # o and gate: later in each layer
+    fastlora.load_adapter(model, saved["a"][0], adapter_name="a")
+    assert fastlora.list_adapters(model) == ["c", "a"]
+    q = model.model.layers[1].self_attn.q_proj
+    assert isinstance(q.base_layer, Linear4bit) and q.active_adapter is None
+    want = Linear4bit.from_linear(original.model.layers[1].self_attn.q_proj)
+    assert torch.equal(q.base_layer.weight, want.weight) and torch.equal(q.base_layer.absmax, want.absmax)
+    assert not any(p.requires_grad for p in q.base_layer.parameters())
+    fastlora.delete_adapter(model, "c")  # the active one: "a", added next, takes over
+    assert fastlora.active_adapter(model) == "a"
+
+
+def test_modules_trained_whole_train_with_their_adapter_only(saved, tmp_path):
+    model = dense_llama()
+    head = fastlora.prepare_model(dense_llama(), r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    fastlora.save_adapter(head, tmp_path / "head")
+    fastlora.load_adapter(model, tmp_path / "head", adapter_name="head")
+    fastlora.load_adapter(model, saved["b"][0], adapter_name="b")
+    assert model.lm_head.weight.requires_grad
+    fastlora.set_adapter(model, "b")
+    assert not model.lm_head.weight.requires_grad
+    fastlora.set_adapter(model, "head")
+    assert model.lm_head.weight.requires_grad
+    # A further adapter may not target a module another trains whole.
+    on_head = fastlora.prepare_model(dense_llama(), r=2, target_modules=["lm_head"])
+    fastlora.save_adapter(on_head, tmp_path / "on_head")
+    before = every_tensor(model)
+    with pytest.raises(ValueError, match="lm_head lies in lm_head, which another adapter trains whole"):
+        fastlora.load_adapter(model, tmp_path / "on_head", adapter_name="on_head")
+    assert_same(before, every_tensor(model))
+
+
+def test_a_layer_refuses_to_merge_or_switch_inside_a_mixed_batch(saved):
+    model = loaded(saved)
+    fastlora.set_adapter(model, "b")
+    layer = next(iter(lora_modules(model).values()))
+    with fastlora.adapters_per_row(model, ["a", "b"]):
+        for call in (lambda: layer.set_adapter("a"), lambda: layer.delete_adapter("a")):
+            with pytest.raises(ValueError, match="inside fastlora.adapters_per_row"):
+                call()
+    fastlora.set_adapter(model, "c")  # c is not on q_proj
+    with pytest.raises(RuntimeError, match="no active adapter"):
+        _ = model.model.layers[0].self_attn.q_proj.r

@@ -24,9 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import named_adapters
+from . import _checks, named_adapters
 from .model import _set_submodule, find_modules_to_save, find_target_modules, lora_modules, prepare_model
-from .nn import LoraLinear
+from .nn import Linear4bit, LoraLinear
 from .nn.lora import LoraAdapter, check_lora_args
 
 CONFIG_NAME = "adapter_config.json"
@@ -226,6 +226,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             **_read_quant_settings(directory), **prepare_kwargs,
         }
         features = _features(model, find_target_modules(model, options["target_modules"]))
+    elif prepare_kwargs:
+        raise TypeError(f"load_adapter: {sorted(prepare_kwargs)} set up the base model, which is already prepared")
     elif name in named_adapters.list_adapters(model):
         layers = _adapter_layers(model, name)
         for layer_name, layer in layers.items():
@@ -238,15 +240,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         if saved_entries:
             raise ValueError(f"{directory / CONFIG_NAME}: an adapter with modules_to_save (modules trained whole) "
                              "can only be a model's first adapter: the model keeps one copy of those modules")
-        if prepare_kwargs:
-            raise TypeError(f"load_adapter: {sorted(prepare_kwargs)} set up the base model, which is already "
-                            f"prepared; adapter {name!r} is added over it as it is")
         try:
             check_lora_args(r, alpha, dropout, True)
         except ValueError as exc:
             raise ValueError(f"{directory / CONFIG_NAME}: {exc}") from None
         new_adapter = True
-        features = _features(model, find_target_modules(model, targets))
+        new_targets = find_target_modules(model, targets)
+        _check_new_targets(model, new_targets)
+        features = _features(model, new_targets)
 
     saved = find_modules_to_save(model, saved_entries)
     expected = _saved_module_shapes(model, saved)
@@ -292,25 +293,56 @@ def _features(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int]]:
     return {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features) for name in names}
 
 
+def _base_settings(model: nn.Module) -> dict:
+    """How the model's base was prepared (quantization), from its first adapter's settings."""
+    kept = getattr(model, "fastlora_adapters", None) or {}
+    first = next(iter(kept.values()), {})
+    return {k: first[k] for k in _QUANT_KEYS if k in first}
+
+
+def _check_new_targets(model: nn.Module, targets: list[str]) -> None:
+    """Raises before a further adapter changes the model: its targets must not lie in a module
+    trained whole, and a plain linear layer it turns 4-bit must be quantizable."""
+    whole = [m for settings in (getattr(model, "fastlora_adapters", None) or {}).values()
+             for m in settings.get("modules_to_save") or []]
+    for target in targets:
+        inside = next((m for m in whole if target == m or target.startswith(m + ".")), None)
+        if inside is not None:
+            raise ValueError(f"target_modules: {target} lies in {inside}, which another adapter trains whole "
+                             "(modules_to_save)")
+        module = model.get_submodule(target)
+        if _base_settings(model).get("quantize") and isinstance(module, nn.Linear):
+            weight = _checks.float_tensor(f"{target}.weight", module.weight.detach())
+            _checks.finite(f"{target}.weight", weight)
+
+
 def _add_adapter(model: nn.Module, name: str, targets: list[str], **lora) -> None:
     """Adapter `name` on `targets`, beside the model's adapters and inactive: a LoRA layer
     gets one more; a plain linear layer is wrapped, running its base alone until `name` is
-    set active."""
+    set active, and first quantized as the model's base was (one 4-bit base for every
+    adapter, as in QLoRA training)."""
     active = named_adapters.active_adapter(model)
+    base = _base_settings(model)
+    compute_dtype = next((layer.base_layer.compute_dtype for layer in lora_modules(model).values()
+                          if isinstance(layer.base_layer, Linear4bit)), None)
     for target in targets:
         module = model.get_submodule(target)
         if isinstance(module, LoraLinear):
             module.add_adapter(name, init_lora_weights=False, **lora)
-        else:
-            layer = LoraLinear(module, init_lora_weights=False, adapter_name=name, **lora)
-            layer.set_adapter(active)
-            layer.train(module.training)
-            _set_submodule(model, target, layer)
+            continue
+        if base.get("quantize") and isinstance(module, nn.Linear):
+            module = Linear4bit.from_linear(module, quant_type=base["quant_type"], blocksize=base["blocksize"],
+                                            compress_statistics=base["compress_statistics"],
+                                            compute_dtype=compute_dtype)
+            if module.bias is not None:
+                module.bias.requires_grad_(False)
+        layer = LoraLinear(module, init_lora_weights=False, adapter_name=name, **lora)
+        layer.set_adapter(active)
+        layer.train(model.get_submodule(target).training)
+        _set_submodule(model, target, layer)
     kept = getattr(model, "fastlora_adapters", None)
     if kept is not None:
-        first = kept.get(active, {})
-        kept[name] = {**{k: first[k] for k in _QUANT_KEYS if k in first}, **lora, "target_modules": targets,
-                      "modules_to_save": []}
+        kept[name] = {**base, **lora, "target_modules": targets, "modules_to_save": []}
 
 
 def _laid_out_like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:

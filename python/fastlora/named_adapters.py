@@ -20,10 +20,11 @@ from .nn import LoraLinear
 
 def list_adapters(model: nn.Module) -> list[str]:
     """The names of the adapters loaded into the model, in the order they were added."""
-    names: dict[str, None] = {}
+    present: dict[str, None] = {}
     for layer in lora_modules(model).values():
-        names.update(dict.fromkeys(layer.adapters))
-    return list(names)
+        present.update(dict.fromkeys(layer.adapters))
+    added = [name for name in getattr(model, "fastlora_adapters", None) or {} if name in present]
+    return added + [name for name in present if name not in added]
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -58,7 +59,8 @@ def settings(model: nn.Module, name: str) -> dict:
 
 def set_adapter(model: nn.Module, name: str) -> nn.Module:
     """Makes `name` the adapter the model runs and trains; the others stay loaded, frozen.
-    Layers that adapter does not target run their base alone."""
+    Layers that adapter does not target run their base alone. Switch before building the
+    optimizer or wrapping the model (DDP, FSDP): they hold the parameters they were given."""
     _check_name(model, name)
     layers = lora_modules(model)
     _check_switchable(layers, "switching adapters")
@@ -67,7 +69,17 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     kept = getattr(model, "fastlora_adapters", None)
     if kept is not None and name in kept:
         model.fastlora_config = kept[name]
+    _train_whole_modules(model, name)
     return model
+
+
+def _train_whole_modules(model: nn.Module, active: str | None) -> None:
+    """The modules an adapter trains whole (`modules_to_save`: only a model's first adapter
+    may have them, and every adapter runs with them) train with that adapter only."""
+    for name, kept in (getattr(model, "fastlora_adapters", None) or {}).items():
+        for module in kept.get("modules_to_save") or []:
+            for p in model.get_submodule(module).parameters():
+                p.requires_grad_(name == active)
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
@@ -83,6 +95,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             layer.delete_adapter(name)
         if not layer.adapters:
             _set_submodule(model, layer_name, layer.base_layer)
+    _train_whole_modules(model, None)  # a deleted adapter's head keeps its weights, frozen
     kept = getattr(model, "fastlora_adapters", None)
     if kept is not None:
         kept.pop(name, None)
@@ -93,6 +106,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
                 delattr(model, attribute)
     elif was_active:
         set_adapter(model, remaining[0])
+    else:
+        _train_whole_modules(model, active_adapter(model))
     return model
 
 

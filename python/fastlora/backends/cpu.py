@@ -266,20 +266,21 @@ class PreparedWeight:
         self.native = _native.PackedWeight(as_numpy(packed), as_numpy(self.absmax), n, k, blocksize, quant_type)
 
     def decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """`x @ W.T (+ bias)` in one native call when x is a contiguous CPU `(m, k)` float
-        tensor with m <= `FUSED_MAX_ROWS` and the bias (if any) a contiguous `(n,)` tensor of
-        x's dtype (a layer's decoding call: only the output to allocate); else None."""
+        """`x @ W.T (+ bias)` in one native call when x is a contiguous CPU `(..., k)` float
+        tensor of at most `FUSED_MAX_ROWS` rows and the bias (if any) a contiguous `(n,)`
+        tensor of x's dtype (a layer's decoding call: only the output to allocate); else None."""
         shape = x.shape
         name = _DTYPE_NAMES.get(x.dtype)
-        if (name is None or len(shape) != 2 or shape[1] != self.k or shape[0] > FUSED_MAX_ROWS or not x.is_cpu
-                or not x.is_contiguous()):
+        if name is None or not shape or shape[-1] != self.k or not x.is_cpu or not x.is_contiguous():
             return None
-        if bias is not None and (bias.dtype != x.dtype or not bias.is_cpu or not bias.is_contiguous()
-                                 or bias.shape != self._bias_shape):
+        rows = x.numel() // self.k
+        if rows > FUSED_MAX_ROWS or (bias is not None and (bias.dtype != x.dtype or not bias.is_cpu
+                                                           or not bias.is_contiguous()
+                                                           or bias.shape != self._bias_shape)):
             return None
-        y = torch.empty(shape[0], self.n, dtype=x.dtype)
+        y = torch.empty(*shape[:-1], self.n, dtype=x.dtype)
         _threads.sync()
-        self.native.matmul(x.data_ptr(), shape[0], y.data_ptr(), name, False, None,
+        self.native.matmul(x.data_ptr(), rows, y.data_ptr(), name, False, None,
                            None if bias is None else bias.data_ptr())
         return y
 

@@ -85,9 +85,10 @@ def _lora_segments_kernel(x_ptr, a_ptr, b_ptr, order_ptr, row_start_ptr, tile_st
         h = tl.dot(x, a_t, h, input_precision="ieee")
     outs = block * BLOCK_O + tl.arange(0, BLOCK_O)
     b_t = tl.load(b_ptr + (adapter * N_OUT + outs[None, :]) * R + ranks[:, None],
-                  mask=(outs[None, :] < N_OUT) & (ranks[:, None] < R), other=0.0)
-    # h meets B in B's dtype, as a LoRA layer's own two products round it (fp32 stays fp32).
-    y = tl.dot(h.to(b_t.dtype), b_t, input_precision="ieee") * tl.load(scaling_ptr + adapter)
+                  mask=(outs[None, :] < N_OUT) & (ranks[:, None] < R), other=0.0).to(tl.float32)
+    # h stays fp32, as in the per-row kernel and the CPU's: a row's result does not depend on
+    # how many rows share its batch.
+    y = tl.dot(h, b_t, input_precision="ieee") * tl.load(scaling_ptr + adapter)
     tl.store(y_ptr + rows[:, None] * N_OUT + outs[None, :], y.to(y_ptr.dtype.element_ty),
              mask=in_tile[:, None] & (outs[None, :] < N_OUT))
 

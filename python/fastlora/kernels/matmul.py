@@ -230,8 +230,10 @@ def _gemv_4bit_kernel(
     by their block's scale, and adds them into a tile of partial sums that stays in the
     threads that loaded it. One reduction across the tile, after the loop, gives the outputs.
     """
-    pid_out = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    # The row varies fastest: the programs of one tile of W run together and read it once
+    # from memory, from L2 after the first.
+    row = tl.program_id(0).to(tl.int64)
+    pid_out = tl.program_id(1)
     pid_split = tl.program_id(2)
     bytes_per_split = tl.cdiv(tl.cdiv(K_BYTES, BLOCK_BYTES), SPLIT) * BLOCK_BYTES
     byte_start = pid_split * bytes_per_split
@@ -297,7 +299,7 @@ _SMALL_M_TILES = [
     (64, 256, 8, 3),
 ]
 # The one-row GEMV (`_gemv_4bit_kernel`): (BLOCK_OUT, BLOCK_BYTES, warps); BLOCK_OUT rows of W
-# and BLOCK_BYTES packed bytes of each per step, 16 bytes per thread.
+# and BLOCK_BYTES packed bytes of each per step, 16 or 32 bytes per thread.
 _GEMV_TILES = [(32, 128, 8), (64, 128, 8), (32, 64, 4)]
 # Transposed: BLOCK_OUT contiguous columns of W, BLOCK_RED rows.
 _SMALL_M_TRANSPOSED_TILES = [(128, 32, 4, 4), (128, 64, 4, 3), (256, 32, 4, 3), (64, 64, 4, 4), (256, 64, 8, 3)]
@@ -444,7 +446,7 @@ def _launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias,
             target = torch.zeros((m, n), dtype=torch.float32, device=out.device)
     scale_pointers, scale_constants = scale_args(absmax.contiguous(), nested)
     rank = 0 if lora is None else lora.u.shape[1]
-    _gemv_4bit_kernel[(triton.cdiv(n, block_out), m, split)](
+    _gemv_4bit_kernel[(m, triton.cdiv(n, block_out), split)](
         x2d, packed.reshape(-1).view(torch.uint8), code_table(quant_type, x2d.device), *scale_pointers,
         out if bias is None else bias.contiguous(), out if lora is None else lora.u.contiguous(),
         out if lora is None else lora.up.contiguous(), target,

@@ -148,6 +148,7 @@ class LoraLinear(AtomicLoad, nn.Module):
     def set_adapter(self, name: str | None) -> None:
         """Makes `name` the adapter this layer runs and trains (PEFT's rule: the others are
         frozen); a name this layer does not have (or None) leaves the base alone."""
+        self._check_no_rows("switch adapters")
         if self.merged:
             raise ValueError("cannot switch adapters while one is merged into the base; unmerge first")
         for adapter in self.adapters.values():
@@ -164,14 +165,19 @@ class LoraLinear(AtomicLoad, nn.Module):
         self.lora_B.weight.requires_grad_(True)
         adapter.lora_dropout.train(self.training)
 
+    def _check_no_rows(self, what: str) -> None:
+        if self.row_adapters is not None:
+            raise ValueError(f"cannot {what} inside fastlora.adapters_per_row")
+
     def delete_adapter(self, name: str) -> None:
+        self._check_no_rows("delete an adapter")
         if name == self.active_adapter:
             self.set_adapter(None)
         del self.adapters[name]
 
     def _active(self) -> LoraAdapter:
-        if self.active_adapter is None:
-            raise AttributeError("this layer has no active adapter (the base alone runs)")
+        if self.active_adapter is None:  # not AttributeError: nn.Module would replace the message
+            raise RuntimeError(f"this layer has no active adapter (the base alone runs); it has {list(self.adapters)}")
         return self.adapters[self.active_adapter]
 
     # The active adapter's settings, under PEFT's names.
@@ -212,6 +218,7 @@ class LoraLinear(AtomicLoad, nn.Module):
         sum without requantizing (lossy): use `fastlora.merge_and_unload` for a dense model."""
         if isinstance(self.base_layer, Linear4bit):
             raise TypeError("cannot merge into a 4-bit weight; use fastlora.merge_and_unload(model) for dense weights")
+        self._check_no_rows("merge")
         if not self.merged and self.active_adapter is not None:
             with torch.no_grad():
                 w = self.base_layer.weight
