@@ -7,8 +7,11 @@ use crate::error::{ensure, Error};
 use crate::parallel;
 use crate::simd::dot;
 
+/// fp32 values, borrowed or widened (`widen`).
+type Widened<'a> = std::borrow::Cow<'a, [f32]>;
+
 /// `v` as fp32: borrowed when it already is, else widened into a new buffer.
-fn widen<T: Element>(v: &[T]) -> std::borrow::Cow<'_, [f32]> {
+fn widen<T: Element>(v: &[T]) -> Widened<'_> {
     match T::as_f32(v) {
         Some(v) => std::borrow::Cow::Borrowed(v),
         None => {
@@ -65,7 +68,7 @@ pub fn lora_up_add<T: Element>(u: &[T], b: &[T], r: usize, n: usize, scale: f32,
 /// base): `y[t] = scaling[i] * (x[t] @ a[i].T) @ b[i].T` with `i = indices[t]`, and `y[t] = 0`
 /// where `i` is -1. `x` is `(rows, k)`, `a` `(n, r, k)` and `b` `(n, o, r)` hold the `n`
 /// adapters stacked (ranks padded to `r` with zero rows of `a`), `y` is `(rows, o)`.
-/// Adapters are widened to fp32 once per call, and only those the batch uses.
+/// 16-bit adapters are widened to fp32 once per call, and only those the batch uses.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_batched<T: Element>(
     x: &[T],
@@ -90,15 +93,9 @@ pub fn lora_batched<T: Element>(
     for &i in indices.iter().filter(|&&i| i >= 0) {
         used[i as usize] = true;
     }
-    let widened: Vec<Option<(Vec<f32>, Vec<f32>)>> = (0..n)
-        .map(|i| {
-            used[i].then(|| {
-                let (mut a32, mut b32) = (vec![0.0f32; r * k], vec![0.0f32; o * r]);
-                T::widen_into(&a[i * r * k..(i + 1) * r * k], &mut a32);
-                T::widen_into(&b[i * o * r..(i + 1) * o * r], &mut b32);
-                (a32, b32)
-            })
-        })
+    // fp32 adapters are read in place; 16-bit ones widened once per call.
+    let widened: Vec<Option<(Widened<'_>, Widened<'_>)>> = (0..n)
+        .map(|i| used[i].then(|| (widen(&a[i * r * k..(i + 1) * r * k]), widen(&b[i * o * r..(i + 1) * o * r]))))
         .collect();
     let rows_per_task = rows.div_ceil(4 * parallel::threads()).max(1);
     parallel::for_each_chunk_mut(y, rows_per_task * o, |t, out_rows| {
