@@ -305,13 +305,14 @@ def _check_new_targets(model: nn.Module, targets: list[str]) -> None:
     trained whole, and a plain linear layer it turns 4-bit must be quantizable."""
     whole = [m for settings in (getattr(model, "fastlora_adapters", None) or {}).values()
              for m in settings.get("modules_to_save") or []]
+    quantize = _base_settings(model).get("quantize")
     for target in targets:
         inside = next((m for m in whole if target == m or target.startswith(m + ".")), None)
         if inside is not None:
             raise ValueError(f"target_modules: {target} lies in {inside}, which another adapter trains whole "
                              "(modules_to_save)")
         module = model.get_submodule(target)
-        if _base_settings(model).get("quantize") and isinstance(module, nn.Linear):
+        if quantize and isinstance(module, nn.Linear):
             weight = _checks.float_tensor(f"{target}.weight", module.weight.detach())
             _checks.finite(f"{target}.weight", weight)
 

@@ -414,6 +414,16 @@ def _dequantize_then_matmul(x2d, packed, absmax, n, k, blocksize, quant_type, tr
             out.add_(lora.u @ up_t, alpha=lora.scaling)
 
 
+def _split_target(out: torch.Tensor, split: int) -> torch.Tensor:
+    """Where a launch writes: `out` itself, or with split programs a zeroed fp32 buffer their
+    partial sums are added into (`out` when it is fp32; else copied into `out` at the end)."""
+    if split == 1:
+        return out
+    if out.dtype == torch.float32:
+        return out.zero_()
+    return torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+
+
 def _gemv_tile(n: int, k: int, m: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_OUT, BLOCK_BYTES, warps) for the one-row GEMV: a heuristic until the GPU sweep
     writes a measured table; short rows take the narrow tile, many output rows the tall one."""
@@ -438,12 +448,7 @@ def _launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias,
         split = max(1, min(wanted // programs, k_bytes // (2 * block_bytes)))
     else:  # the interpreter: split small problems too, so the tests run the atomic path
         split = max(1, min(4 // programs, triton.cdiv(k_bytes, block_bytes)))
-    target = out
-    if split > 1:
-        if out.dtype == torch.float32:
-            target.zero_()
-        else:
-            target = torch.zeros((m, n), dtype=torch.float32, device=out.device)
+    target = _split_target(out, split)
     scale_pointers, scale_constants = scale_args(absmax.contiguous(), nested)
     rank = 0 if lora is None else lora.u.shape[1]
     _gemv_4bit_kernel[(m, triton.cdiv(n, block_out), split)](
@@ -468,13 +473,7 @@ def _launch(x2d, packed, absmax, n, k, blocksize, quant_type, transposed, nested
     small = m <= SMALL_M_MAX_ROWS
     use_dot = not small or m > GEMV_MAX_ROWS
     split = _split_count(out_dim, red_dim, transposed, x2d.device) if small else 1
-    # Split programs add fp32 partial sums into a zeroed buffer (cast once at the end).
-    target = out
-    if split > 1:
-        if out.dtype == torch.float32:
-            target.zero_()
-        else:
-            target = torch.zeros((m, out_dim), dtype=torch.float32, device=out.device)
+    target = _split_target(out, split)
     scale_pointers, scale_constants = scale_args(absmax.contiguous(), nested)
     rank = 0 if lora is None else lora.u.shape[1]
     args = (
