@@ -1091,15 +1091,42 @@ def test_from_quantized_rejects_what_does_not_fit(gen):
 
 @pytest.mark.parametrize("shape", [(32,), (3, 32), (2, 1, 32), (4, 4, 32), (17, 32)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_the_one_step_decoding_call_equals_the_op(shape, bias, gen):
+@pytest.mark.parametrize("out_features", [24, 32])  # 32: a square weight's output is made like x
+def test_the_one_step_decoding_call_equals_the_op(shape, bias, out_features, gen):
     """`Linear4bit`'s one-step decoding call (`WeightPlan.decode`: up to 16 rows with any
     leading dimensions) gives the op's values and shape; 17 rows take the checked path."""
-    layer = fastlora.Linear4bit.from_linear(nn.Linear(32, 24, bias=bias))
+    layer = fastlora.Linear4bit.from_linear(nn.Linear(32, out_features, bias=bias))
     x = rand(shape, gen=gen)
     with torch.no_grad():
         direct = layer(x)
     through_op = layer(x.clone().requires_grad_()).detach()
-    assert direct.shape == (*shape[:-1], 24)
+    assert direct.shape == (*shape[:-1], out_features) and direct.is_contiguous()
     torch.testing.assert_close(direct, through_op, rtol=0, atol=0)
     part = layer.plan()._backend_part()
     assert (part.decode(x, layer.bias) is None) == (x.numel() // 32 > 16)
+
+
+def test_the_decoding_call_sees_every_change_of_the_bias(gen):
+    """The decoding call checks a bias once per tensor and address: a new bias, new data of
+    another dtype in the same parameter, and a removed bias each give the right output on
+    the next call (a bias of another dtype than x takes the checked path)."""
+    layer = fastlora.Linear4bit.from_linear(nn.Linear(32, 32)).requires_grad_(False)
+    x = rand((1, 32), gen=gen)
+    weight = layer.dequantize().double()
+
+    def check() -> None:
+        with torch.no_grad():
+            y = layer(x)
+        expected = x.double() @ weight.T + (0 if layer.bias is None else layer.bias.double())
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+    check()
+    layer.bias = nn.Parameter(rand((32,), gen=gen), requires_grad=False)
+    check()
+    layer.bias.data = rand((32,), gen=gen).half()
+    check()
+    assert layer.plan()._backend_part().decode(x, layer.bias) is None
+    layer.bias.data = rand((32,), gen=gen)
+    check()
+    layer.bias = None
+    check()

@@ -84,6 +84,9 @@ class PackedWeight:
         blocksize: int,
         quant_type: str,
     ) -> None: ...
+    @property
+    def serial_rows(self) -> int:
+        """The most rows a call runs with on the calling thread, whatever the thread setting."""
     def matmul(
         self,
         x: int,

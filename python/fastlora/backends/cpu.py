@@ -256,32 +256,46 @@ class PreparedWeight:
     bytes and scales, so a call of up to `FUSED_MAX_ROWS` rows hands Rust only the addresses
     of its activation and output, after checking them here."""
 
-    __slots__ = ("packed", "absmax", "native", "n", "k", "blocksize", "quant_type", "_bias_shape")
+    __slots__ = ("packed", "absmax", "native", "n", "k", "blocksize", "quant_type", "_serial_rows", "_bias")
 
     def __init__(self, packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
                  quant_type: str) -> None:
         self.packed, self.absmax = packed, fp32_scales(scales).contiguous()
         self.n, self.k, self.blocksize, self.quant_type = n, k, blocksize, quant_type
-        self._bias_shape = torch.Size([n])
         self.native = _native.PackedWeight(as_numpy(packed), as_numpy(self.absmax), n, k, blocksize, quant_type)
+        self._serial_rows = self.native.serial_rows  # calls this small never read the thread setting
+        self._bias: tuple = (None, 0, None)  # (tensor, address, dtype) of the last bias checked
 
     def decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """`x @ W.T (+ bias)` in one native call when x is a contiguous CPU `(..., k)` float
-        tensor of at most `FUSED_MAX_ROWS` rows and the bias (if any) a contiguous `(n,)`
-        tensor of x's dtype (a layer's decoding call: only the output to allocate); else None."""
-        shape = x.shape
-        name = _DTYPE_NAMES.get(x.dtype)
-        if name is None or not shape or shape[-1] != self.k or not x.is_cpu or not x.is_contiguous():
+        """`x @ W.T (+ bias)` in one native call when x is a contiguous `(..., k)` float tensor
+        of at most `FUSED_MAX_ROWS` rows and the bias (if any) a contiguous CPU `(n,)` tensor
+        of x's dtype (a layer's decoding call: only the output to allocate); else None. x is a
+        CPU tensor (`fastlora.ops._eager.direct_on_cpu`); a bias is checked once per tensor
+        and address, since a layer passes the same one every call."""
+        shape, dtype = x.shape, x.dtype
+        name = _DTYPE_NAMES.get(dtype)
+        if name is None or not shape or shape[-1] != self.k or not x.is_contiguous():
             return None
         rows = x.numel() // self.k
-        if rows > FUSED_MAX_ROWS or (bias is not None and (bias.dtype != x.dtype or not bias.is_cpu
-                                                           or not bias.is_contiguous()
-                                                           or bias.shape != self._bias_shape)):
+        if rows > FUSED_MAX_ROWS:
             return None
-        y = torch.empty(*shape[:-1], self.n, dtype=x.dtype)
-        _threads.sync()
-        self.native.matmul(x.data_ptr(), rows, y.data_ptr(), name, False, None,
-                           None if bias is None else bias.data_ptr())
+        bias_ptr = None
+        if bias is not None:
+            bias_ptr = bias.data_ptr()
+            checked, checked_ptr, bias_dtype = self._bias
+            if bias is not checked or bias_ptr != checked_ptr:
+                if not bias.is_cpu or not bias.is_contiguous() or bias.shape != (self.n,):
+                    return None
+                bias_dtype = bias.dtype
+                self._bias = (bias, bias_ptr, bias_dtype)
+            if bias_dtype != dtype:
+                return None
+        # `empty_like` skips the parsing of a shape and a dtype keyword (1-2 us, as much as a
+        # small layer's product): the output of a square weight has the input's shape.
+        y = torch.empty_like(x) if self.n == self.k else torch.empty(*shape[:-1], self.n, dtype=dtype)
+        if rows > self._serial_rows:
+            _threads.sync()
+        self.native.matmul(x.data_ptr(), rows, y.data_ptr(), name, False, None, bias_ptr)
         return y
 
     def matmul(self, x: torch.Tensor, transposed: bool = False, lora: tuple | None = None,

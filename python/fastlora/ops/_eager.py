@@ -5,7 +5,8 @@ the autograd wrapper, the redispatch), as much as a whole small CPU product and 
 of a GPU call's launch time. When no autograd graph is recorded, nothing traces (compile,
 export, `torch.jit.trace`), no tensor subclass or Python mode intercepts ops and the tensors
 are real CPU/CUDA tensors, the dispatcher would only forward the call: `call` then runs the
-backend's implementation itself. Every op and call plan goes through `call` or `direct`.
+backend's implementation itself. Every op and call plan goes through `call`, `direct` or
+`direct_on_cpu`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,25 @@ def direct(*tensors: torch.Tensor | None) -> bool:
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TYPES or not (t.is_cpu or t.is_cuda) or (grad and t.requires_grad)):
             return False
+    return _unobserved()
+
+
+def direct_on_cpu(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """`direct(x, bias)` for a plain CPU tensor x, asked by a caller that has checked that
+    nothing compiles (a layer's decoding call: the fewest checks that decide it). The bias's
+    device is the caller's to check."""
+    if type(x) is not torch.Tensor or not x.is_cpu:
+        return False
+    grad = torch.is_grad_enabled()
+    if grad and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    if bias is not None and type(bias) not in _PLAIN_TYPES:
+        return False
+    return _unobserved()
+
+
+def _unobserved() -> bool:
+    """No Python mode, functorch transform or trace would see the call."""
     if not _CHECKABLE or _dispatch_modes() or _function_modes() or _functorch() is not None:
         return False
     return not _is_tracing()

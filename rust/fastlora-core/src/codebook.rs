@@ -46,6 +46,35 @@ pub const FP4_CODE: [f32; 16] = [
     -3.0 / 12.0,
 ];
 
+/// A code book as the fused kernels read it: its values, and the four byte planes of their
+/// fp32 bit patterns (`byte_planes[p][c]` is byte `p` of `values[c]`) for kernels that look
+/// codes up with byte shuffles; made at compile time, so no call rebuilds them.
+#[derive(Debug)]
+pub struct CodeBook {
+    pub values: [f32; 16],
+    pub byte_planes: [[u8; 16]; 4],
+}
+
+impl CodeBook {
+    pub const fn new(values: [f32; 16]) -> Self {
+        let mut byte_planes = [[0u8; 16]; 4];
+        let mut c = 0;
+        while c < 16 {
+            let bytes = values[c].to_bits().to_le_bytes();
+            let mut p = 0;
+            while p < 4 {
+                byte_planes[p][c] = bytes[p];
+                p += 1;
+            }
+            c += 1;
+        }
+        CodeBook { values, byte_planes }
+    }
+}
+
+pub static NF4_BOOK: CodeBook = CodeBook::new(NF4_CODE);
+pub static FP4_BOOK: CodeBook = CodeBook::new(FP4_CODE);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantType {
     Nf4,
@@ -62,9 +91,13 @@ impl QuantType {
     }
 
     pub fn code(self) -> &'static [f32; 16] {
+        &self.book().values
+    }
+
+    pub fn book(self) -> &'static CodeBook {
         match self {
-            QuantType::Nf4 => &NF4_CODE,
-            QuantType::Fp4 => &FP4_CODE,
+            QuantType::Nf4 => &NF4_BOOK,
+            QuantType::Fp4 => &FP4_BOOK,
         }
     }
 
@@ -118,6 +151,16 @@ pub(crate) fn check_blocksize(blocksize: usize) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_planes_reassemble_every_code_value() {
+        for book in [&NF4_BOOK, &FP4_BOOK] {
+            for (c, value) in book.values.iter().enumerate() {
+                let bytes = std::array::from_fn(|p| book.byte_planes[p][c]);
+                assert_eq!(f32::from_le_bytes(bytes).to_bits(), value.to_bits(), "code {c}");
+            }
+        }
+    }
 
     #[test]
     fn nf4_encodes_every_code_value_to_itself() {

@@ -68,6 +68,7 @@ pub fn matmul_4bit<T: Element>(
         let half = k / 2;
         let block_bytes = weight.blocksize / 2;
         let blocks_per_row = k / weight.blocksize;
+        let book = weight.quant_type.book();
         // The activation rows of each group of MAX_ROWS, gathered once (not once per weight row).
         let groups: Vec<Vec<&[f32]>> =
             laid.chunks(MAX_ROWS).map(|g| g.iter().map(|v| v.as_slice()).collect()).collect();
@@ -77,7 +78,7 @@ pub fn matmul_4bit<T: Element>(
                 let bytes = &weight.packed[r * half..(r + 1) * half];
                 let scales = &weight.absmax[r * blocks_per_row..(r + 1) * blocks_per_row];
                 for (xs, out_group) in groups.iter().zip(out_row.chunks_mut(MAX_ROWS)) {
-                    simd::fused_row_dot(isa, weight.quant_type.code(), bytes, scales, block_bytes, xs, out_group);
+                    simd::fused_row_dot(isa, book, bytes, scales, block_bytes, xs, out_group);
                 }
             }
         });

@@ -425,6 +425,13 @@ impl PackedWeight {
         Ok(made)
     }
 
+    /// The most rows a call may have and still run on the calling thread with the GIL held,
+    /// whatever the thread setting (so a caller need not pass that setting on first).
+    #[getter]
+    fn serial_rows(&self) -> usize {
+        (threads::HELD_GIL_MAX_OPS * MACS_PER_OP - 1) / (self.n * self.k).max(1)
+    }
+
     /// `y = x @ W.T` (or `x @ W` when `transposed`) for `rows` activation rows at address `x`
     /// into the output at address `y`; with `lora` = (A address, B address, r, scaling) in
     /// the same dtype, also `y += scaling * (x @ A.T) @ B.T`; with `bias` (the address of `n`

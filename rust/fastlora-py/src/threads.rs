@@ -28,7 +28,7 @@ const OPENMP_INLINE_MAX_OPS: usize = 1 << 12;
 /// Jobs this small (a 64x64 one-row product) run with the GIL held and without looking at
 /// the thread setup: releasing and retaking the GIL, the settings lock and the fork check
 /// (a `getpid` system call) cost more than the work.
-const HELD_GIL_MAX_OPS: usize = 1 << 11;
+pub const HELD_GIL_MAX_OPS: usize = 1 << 11;
 
 static THREADS: Mutex<usize> = Mutex::new(0);
 

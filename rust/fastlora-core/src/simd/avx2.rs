@@ -68,15 +68,12 @@ pub unsafe fn decode_pairs(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mu
     super::scalar::decode_pairs(table, &bytes[whole..], scale, &mut out[2 * whole..]);
 }
 
-/// The four byte planes of the code book's fp32 bit patterns, each a 16-entry
-/// `vpshufb` table repeated in both 128-bit lanes.
+/// A code book's byte planes (`CodeBook::byte_planes`) as `vpshufb` tables, each repeated
+/// in both 128-bit lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn byte_plane_tables(table: &[f32; 16]) -> [__m256i; 4] {
-    std::array::from_fn(|plane| {
-        let bytes: [u8; 16] = std::array::from_fn(|c| table[c].to_bits().to_le_bytes()[plane]);
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(bytes.as_ptr() as *const __m128i))
-    })
+unsafe fn plane_registers(byte_planes: &[[u8; 16]; 4]) -> [__m256i; 4] {
+    std::array::from_fn(|p| _mm256_broadcastsi128_si256(_mm_loadu_si128(byte_planes[p].as_ptr() as *const __m128i)))
 }
 
 /// Decodes 16 packed bytes (32 weights) into four vectors of exact code values, in
@@ -111,7 +108,7 @@ unsafe fn decode32(ptr: *const u8, planes: &[__m256i; 4]) -> [__m256; 4] {
 /// The CPU must have AVX2 and FMA, and the slices must have the lengths
 /// [`super::fused_row_dot`] checks.
 pub unsafe fn fused_row_dot(
-    table: &[f32; 16],
+    byte_planes: &[[u8; 16]; 4],
     bytes: &[u8],
     scales: &[f32],
     block_bytes: usize,
@@ -119,23 +116,23 @@ pub unsafe fn fused_row_dot(
     out: &mut [f32],
 ) {
     match out.len() {
-        1 => row_dot::<1>(table, bytes, scales, block_bytes, xs, out),
-        2 => row_dot::<2>(table, bytes, scales, block_bytes, xs, out),
-        3 => row_dot::<3>(table, bytes, scales, block_bytes, xs, out),
-        _ => row_dot::<4>(table, bytes, scales, block_bytes, xs, out),
+        1 => row_dot::<1>(byte_planes, bytes, scales, block_bytes, xs, out),
+        2 => row_dot::<2>(byte_planes, bytes, scales, block_bytes, xs, out),
+        3 => row_dot::<3>(byte_planes, bytes, scales, block_bytes, xs, out),
+        _ => row_dot::<4>(byte_planes, bytes, scales, block_bytes, xs, out),
     }
 }
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_dot<const ROWS: usize>(
-    table: &[f32; 16],
+    byte_planes: &[[u8; 16]; 4],
     bytes: &[u8],
     scales: &[f32],
     block_bytes: usize,
     xs: &[&[f32]],
     out: &mut [f32],
 ) {
-    let planes = byte_plane_tables(table);
+    let planes = plane_registers(byte_planes);
     let x: [*const f32; ROWS] = std::array::from_fn(|m| xs[m].as_ptr());
     let src = bytes.as_ptr();
     let mut total = [_mm256_setzero_ps(); ROWS];

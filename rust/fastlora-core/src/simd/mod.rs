@@ -8,6 +8,8 @@
 
 use std::sync::OnceLock;
 
+use crate::codebook::CodeBook;
+
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 pub mod scalar;
@@ -136,13 +138,13 @@ pub fn dot_slot(j: usize, low: bool) -> usize {
 }
 
 /// One packed weight row against up to [`MAX_ROWS`] activation rows:
-/// `out[m] = sum_b scales[b] * sum_{i in block b} table[code_i] * x_m[i]`, with each `x_m`
+/// `out[m] = sum_b scales[b] * sum_{i in block b} book.values[code_i] * x_m[i]`, with each `x_m`
 /// in [`dot_layout`]. `block_bytes` (blocksize / 2) is a multiple of [`CHUNK_BYTES`] and
 /// `bytes.len()` a multiple of it.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_row_dot(
     isa: Isa,
-    table: &[f32; 16],
+    book: &CodeBook,
     bytes: &[u8],
     scales: &[f32],
     block_bytes: usize,
@@ -154,10 +156,10 @@ pub fn fused_row_dot(
     assert!(block_bytes % CHUNK_BYTES == 0 && bytes.len() == scales.len() * block_bytes);
     assert!(xs.iter().all(|x| x.len() >= 2 * bytes.len()));
     match isa {
-        Isa::Scalar => scalar::fused_row_dot(table, bytes, scales, block_bytes, xs, out),
+        Isa::Scalar => scalar::fused_row_dot(&book.values, bytes, scales, block_bytes, xs, out),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `decode_pairs`; slice lengths were checked above.
-        Isa::Avx2 => unsafe { avx2::fused_row_dot(table, bytes, scales, block_bytes, xs, out) },
+        Isa::Avx2 => unsafe { avx2::fused_row_dot(&book.byte_planes, bytes, scales, block_bytes, xs, out) },
     }
 }
 

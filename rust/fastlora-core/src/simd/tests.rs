@@ -1,5 +1,5 @@
 use super::*;
-use crate::codebook::{FP4_CODE, NF4_CODE};
+use crate::codebook::{FP4_BOOK, FP4_CODE, NF4_BOOK, NF4_CODE};
 use crate::testutil::{assert_close, Rng};
 
 #[test]
@@ -27,7 +27,7 @@ fn every_isa_decodes_like_scalar_bit_for_bit() {
 #[test]
 fn every_isa_fused_dot_matches_scalar_and_the_plain_definition() {
     let mut rng = Rng::new(2);
-    for table in [&NF4_CODE, &FP4_CODE] {
+    for book in [&NF4_BOOK, &FP4_BOOK] {
         for (block_bytes, blocks) in [(16usize, 1usize), (32, 3), (64, 2), (2048, 1)] {
             let len = block_bytes * blocks;
             let bytes = rng.bytes(len);
@@ -40,7 +40,7 @@ fn every_isa_fused_dot_matches_scalar_and_the_plain_definition() {
                 for (b, &scale) in scales.iter().enumerate() {
                     let range = b * block_bytes..(b + 1) * block_bytes;
                     scalar::decode_pairs(
-                        table,
+                        &book.values,
                         &bytes[range.clone()],
                         scale,
                         &mut weights[2 * range.start..2 * range.end],
@@ -49,7 +49,7 @@ fn every_isa_fused_dot_matches_scalar_and_the_plain_definition() {
                 let expected: Vec<f32> = plain.iter().map(|x| dot(x, &weights)).collect();
                 for isa in available() {
                     let mut out = vec![f32::NAN; rows];
-                    fused_row_dot(isa, table, &bytes, &scales, block_bytes, &xs, &mut out);
+                    fused_row_dot(isa, book, &bytes, &scales, block_bytes, &xs, &mut out);
                     assert_close(&out, &expected, 1e-4, 1e-3, isa.name());
                 }
             }
