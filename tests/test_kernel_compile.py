@@ -40,9 +40,10 @@ def test_every_kernel_configuration_compiles_without_spills(arch):
     gemv = [r for r in reports if r["kernel"] == "matmul_4bit GEMV"]
     assert len(gemv) == len(kernel_inspect.matmul._SMALL_M_TILES)
     # The one-row GEMV reads its packed bytes 16 at a time and synchronizes no thread inside
-    # its K loop (one reduction, after it).
+    # its K loop (one reduction, after it), each tile alone and split through the workspace.
     one_row = [r for r in reports if r["kernel"] == "matmul_4bit one-row GEMV"]
-    assert len(one_row) == len(kernel_inspect.matmul._GEMV_TILES)
+    assert len(one_row) == 2 * len(kernel_inspect.matmul._GEMV_TILES)
+    assert {r["config"]["SPLIT"] for r in one_row} == {1, 4}
     assert all(r["vector_loads_128"] >= 1 and r["barriers_in_loop"] == 0 for r in one_row), one_row
 
 

@@ -167,6 +167,27 @@ def test_small_problems_split_the_reduction_in_both_orientations():
 
 
 @pytest.mark.usefixtures("fused_kernels_only")
+@pytest.mark.parametrize("m,n,k,transposed", [(1, 19, 256, False), (3, 40, 512, False), (8, 19, 130, False),
+                                              (2, 64, 200, True)])
+def test_split_launches_leave_their_workspace_zero_for_the_next_one(m, n, k, transposed):
+    """Split programs add into a workspace kept across launches, and each tile's last program
+    stores it and zeroes it: a second launch of the shape, on new data into a poisoned
+    output, is right too, and the workspace is zero after each (the GEMV and the small-M
+    kernel, both orientations)."""
+    packed, scales, _, _, weight = quantized((n, k), 64 if k % 64 == 0 else 32, "nf4", False)
+    blocksize = 64 if k % 64 == 0 else 32
+    for _ in range(2):
+        x = torch.randn(m, n if transposed else k)
+        out = torch.full((m, k if transposed else n), float("nan"), device=DEVICE)
+        y = matmul.matmul_4bit(x.to(DEVICE), packed, scales, n, k, blocksize, "nf4", transposed, out=out)
+        exact = x.double() @ (weight if transposed else weight.t())
+        assert_close_to(y, exact, x.double().abs() @ (weight.abs() if transposed else weight.abs().t()), torch.float32)
+        assert matmul._workspaces, "the shape was expected to split"
+        for sums, counts in matmul._workspaces.values():
+            assert not sums.any() and not counts.any()
+
+
+@pytest.mark.usefixtures("fused_kernels_only")
 @pytest.mark.parametrize("m", [2, 37])
 def test_matmul_adds_bias_in_the_epilogue(m):
     n, k = 48, 256

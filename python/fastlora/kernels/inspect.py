@@ -15,6 +15,7 @@ sizes multiples of 16, as a launch on such tensors specializes them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -69,7 +70,7 @@ class Report:
 _MATMUL_SIGNATURE = {
     "a_ptr": "*bf16", "packed_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32",
     "code2_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*bf16", "u_ptr": "*fp32", "up_ptr": "*fp32",
-    "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "rank": "i32", "lora_scaling": "fp32", "M_BUCKET": "i32",
+    "out_ptr": "*bf16", "sums_ptr": "*fp32", "counts_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "rank": "i32", "lora_scaling": "fp32", "M_BUCKET": "i32",
 }
 _NESTED = {"NESTED": True, "NESTED_BLOCKSIZE": 256}
 # Sizes taken as multiples of 16, as they are in the models measured (4096, 11008, 14336).
@@ -92,13 +93,13 @@ def kernel_configs(arch: str = "sm_90") -> Iterator[KernelConfig]:
     for bo, br, warps, stages in matmul._SMALL_M_TILES:
         yield _matmul_config("matmul_4bit GEMV", {"BLOCK_M": 1, "BLOCK_OUT": bo, "BLOCK_RED": br}, False, False,
                              warps, stages)
-    for bo, bb, warps in matmul._GEMV_TILES:
+    for (bo, bb, warps), split in itertools.product(matmul._GEMV_TILES, (1, 4)):  # 4: through the workspace
         pointers = {name: kind for name, kind in _MATMUL_SIGNATURE.items() if name.endswith("_ptr")}
         yield KernelConfig(
-            "matmul_4bit one-row GEMV", {"BLOCK_OUT": bo, "BLOCK_BYTES": bb, "num_warps": warps},
+            "matmul_4bit one-row GEMV", {"BLOCK_OUT": bo, "BLOCK_BYTES": bb, "SPLIT": split, "num_warps": warps},
             matmul._gemv_4bit_kernel,
             {**pointers, "N": "i32", "K": "i32", "K_BYTES": "i32", "rank": "i32", "lora_scaling": "fp32"},
-            {"BLOCKSIZE": 64, **_NESTED, "HAS_BIAS": True, "HAS_LORA": True, "RANK_BLOCK": 16, "SPLIT": 1,
+            {"BLOCKSIZE": 64, **_NESTED, "HAS_BIAS": True, "HAS_LORA": True, "RANK_BLOCK": 16, "SPLIT": split,
              "BLOCK_OUT": bo, "BLOCK_BYTES": bb}, warps, 1)
     for bo, br, warps, stages in matmul._SMALL_M_TRANSPOSED_TILES:
         yield _matmul_config("matmul_4bit GEMV transposed", {"BLOCK_M": 1, "BLOCK_OUT": bo, "BLOCK_RED": br}, True,

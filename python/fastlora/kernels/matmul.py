@@ -18,8 +18,8 @@ below, does, transiently).
   `GEMV_MAX_ROWS` rows multiply on the CUDA cores (broadcast and sum); above, the rows are
   padded to a 16-row `tl.dot` tile.
 * Both small-M kernels split the reduction when the output alone gives too few programs to
-  fill the GPU (`SPLIT` programs per output tile, fp32 atomic adds into a zeroed buffer,
-  then one cast).
+  fill the GPU: `SPLIT` programs per output tile add fp32 partial sums into a workspace
+  reused across launches, and the last of them stores the tile (`_store_split`).
 * Large M: tensor-core tiles (`tl.dot`), grouped program order for L2 reuse, autotuned.
 * `use_dequantize_then_cublas(M, N, K, transposed)` picks bitsandbytes' approach
   (dequantize W once, then cuBLAS) for the row counts where it measured faster.
@@ -104,9 +104,29 @@ class LoraTerm:
 
 
 @triton.jit
+def _store_split(acc, out_ptr, sums_ptr, offsets, mask, counts_ptr, tile, SPLIT: tl.constexpr):
+    """Stores a program's fp32 results at `out_ptr + offsets`. With SPLIT programs per
+    output tile, each adds its partial sums into the fp32 workspace at `sums_ptr` and counts
+    itself done in the tile's counter; the last one takes the totals out (zeroing them) and
+    resets the counter, so the workspace is zero again for the next launch with no memset."""
+    if SPLIT > 1:
+        tl.atomic_add(sums_ptr + offsets, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are issued before the program counts as done
+        done = tl.atomic_add(counts_ptr + tile, 1, sem="acq_rel")
+        if done == SPLIT - 1:
+            # Read where the adds went (an atomic read is served by L2, never a stale L1).
+            total = tl.atomic_add(sums_ptr + offsets, tl.zeros_like(acc), mask=mask, sem="relaxed")
+            tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(sums_ptr + offsets, tl.zeros_like(acc), mask=mask)
+            tl.store(counts_ptr + tile, 0)
+    else:
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _matmul_4bit_kernel(
     a_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, u_ptr, up_ptr, out_ptr,
-    M, N, K, rank, lora_scaling, M_BUCKET,
+    sums_ptr, counts_ptr, M, N, K, rank, lora_scaling, M_BUCKET,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, K_ALIGNED: tl.constexpr,
     TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RANK_BLOCK: tl.constexpr,
     USE_DOT: tl.constexpr, SPLIT: tl.constexpr, FP32_PRECISION: tl.constexpr,
@@ -203,18 +223,14 @@ def _matmul_4bit_kernel(
             else:  # BLOCK_M < 16 rows: too few for tl.dot
                 acc += tl.sum(u[:, None, :] * up[None, :, :], axis=2)
 
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_dim + offs_out[None, :]
-    out_mask = m_ok[:, None] & out_ok[None, :]
-    if SPLIT > 1:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    offsets = offs_m.to(tl.int64)[:, None] * out_dim + offs_out[None, :]
+    _store_split(acc, out_ptr, sums_ptr, offsets, m_ok[:, None] & out_ok[None, :], counts_ptr, pid, SPLIT)
 
 
 @triton.jit
 def _gemv_4bit_kernel(
     a_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, u_ptr, up_ptr, out_ptr,
-    N, K, K_BYTES, rank, lora_scaling,
+    sums_ptr, counts_ptr, N, K, K_BYTES, rank, lora_scaling,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr, RANK_BLOCK: tl.constexpr, SPLIT: tl.constexpr, BLOCK_OUT: tl.constexpr,
     BLOCK_BYTES: tl.constexpr,
@@ -267,11 +283,7 @@ def _gemv_4bit_kernel(
             up = tl.load(up_ptr + outs.to(tl.int64)[:, None] * rank + offs_r[None, :],
                          mask=out_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
             y += tl.sum(up * u[None, :], axis=1)
-    out_ptrs = out_ptr + row * N + outs
-    if SPLIT > 1:
-        tl.atomic_add(out_ptrs, y, mask=out_ok, sem="relaxed")
-    else:
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_ok)
+    _store_split(y, out_ptr, sums_ptr, row * N + outs, out_ok, counts_ptr, row * tl.num_programs(1) + pid_out, SPLIT)
 
 
 # Autotuning keys: the shape, and the compile-time constants that change the kernel.
@@ -331,10 +343,7 @@ def _tuned_kernel(path: str):
                 triton.Config({"BLOCK_OUT": bo, "BLOCK_RED": br}, num_warps=warps, num_stages=stages)
                 for bo, br, warps, stages in tiles
             ]
-        # Split programs add into the output: it is zeroed before each benchmark run.
-        _autotuned[path] = triton.autotune(
-            configs=configs, key=_TUNING_KEY, reset_to_zero=None if path == "large" else ["out_ptr"],
-        )(_matmul_4bit_kernel)
+        _autotuned[path] = triton.autotune(configs=configs, key=_TUNING_KEY)(_matmul_4bit_kernel)
     return _autotuned[path]
 
 
@@ -414,14 +423,26 @@ def _dequantize_then_matmul(x2d, packed, absmax, n, k, blocksize, quant_type, tr
             out.add_(lora.u @ up_t, alpha=lora.scaling)
 
 
-def _split_target(out: torch.Tensor, split: int) -> torch.Tensor:
-    """Where a launch writes: `out` itself, or with split programs a zeroed fp32 buffer their
-    partial sums are added into (`out` when it is fp32; else copied into `out` at the end)."""
+# Per device and stream: (fp32 partial sums, int32 tile counters) of split launches. Zero
+# between launches (each tile's last program zeroes its part); grown when a launch needs
+# more. A CUDA graph captures the buffers in use when it is captured (warm up first).
+_workspaces: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(out: torch.Tensor, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (sums, counters) a launch with `split` programs per tile over `tiles` output tiles
+    the shape of `out` reads; unused (`out` twice) without a split."""
     if split == 1:
-        return out
-    if out.dtype == torch.float32:
-        return out.zero_()
-    return torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        return out, out
+    device = out.device
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    sums, counts = _workspaces.get(key, (None, None))
+    if sums is None or sums.numel() < out.numel():
+        sums = torch.zeros(out.numel(), dtype=torch.float32, device=device)
+    if counts is None or counts.numel() < tiles:
+        counts = torch.zeros(tiles, dtype=torch.int32, device=device)
+    _workspaces[key] = (sums, counts)
+    return sums, counts
 
 
 def _gemv_tile(n: int, k: int, m: int, device: torch.device) -> tuple[int, int, int]:
@@ -438,7 +459,7 @@ def _gemv_tile(n: int, k: int, m: int, device: torch.device) -> tuple[int, int, 
 
 def _launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias, lora, out):
     """One program per activation row and BLOCK_OUT rows of W (`_gemv_4bit_kernel`), the
-    reduction split where that leaves SMs idle (fp32 atomic adds into a zeroed buffer)."""
+    reduction split where that leaves SMs idle (`_store_split`)."""
     m = x2d.shape[0]
     block_out, block_bytes, warps = _gemv_tile(n, k, m, x2d.device)
     programs = triton.cdiv(n, block_out) * m
@@ -448,20 +469,18 @@ def _launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias,
         split = max(1, min(wanted // programs, k_bytes // (2 * block_bytes)))
     else:  # the interpreter: split small problems too, so the tests run the atomic path
         split = max(1, min(4 // programs, triton.cdiv(k_bytes, block_bytes)))
-    target = _split_target(out, split)
+    sums, counts = _split_workspace(out, split, programs)
     scale_pointers, scale_constants = scale_args(absmax.contiguous(), nested)
     rank = 0 if lora is None else lora.u.shape[1]
     _gemv_4bit_kernel[(m, triton.cdiv(n, block_out), split)](
         x2d, packed.reshape(-1).view(torch.uint8), code_table(quant_type, x2d.device), *scale_pointers,
         out if bias is None else bias.contiguous(), out if lora is None else lora.u.contiguous(),
-        out if lora is None else lora.up.contiguous(), target,
+        out if lora is None else lora.up.contiguous(), out, sums, counts,
         n, k, k_bytes, rank, 0.0 if lora is None else float(lora.scaling),
         BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
         RANK_BLOCK=max(16, triton.next_power_of_2(max(rank, 1))), SPLIT=split, BLOCK_OUT=block_out,
         BLOCK_BYTES=block_bytes, num_warps=warps, **scale_constants,
     )
-    if target is not out:
-        out.copy_(target)
 
 
 def _launch(x2d, packed, absmax, n, k, blocksize, quant_type, transposed, nested, bias, lora, out):
@@ -473,13 +492,14 @@ def _launch(x2d, packed, absmax, n, k, blocksize, quant_type, transposed, nested
     small = m <= SMALL_M_MAX_ROWS
     use_dot = not small or m > GEMV_MAX_ROWS
     split = _split_count(out_dim, red_dim, transposed, x2d.device) if small else 1
-    target = _split_target(out, split)
+    # Counters for the most tiles any configuration makes (the narrowest tile is 16 wide).
+    sums, counts = _split_workspace(out, split, m * triton.cdiv(out_dim, 16))
     scale_pointers, scale_constants = scale_args(absmax.contiguous(), nested)
     rank = 0 if lora is None else lora.u.shape[1]
     args = (
         x2d, packed.reshape(-1).view(torch.uint8), code_table(quant_type, x2d.device), *scale_pointers,
         out if bias is None else bias.contiguous(), out if lora is None else lora.u.contiguous(),
-        out if lora is None else lora.up.contiguous(), target,
+        out if lora is None else lora.up.contiguous(), out, sums, counts,
         m, n, k, rank, 0.0 if lora is None else float(lora.scaling), min(triton.next_power_of_2(m), 8192),
     )
     constants = dict(
@@ -500,5 +520,3 @@ def _launch(x2d, packed, absmax, n, k, blocksize, quant_type, transposed, nested
         _tuned_kernel("small_transposed" if transposed else "small")[grid](*args, **constants, BLOCK_M=gemv_rows)
     else:
         _tuned_kernel("large")[grid](*args, **constants)
-    if target is not out:
-        out.copy_(target)
