@@ -4,28 +4,36 @@ bitsandbytes and dense cuBLAS bf16.
     python benches/gpu_bench.py                 # on a CUDA machine
     python benches/gpu_bench.py --dry-run       # tiny CPU shapes under Triton's interpreter
 
-Sections (each reports its own failure and the run goes on):
+Sections, in this order (each reports its own failure and the run goes on):
 
 1. checks: every kernel against `fastlora.reference` on random bf16 data, weights
    4096x4096, 11008x4096 and 4096x14336, M = 1, 16, 4096: quantize bytes (and the nested
    8-bit scales), dequantize values, x @ W.T, dy @ W and the fused LoRA forward within
    bf16 tolerance of a float64 product.
-2. bandwidth: a device-to-device copy (read + write bytes per second), and from it the
+2. sweep: every one-row GEMV configuration (tile x split) at M = 1 and 4 and every
+   dequantize configuration, on the weights of Llama-3.2-1B, Llama-2-7B and Llama-3-8B;
+   each candidate's result is checked, and the fastest per shape goes to
+   `<results-dir>/configs/<family>.json`, the table `fastlora.kernels.tuning` reads once it
+   is committed as `fastlora/kernels/configs/<family>.json`. The sections after it launch
+   with that table.
+3. bandwidth: a device-to-device copy (read + write bytes per second), and from it the
    M = 1 floor: the time to read the packed weight and its scales once.
-3. dequantize: fastlora vs `bitsandbytes.functional.dequantize_4bit`.
-4. matmul: for each weight and M: fastlora's default dispatch, the fused kernel forced, the
+4. dequantize: fastlora vs `bitsandbytes.functional.dequantize_4bit`.
+5. matmul: for each weight and M: fastlora's default dispatch, the fused kernel forced, the
    dequantize + cuBLAS path forced, the fused kernel with double-quantized scales decoded in
    the kernel, `bitsandbytes.matmul_4bit`, dense bf16 cuBLAS; and dy @ W. From the fused
    and the cuBLAS timings it prints the crossover row count for
    `fastlora.kernels.matmul.DEQUANTIZE_CUBLAS_MIN_ROWS`. Then the host time per call of each
    layer of the small-M path (Python, op dispatch, kernel launches) on a tiny weight.
-5. lora_layer: Linear4bit + LoRA r=16 forward + backward at M = 4096: fastlora's
+6. lora_layer: Linear4bit + LoRA r=16 forward + backward at M = 4096: fastlora's
    `LoraLinear`, `bitsandbytes.nn.Linear4bit` with a PEFT-style LoRA in plain torch, and a
    dense bf16 `nn.Linear` with the same LoRA; time and peak memory.
 
 Timings are `triton.testing.do_bench` medians in ms (CUDA events). Results, with the
-device name and versions, go to `benches/results/gpu-<device>-<date>.json`; a table is
-printed. Runs with python 3.12, torch 2.11, triton 3.6, bitsandbytes and fastlora wheels.
+device name and versions, go to `benches/results/gpu-<device>-<date>.json`, and every check
+and timing is appended to the `.jsonl` beside it as it is measured (a run cut off by its
+time limit keeps what it had); a table is printed. Runs with python 3.12, torch 2.11,
+triton 3.6, bitsandbytes and fastlora wheels.
 """
 
 from __future__ import annotations
@@ -61,11 +69,18 @@ from fastlora.formats import dynamic_map  # noqa: E402
 from fastlora.kernels import dequantize as fl_dequantize  # noqa: E402
 from fastlora.kernels import lora as fl_lora  # noqa: E402
 from fastlora.kernels import matmul as fl_matmul  # noqa: E402
+from fastlora.kernels import tuning  # noqa: E402
 
 WEIGHTS = [(4096, 4096), (11008, 4096), (4096, 14336)]  # (out_features, in_features)
 ROWS = [1, 16, 4096]
 DRY_WEIGHTS = [(40, 128)]
 DRY_ROWS = [1, 16, 40]
+# The config tables' shapes: Llama-3.2-1B (hidden 2048, KV 512, MLP 8192), Llama-2-7B (4096,
+# MLP 11008), Llama-3-8B (KV 1024, MLP 14336); (out_features, in_features).
+SWEEP_WEIGHTS = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (4096, 4096), (11008, 4096), (4096, 11008),
+                 (1024, 4096), (14336, 4096), (4096, 14336)]
+SWEEP_ROWS = [1, 4]
+SWEEP_SPLITS = (1, 2, 4, 8, 16)
 LORA_RANK = 16
 DTYPE = torch.bfloat16
 # Allowed error of a bf16 result relative to sum(|a| * |b|) (W and y each rounded once).
@@ -76,11 +91,17 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 class Report:
     """Collects results; `section` runs a block and records its failure instead of raising."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: Path | None = None) -> None:
         self.checks: list[dict] = []
         self.timings: list[dict] = []
         self.errors: list[dict] = []
         self.notes: dict[str, object] = {}
+        self.log = log
+
+    def _append(self, kind: str, row: dict) -> None:
+        if self.log is not None:
+            with self.log.open("a") as f:
+                f.write(json.dumps({"kind": kind, **row}) + "\n")
 
     @contextlib.contextmanager
     def section(self, name: str):
@@ -89,15 +110,18 @@ class Report:
             yield
         except Exception as exc:  # one failing section must not stop the others
             self.errors.append({"section": name, "error": repr(exc), "traceback": traceback.format_exc()})
+            self._append("error", self.errors[-1])
             print(f"   FAILED: {exc!r}", flush=True)
 
     def check(self, name: str, ok: bool, detail: str = "") -> None:
         self.checks.append({"name": name, "ok": bool(ok), "detail": detail})
+        self._append("check", self.checks[-1])
         print(f"   {'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
 
     def timing(self, section: str, case: str, impl: str, ms: float, **extra) -> None:
         row = {"section": section, "case": case, "impl": impl, "ms": ms, **extra}
         self.timings.append(row)
+        self._append("timing", row)
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
         print(f"   {case:<28} {impl:<34} {ms:9.4f} ms {shown}", flush=True)
 
@@ -185,7 +209,7 @@ def run_checks(report: Report, weights, rows, device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2-4. bandwidth, dequantize, matmul
+# 3-5. bandwidth, dequantize, matmul
 # ---------------------------------------------------------------------------------------------
 
 
@@ -318,7 +342,7 @@ def run_host_overhead(report: Report, device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Linear4bit + LoRA layer
+# 6. Linear4bit + LoRA layer
 # ---------------------------------------------------------------------------------------------
 
 
@@ -399,6 +423,91 @@ def versions() -> dict[str, str]:
     return found
 
 
+# ---------------------------------------------------------------------------------------------
+# 2. the configuration sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def sweep_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """`bench_ms` made short (the sweep times hundreds of candidates): 25 ms of warm-up and
+    50 ms of repeats on a GPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=50, return_mode="median"))
+    return bench_ms(fn, device)
+
+
+def run_sweep(report: Report, weights, rows, device: torch.device, results_dir: Path) -> Path:
+    """Times every GEMV and dequantize configuration per shape, checks each one's result, and
+    writes the fastest to the family's config table; returns the table's path."""
+    compute_dtype = DTYPE if device.type == "cuda" else torch.float32
+    tol = BF16_TOL if compute_dtype == DTYPE else 1e-5
+    kernels: dict[str, dict[str, dict]] = {"gemv": {}, "dequantize": {}}
+    for n, k in weights:
+        with report.section(f"sweep {n}x{k}"):
+            w = random_weight(n, k, device)
+            packed, state = fastlora.quantize_4bit(w, compress_statistics=True)
+            nested = fl_dequantize.NestedScales(state.state2.absmax, state.state2.code, state.offset)
+            # The default configuration's result (checked against the reference in section 1).
+            weight = fl_dequantize.dequantize_4bit(packed, state.absmax, 64, "nf4", (n, k), torch.float32,
+                                                   nested=nested)
+            dense = torch.empty(n, k, dtype=compute_dtype, device=device)
+            times = {}
+            for config in fl_dequantize.DEQUANTIZE_CONFIGS:
+                dense.fill_(float("nan"))
+                fl_dequantize.dequantize_4bit(packed, state.absmax, 64, "nf4", (n, k), compute_dtype, nested=nested,
+                                              out=dense, config=config)
+                report.check(f"sweep dequantize {n}x{k} {config}", torch.equal(dense, weight.to(compute_dtype)))
+                times[config] = sweep_ms(lambda config=config: fl_dequantize.dequantize_4bit(
+                    packed, state.absmax, 64, "nf4", (n, k), compute_dtype, nested=nested, out=dense,
+                    config=config), device)
+                report.timing("sweep dequantize", f"{n}x{k}", f"BYTES={config[0]} warps={config[1]}", times[config])
+            best = min(times, key=times.__getitem__)
+            kernels["dequantize"][tuning.shape_key(n * k)] = {
+                "BYTES": best[0], "num_warps": best[1], "ms": times[best],
+                "default_ms": times[fl_dequantize.DEQUANTIZE_CONFIGS[0]]}
+            dense = None
+            for m in rows:
+                x = torch.randn(m, k, device=device).to(compute_dtype)
+                exact = x.double() @ weight.double().t()
+                bound = x.double().abs() @ weight.double().abs().t()
+                out = torch.empty(m, n, dtype=compute_dtype, device=device)
+                heuristic = fl_matmul.gemv_config(n, k, m, device)
+                times, worst = {}, 0.0
+                for tile in fl_matmul._GEMV_TILES:
+                    for split in SWEEP_SPLITS:
+                        if split > max(1, k // 2 // tile[1]):
+                            continue
+                        config = (*tile, split)
+                        out.fill_(float("nan"))
+                        fl_matmul.launch_gemv(x, packed, state.absmax, n, k, 64, "nf4", nested, None, None, out,
+                                              config)
+                        worst = max(worst, worst_error_ratio(out, exact, bound, tol))
+                        times[config] = sweep_ms(lambda config=config: fl_matmul.launch_gemv(
+                            x, packed, state.absmax, n, k, 64, "nf4", nested, None, None, out, config), device)
+                        report.timing("sweep gemv", f"M={m} {n}x{k}", "BLOCK_OUT={} BLOCK_BYTES={} warps={} "
+                                      "SPLIT={}".format(*config), times[config])
+                report.check(f"sweep gemv M={m} {n}x{k}: every configuration", worst <= 1,
+                             f"worst error/tolerance {worst:.3g}")
+                best = min(times, key=times.__getitem__)
+                kernels["gemv"][tuning.shape_key(n, k, m)] = {
+                    "BLOCK_OUT": best[0], "BLOCK_BYTES": best[1], "num_warps": best[2], "SPLIT": best[3],
+                    "ms": times[best], "heuristic_ms": times.get(heuristic)}
+                x = exact = bound = out = None
+            del weight
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    family = tuning.family(device)
+    path = results_dir / "configs" / f"{family}.json"
+    about = {"family": family, "versions": versions(),
+             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu dry run",
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    tuning.write_table(path, kernels, about)
+    print(f"   config table: {path}", flush=True)
+    return path
+
+
 def print_table(report: Report) -> None:
     print("\n| section | case | implementation | ms | |")
     print("|---|---|---|---:|---|")
@@ -416,22 +525,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on CPU tensors under Triton's interpreter (exercises the code paths)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["checks", "dequantize", "matmul", "lora"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["checks", "dequantize", "matmul", "lora", "sweep"])
     args = parser.parse_args(argv)
     if args.dry_run:
         device, weights, rows, lora_rows = torch.device("cpu"), DRY_WEIGHTS, DRY_ROWS, DRY_ROWS[-1]
+        sweep_weights = DRY_WEIGHTS
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --dry-run for the CPU smoke test", file=sys.stderr)
             return 2
         device, weights, rows, lora_rows = torch.device("cuda"), WEIGHTS, ROWS, 4096
+        sweep_weights = SWEEP_WEIGHTS
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu dry run ({platform.machine()})"
     print(f"fastlora GPU bench on {device_name}: {versions()}", flush=True)
 
-    report = Report()
+    date = datetime.datetime.now(datetime.timezone.utc)
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    path = args.results_dir / f"gpu-{slug}-{date:%Y-%m-%d}.json"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(path.with_suffix(".jsonl"))
     bandwidth = None
     if "checks" not in args.skip:
         run_checks(report, weights, rows, device)
+    if "sweep" not in args.skip:
+        with report.section("sweep table"):
+            # The sections after it launch with the table just measured.
+            tuning.CONFIG_DIR = run_sweep(report, sweep_weights, SWEEP_ROWS, device, args.results_dir).parent
     with report.section("bandwidth"):
         bandwidth = run_bandwidth(report, device)
     if "dequantize" not in args.skip:
@@ -443,10 +563,6 @@ def main(argv: list[str] | None = None) -> int:
     if "lora" not in args.skip:
         run_lora_layer(report, weights, lora_rows, device)
 
-    date = datetime.datetime.now(datetime.timezone.utc)
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    path = args.results_dir / f"gpu-{slug}-{date:%Y-%m-%d}.json"
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "device": device_name, "date": date.isoformat(), "dry_run": args.dry_run, "versions": versions(),
         "checks": report.checks, "timings": report.timings, "notes": report.notes, "errors": report.errors,

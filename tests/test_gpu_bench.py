@@ -22,6 +22,13 @@ def test_gpu_bench_dry_run_exercises_every_section(tmp_path):
     assert report["dry_run"] and not report["errors"]
     assert report["checks"] and all(check["ok"] for check in report["checks"])
     sections = {row["section"] for row in report["timings"]}
-    assert sections == {"bandwidth", "dequantize", "matmul x@W.T", "matmul dy@W", "host overhead", "lora layer fwd+bwd"}
+    assert sections == {"bandwidth", "dequantize", "matmul x@W.T", "matmul dy@W", "host overhead", "lora layer fwd+bwd",
+                        "sweep dequantize", "sweep gemv"}
+    # Every row went to the JSONL as it was measured, and the sweep wrote the interpreter's table.
+    logged = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
+    assert [row for row in logged if row.pop("kind") == "timing"] == report["timings"]
+    table = json.loads((tmp_path / "configs" / "interpreter.json").read_text())
+    assert set(table["kernels"]["gemv"]) == {"40x128x1", "40x128x4"}
+    assert set(table["kernels"]["dequantize"]) == {"5120"}
     impls = {row["impl"] for row in report["timings"]}
     assert {"bitsandbytes.matmul_4bit", "bitsandbytes + torch LoRA", "dense cuBLAS"} <= impls

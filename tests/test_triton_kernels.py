@@ -187,6 +187,35 @@ def test_split_launches_leave_their_workspace_zero_for_the_next_one(m, n, k, tra
             assert not sums.any() and not counts.any()
 
 
+@pytest.mark.skipif(ON_GPU, reason="writes the interpreter's table")
+def test_launchers_take_a_measured_table_and_ignore_what_it_cannot_launch(tmp_path, monkeypatch):
+    """A config table (`fastlora.kernels.tuning`, as the GPU sweep writes it) decides the
+    GEMV's and dequantize's launch for the shapes it names; a configuration not in the
+    kernel's list, or a split too wide for the row, is ignored for the heuristic; the launch
+    from the table gives the right result."""
+    from fastlora.kernels import dequantize, tuning
+
+    n, k = 40, 256
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    heuristic = {m: matmul.gemv_config(n, k, m, DEVICE) for m in (1, 3)}
+    tuning.write_table(tmp_path / "interpreter.json", {
+        "gemv": {"40x256x1": {"BLOCK_OUT": 64, "BLOCK_BYTES": 64, "num_warps": 4, "SPLIT": 2},  # not a listed tile
+                 "40x256x2": {"BLOCK_OUT": 32, "BLOCK_BYTES": 64, "num_warps": 4, "SPLIT": 2},
+                 "40x256x3": {"BLOCK_OUT": 32, "BLOCK_BYTES": 64, "num_warps": 4, "SPLIT": 9}},  # 9 > 128 / 64
+        "dequantize": {"10240": {"BYTES": 2048, "num_warps": 4}, "5120": {"BYTES": 1000, "num_warps": 4}},
+    }, about={"test": True})
+    assert matmul.gemv_config(n, k, 1, DEVICE) == heuristic[1]
+    assert matmul.gemv_config(n, k, 2, DEVICE) == (32, 64, 4, 2)
+    assert matmul.gemv_config(n, k, 3, DEVICE) == heuristic[3]
+    assert dequantize.dequantize_config(n * k, DEVICE) == (2048, 4)
+    assert dequantize.dequantize_config(n * k // 2, DEVICE) == dequantize.DEQUANTIZE_CONFIGS[0]
+    packed, scales, _, _, weight = quantized((n, k), 64, "nf4", False)
+    x = torch.randn(2, k)
+    out = torch.full((2, n), float("nan"), device=DEVICE)
+    y = matmul.matmul_4bit(x.to(DEVICE), packed, scales, n, k, 64, "nf4", False, out=out)
+    assert_close_to(y, x.double() @ weight.t(), x.double().abs() @ weight.abs().t(), torch.float32)
+
+
 @pytest.mark.usefixtures("fused_kernels_only")
 @pytest.mark.parametrize("m", [2, 37])
 def test_matmul_adds_bias_in_the_epilogue(m):
@@ -424,3 +453,46 @@ def test_cuda_lora_layer_trains_like_the_cpu_layer():
         layer.zero_grad()
     for name, got, want in zip(["y", "dx", "dA", "dB"], results[1], results[0], strict=False):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item(), msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_a_captured_cuda_graph_replays_like_eager(rows):
+    """A LoRA layer over a 4-bit base, warmed up and then captured in a CUDA graph, gives on
+    every replay (new input copied into the captured one) what an eager call gives: the
+    GEMV with its split workspace (1 and 4 rows) and dequantize + cuBLAS (16 rows)."""
+    torch.manual_seed(4)
+    base = fastlora.Linear4bit(4096, 1024, compute_dtype=torch.bfloat16)
+    layer = fastlora.LoraLinear(base, r=16, init_lora_weights=False).cuda().eval()
+    static_x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture, as torch's CUDA graph docs ask
+            for _ in range(3):
+                layer(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        for _ in range(3):
+            x = torch.randn_like(static_x)
+            static_x.copy_(x)
+            graph.replay()
+            eager = layer(x)
+            torch.testing.assert_close(static_y.float(), eager.float(), rtol=2e-2, atol=2e-2 * eager.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_torch_compile_reduce_overhead_replays_like_eager():
+    """`torch.compile(mode="reduce-overhead")` (inductor's CUDA graphs) over a LoRA layer on a
+    4-bit base gives eager's one-row results on every call after its warm-up."""
+    torch.manual_seed(5)
+    layer = fastlora.LoraLinear(fastlora.Linear4bit(2048, 512, compute_dtype=torch.bfloat16), r=16,
+                                init_lora_weights=False).cuda().eval()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+            got, want = compiled(x).float(), layer(x).float()
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

@@ -29,10 +29,12 @@ from triton.runtime.interpreter import InterpretedFunction
 from ..formats import code_tensor
 from ..reference import _nibble_bounds
 from ..scales import NestedScales
+from . import tuning
 
-# Launch parameters on a GPU: bytes (dequantize) or elements (quantize) per program. With
-# the dequantize kernel's 8 warps, 4096 bytes are 16 per thread: one 128-bit load each.
-_DEQUANTIZE_BYTES = 4096
+# Launch parameters on a GPU. Dequantize: (packed bytes per program, warps), 16 or 32 bytes
+# per thread (one or two 128-bit loads each); the first is the default, and the GPU sweep
+# picks among them per weight size (`dequantize_config`). Quantize: elements per program.
+DEQUANTIZE_CONFIGS = [(4096, 8), (2048, 4), (8192, 8)]
 _QUANTIZE_ELEMENTS = 2048
 # bitsandbytes' 8-bit grid: 65536 points over [-1, 1] (see `fastlora.reference.quantize_blockwise`).
 _GRID_STEPS = 65535.0
@@ -241,11 +243,14 @@ def dequantize_4bit(
     *,
     nested: NestedScales | None = None,
     out: torch.Tensor | None = None,
+    config: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The dense weight: `code[nibble] * scale[block]` in fp32, cast to `dtype`.
 
     `absmax` holds fp32 scales, or uint8 double-quantized ones decoded in the same kernel
     when `nested` is given. `out`, if given, is a contiguous tensor of `shape` and `dtype`.
+    `config` (bytes per program, warps) replaces `dequantize_config`'s choice (the GPU
+    sweep's candidates).
     """
     numel = 1
     for size in shape:
@@ -255,13 +260,25 @@ def dequantize_4bit(
     if numel == 0:
         return out
     n_bytes = (numel + 1) // 2
-    per_program = min(_DEQUANTIZE_BYTES, triton.next_power_of_2(n_bytes))
+    per_program, warps = config or dequantize_config(numel, packed.device)
+    per_program = min(per_program, triton.next_power_of_2(n_bytes))
     scale_pointers, scale_constants = scale_args(absmax.contiguous(), nested)
     _dequantize_4bit_kernel[(_programs_for(n_bytes, per_program),)](
         packed.reshape(-1).view(torch.uint8), code_table(quant_type, packed.device), *scale_pointers, out, numel,
-        n_bytes, BLOCKSIZE=blocksize, BYTES=per_program, num_warps=8, enable_fp_fusion=False, **scale_constants,
+        n_bytes, BLOCKSIZE=blocksize, BYTES=per_program, num_warps=warps, enable_fp_fusion=False, **scale_constants,
     )
     return out
+
+
+def dequantize_config(numel: int, device: torch.device) -> tuple[int, int]:
+    """(bytes per program, warps) for dequantizing `numel` weights: the measured table's
+    choice (`fastlora.kernels.tuning`), else the first of `DEQUANTIZE_CONFIGS`."""
+    measured = tuning.lookup("dequantize", device, numel)
+    if measured is not None:
+        config = (measured.get("BYTES"), measured.get("num_warps"))
+        if config in DEQUANTIZE_CONFIGS:
+            return config
+    return DEQUANTIZE_CONFIGS[0]
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:

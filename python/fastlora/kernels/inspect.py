@@ -70,7 +70,8 @@ class Report:
 _MATMUL_SIGNATURE = {
     "a_ptr": "*bf16", "packed_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32",
     "code2_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*bf16", "u_ptr": "*fp32", "up_ptr": "*fp32",
-    "out_ptr": "*bf16", "sums_ptr": "*fp32", "counts_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "rank": "i32", "lora_scaling": "fp32", "M_BUCKET": "i32",
+    "out_ptr": "*bf16", "sums_ptr": "*fp32", "counts_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "rank": "i32",
+    "lora_scaling": "fp32", "M_BUCKET": "i32",
 }
 _NESTED = {"NESTED": True, "NESTED_BLOCKSIZE": 256}
 # Sizes taken as multiples of 16, as they are in the models measured (4096, 11008, 14336).
@@ -105,10 +106,11 @@ def kernel_configs(arch: str = "sm_90") -> Iterator[KernelConfig]:
         yield _matmul_config("matmul_4bit GEMV transposed", {"BLOCK_M": 1, "BLOCK_OUT": bo, "BLOCK_RED": br}, True,
                              False, warps, stages)
     scales = {"absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32"}
-    yield KernelConfig(
-        "dequantize_4bit", {"BYTES": dequantize._DEQUANTIZE_BYTES, "num_warps": 8}, dequantize._dequantize_4bit_kernel,
-        {"packed_ptr": "*u8", "code_ptr": "*fp32", **scales, "out_ptr": "*bf16", "numel": "i64",
-         "n_bytes": "i64"}, {"BLOCKSIZE": 64, **_NESTED, "BYTES": dequantize._DEQUANTIZE_BYTES}, 8)
+    for per_program, warps in dequantize.DEQUANTIZE_CONFIGS:
+        yield KernelConfig(
+            "dequantize_4bit", {"BYTES": per_program, "num_warps": warps}, dequantize._dequantize_4bit_kernel,
+            {"packed_ptr": "*u8", "code_ptr": "*fp32", **scales, "out_ptr": "*bf16", "numel": "i64",
+             "n_bytes": "i64"}, {"BLOCKSIZE": 64, **_NESTED, "BYTES": per_program}, warps)
     rows = dequantize._QUANTIZE_ELEMENTS // 64
     yield KernelConfig(
         "quantize_4bit", {"ROWS": rows, "num_warps": 4}, dequantize._quantize_4bit_kernel,

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .dequantize import (
     INTERPRETED,
     NestedScales,
@@ -311,7 +312,8 @@ _SMALL_M_TILES = [
     (64, 256, 8, 3),
 ]
 # The one-row GEMV (`_gemv_4bit_kernel`): (BLOCK_OUT, BLOCK_BYTES, warps); BLOCK_OUT rows of W
-# and BLOCK_BYTES packed bytes of each per step, 16 or 32 bytes per thread.
+# and BLOCK_BYTES packed bytes of each per step, 16 or 32 bytes per thread. The GPU sweep
+# picks among these per shape (`gemv_config`); a table naming another is ignored.
 _GEMV_TILES = [(32, 128, 8), (64, 128, 8), (32, 64, 4)]
 # Transposed: BLOCK_OUT contiguous columns of W, BLOCK_RED rows.
 _SMALL_M_TRANSPOSED_TILES = [(128, 32, 4, 4), (128, 64, 4, 3), (256, 32, 4, 3), (64, 64, 4, 4), (256, 64, 8, 3)]
@@ -445,38 +447,47 @@ def _split_workspace(out: torch.Tensor, split: int, tiles: int) -> tuple[torch.T
     return sums, counts
 
 
-def _gemv_tile(n: int, k: int, m: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_OUT, BLOCK_BYTES, warps) for the one-row GEMV: a heuristic until the GPU sweep
-    writes a measured table; short rows take the narrow tile, many output rows the tall one."""
-    if device.type != "cuda":
-        return _INTERPRETER_BLOCK_OUT, _INTERPRETER_BLOCK_RED // 2, 4
-    if k // 2 <= 128:
-        return _GEMV_TILES[2]
-    if triton.cdiv(n, 32) * m >= 4 * _sms(device):
-        return _GEMV_TILES[1]
-    return _GEMV_TILES[0]
-
-
-def _launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias, lora, out):
-    """One program per activation row and BLOCK_OUT rows of W (`_gemv_4bit_kernel`), the
-    reduction split where that leaves SMs idle (`_store_split`)."""
-    m = x2d.shape[0]
-    block_out, block_bytes, warps = _gemv_tile(n, k, m, x2d.device)
-    programs = triton.cdiv(n, block_out) * m
+def gemv_config(n: int, k: int, m: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_OUT, BLOCK_BYTES, warps, split) for the one-row GEMV: the measured table's choice
+    for this shape (`fastlora.kernels.tuning`), else a heuristic: short rows take the narrow
+    tile, many output rows the tall one, and the reduction is split where the output tiles
+    alone leave SMs idle."""
     k_bytes = k // 2
-    if x2d.device.type == "cuda":
-        wanted = _sms(x2d.device)
-        split = max(1, min(wanted // programs, k_bytes // (2 * block_bytes)))
-    else:  # the interpreter: split small problems too, so the tests run the atomic path
-        split = max(1, min(4 // programs, triton.cdiv(k_bytes, block_bytes)))
-    sums, counts = _split_workspace(out, split, programs)
+    measured = tuning.lookup("gemv", device, n, k, m)
+    if measured is not None:
+        tile = (measured.get("BLOCK_OUT"), measured.get("BLOCK_BYTES"), measured.get("num_warps"))
+        split = measured.get("SPLIT")
+        if tile in _GEMV_TILES and isinstance(split, int) and 1 <= split <= max(1, k_bytes // tile[1]):
+            return (*tile, split)
+    if device.type != "cuda":  # the interpreter: split small problems too, so the tests run the atomic path
+        block_out, block_bytes, warps = _INTERPRETER_BLOCK_OUT, _INTERPRETER_BLOCK_RED // 2, 4
+        programs = triton.cdiv(n, block_out) * m
+        return block_out, block_bytes, warps, max(1, min(4 // programs, triton.cdiv(k_bytes, block_bytes)))
+    if k_bytes <= 128:
+        block_out, block_bytes, warps = _GEMV_TILES[2]
+    elif triton.cdiv(n, 32) * m >= 4 * _sms(device):
+        block_out, block_bytes, warps = _GEMV_TILES[1]
+    else:
+        block_out, block_bytes, warps = _GEMV_TILES[0]
+    programs = triton.cdiv(n, block_out) * m
+    split = max(1, min(_sms(device) // programs, k_bytes // (2 * block_bytes)))
+    return block_out, block_bytes, warps, split
+
+
+def launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias, lora, out, config=None):
+    """One program per activation row and BLOCK_OUT rows of W (`_gemv_4bit_kernel`), the
+    reduction split where that leaves SMs idle (`_store_split`). `config` (BLOCK_OUT,
+    BLOCK_BYTES, warps, split) replaces `gemv_config`'s choice (the GPU sweep's candidates)."""
+    m = x2d.shape[0]
+    block_out, block_bytes, warps, split = config or gemv_config(n, k, m, x2d.device)
+    sums, counts = _split_workspace(out, split, triton.cdiv(n, block_out) * m)
     scale_pointers, scale_constants = scale_args(absmax.contiguous(), nested)
     rank = 0 if lora is None else lora.u.shape[1]
     _gemv_4bit_kernel[(m, triton.cdiv(n, block_out), split)](
         x2d, packed.reshape(-1).view(torch.uint8), code_table(quant_type, x2d.device), *scale_pointers,
         out if bias is None else bias.contiguous(), out if lora is None else lora.u.contiguous(),
         out if lora is None else lora.up.contiguous(), out, sums, counts,
-        n, k, k_bytes, rank, 0.0 if lora is None else float(lora.scaling),
+        n, k, k // 2, rank, 0.0 if lora is None else float(lora.scaling),
         BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
         RANK_BLOCK=max(16, triton.next_power_of_2(max(rank, 1))), SPLIT=split, BLOCK_OUT=block_out,
         BLOCK_BYTES=block_bytes, num_warps=warps, **scale_constants,
@@ -486,7 +497,7 @@ def _launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias,
 def _launch(x2d, packed, absmax, n, k, blocksize, quant_type, transposed, nested, bias, lora, out):
     m = x2d.shape[0]
     if m <= GEMV_MAX_ROWS and not transposed and k % blocksize == 0:
-        _launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias, lora, out)
+        launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias, lora, out)
         return
     out_dim, red_dim = (k, n) if transposed else (n, k)
     small = m <= SMALL_M_MAX_ROWS
