@@ -9,8 +9,11 @@ bf16 cases the interpreter cannot run); the CPU backend tests then skip.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
+import triton
 
 import fastlora
 from fastlora import backends as _backend
@@ -496,3 +499,64 @@ def test_torch_compile_reduce_overhead_replays_like_eager():
             x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
             got, want = compiled(x).float(), layer(x).float()
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+class _FakeKernel:
+    """Stands for a JIT kernel computing `y = SCALE * x` (SCALE a constant, default 2): its
+    ordinary launch returns a compiled kernel whose launcher computes `direct_scale * x`."""
+
+    arg_names = ["x_ptr", "y_ptr", "n", "SCALE"]
+    params = [types.SimpleNamespace(name="SCALE", has_default=True, default=2.0)]
+
+    def __init__(self, direct_scale: float) -> None:
+        self.ordinary = self.direct = 0
+        self.direct_scale = direct_scale
+        self.compiled = types.SimpleNamespace(function="f", packed_metadata="m", run=self._run)
+
+    def _run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, exit_, x, y, n, scale):
+        assert (gx, gy, gz, stream, function, metadata, n, scale) == (3, 1, 1, 7, "f", "m", x.numel(), 2.0)
+        self.direct += 1
+        y.copy_(self.direct_scale * x)
+
+    def __getitem__(self, grid):
+        def launch(x, y, n, SCALE=2.0, num_warps=4):
+            self.ordinary += 1
+            y.copy_(SCALE * x)
+            return self.compiled
+
+        return launch
+
+
+@pytest.mark.parametrize("reproduces", [True, False])
+def test_direct_launches_are_checked_and_fall_back_to_ordinary_ones(reproduces, monkeypatch):
+    """A `DirectLaunch` takes the compiled launcher only after it reproduced the ordinary
+    launch's output, and for later calls with the same argument key; a binary that does not
+    reproduce it leaves the site on ordinary launches (with a warning); a misaligned tensor
+    (another key) or an installed launch hook takes the ordinary launch. Every output is right."""
+    from fastlora.kernels import launch
+
+    kernel = _FakeKernel(direct_scale=2.0 if reproduces else 3.0)
+    site = launch.DirectLaunch(kernel, {"num_warps": 4}, outputs=(1,), enabled=True, stream=lambda: 7)
+    x = torch.randn(17)
+
+    def call(t: torch.Tensor) -> None:
+        y = torch.full_like(t, float("nan"))
+        site((3, 1, 1), t, y, t.numel())
+        torch.testing.assert_close(y, 2 * t)
+
+    if reproduces:
+        call(x)
+        assert (kernel.ordinary, kernel.direct) == (1, 1)  # the ordinary launch and its check
+        call(x)
+        call(x.clone())
+        assert (kernel.ordinary, kernel.direct) == (1, 3)
+        call(x[1:])  # 4 bytes off 16-byte alignment: another specialization
+        assert (kernel.ordinary, kernel.direct) == (2, 4)
+        monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda *args: None)
+        call(x)
+        assert (kernel.ordinary, kernel.direct) == (3, 4)
+    else:
+        with pytest.warns(UserWarning, match="did not reproduce"):
+            call(x)
+        call(x)
+        assert not site.enabled and (kernel.ordinary, kernel.direct) == (2, 1)

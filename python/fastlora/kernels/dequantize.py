@@ -30,6 +30,7 @@ from ..formats import code_tensor
 from ..reference import _nibble_bounds
 from ..scales import NestedScales
 from . import tuning
+from .launch import launch
 
 # Launch parameters on a GPU. Dequantize: (packed bytes per program, warps), 16 or 32 bytes
 # per thread (one or two 128-bit loads each); the first is the default, and the GPU sweep
@@ -263,10 +264,11 @@ def dequantize_4bit(
     per_program, warps = config or dequantize_config(numel, packed.device)
     per_program = min(per_program, triton.next_power_of_2(n_bytes))
     scale_pointers, scale_constants = scale_args(absmax.contiguous(), nested)
-    _dequantize_4bit_kernel[(_programs_for(n_bytes, per_program),)](
-        packed.reshape(-1).view(torch.uint8), code_table(quant_type, packed.device), *scale_pointers, out, numel,
-        n_bytes, BLOCKSIZE=blocksize, BYTES=per_program, num_warps=warps, enable_fp_fusion=False, **scale_constants,
-    )
+    launch(_dequantize_4bit_kernel, (_programs_for(n_bytes, per_program), 1, 1),
+           (packed.reshape(-1).view(torch.uint8), code_table(quant_type, packed.device), *scale_pointers, out, numel,
+            n_bytes),
+           dict(BLOCKSIZE=blocksize, BYTES=per_program, num_warps=warps, enable_fp_fusion=False, **scale_constants),
+           outputs=(2 + len(scale_pointers),))
     return out
 
 

@@ -52,6 +52,7 @@ from .dequantize import (
     dequantize_4bit,
     scale_args,
 )
+from .launch import launch
 
 # Up to this many activation rows: the small-M path (each packed byte read once).
 SMALL_M_MAX_ROWS = 16
@@ -483,15 +484,15 @@ def launch_gemv(x2d, packed, absmax, n, k, blocksize, quant_type, nested, bias, 
     sums, counts = _split_workspace(out, split, triton.cdiv(n, block_out) * m)
     scale_pointers, scale_constants = scale_args(absmax.contiguous(), nested)
     rank = 0 if lora is None else lora.u.shape[1]
-    _gemv_4bit_kernel[(m, triton.cdiv(n, block_out), split)](
-        x2d, packed.reshape(-1).view(torch.uint8), code_table(quant_type, x2d.device), *scale_pointers,
-        out if bias is None else bias.contiguous(), out if lora is None else lora.u.contiguous(),
-        out if lora is None else lora.up.contiguous(), out, sums, counts,
-        n, k, k // 2, rank, 0.0 if lora is None else float(lora.scaling),
-        BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
-        RANK_BLOCK=max(16, triton.next_power_of_2(max(rank, 1))), SPLIT=split, BLOCK_OUT=block_out,
-        BLOCK_BYTES=block_bytes, num_warps=warps, **scale_constants,
-    )
+    args = (x2d, packed.reshape(-1).view(torch.uint8), code_table(quant_type, x2d.device), *scale_pointers,
+            out if bias is None else bias.contiguous(), out if lora is None else lora.u.contiguous(),
+            out if lora is None else lora.up.contiguous(), out, sums, counts,
+            n, k, k // 2, rank, 0.0 if lora is None else float(lora.scaling))
+    constants = dict(BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
+                     RANK_BLOCK=max(16, triton.next_power_of_2(max(rank, 1))), SPLIT=split, BLOCK_OUT=block_out,
+                     BLOCK_BYTES=block_bytes, num_warps=warps, **scale_constants)
+    launch(_gemv_4bit_kernel, (m, triton.cdiv(n, block_out), split), args, constants,
+           outputs=(6 + len(scale_pointers),))
 
 
 def _launch(x2d, packed, absmax, n, k, blocksize, quant_type, transposed, nested, bias, lora, out):
