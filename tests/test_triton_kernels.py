@@ -10,6 +10,7 @@ bf16 cases the interpreter cannot run); the CPU backend tests then skip.
 from __future__ import annotations
 
 import types
+import warnings
 
 import pytest
 import torch
@@ -216,6 +217,29 @@ def test_launchers_take_a_measured_table_and_ignore_what_it_cannot_launch(tmp_pa
     x = torch.randn(2, k)
     out = torch.full((2, n), float("nan"), device=DEVICE)
     y = matmul.matmul_4bit(x.to(DEVICE), packed, scales, n, k, 64, "nf4", False, out=out)
+    assert_close_to(y, x.double() @ weight.t(), x.double().abs() @ weight.abs().t(), torch.float32)
+
+
+@pytest.mark.skipif(ON_GPU, reason="writes the interpreter's table")
+@pytest.mark.parametrize("text", ['{"kernels": {"gemv": ', '[1, 2]', '{"kernels": {"gemv": [1]}}',
+                                  '{"kernels": {"gemv": {"40x256x2": 5}}}'])
+def test_a_corrupt_launch_table_is_ignored_with_a_warning(text, tmp_path, monkeypatch):
+    """A table file that is not a table (cut off, another shape, entries that are not objects)
+    leaves the launchers on their heuristics: a warning where the file is unreadable as a
+    table, never a failed launch."""
+    from fastlora.kernels import tuning
+
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    heuristic = matmul.gemv_config(40, 256, 2, DEVICE)
+    (tmp_path / "interpreter.json").write_text(text)
+    tuning._table.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert matmul.gemv_config(40, 256, 2, DEVICE) == heuristic
+    assert bool(caught) == (text != '{"kernels": {"gemv": {"40x256x2": 5}}}')
+    packed, scales, _, _, weight = quantized((40, 256), 64, "nf4", False)
+    x = torch.randn(2, 256)
+    y = matmul.matmul_4bit(x.to(DEVICE), packed, scales, 40, 256, 64, "nf4", False)
     assert_close_to(y, x.double() @ weight.t(), x.double().abs() @ weight.abs().t(), torch.float32)
 
 

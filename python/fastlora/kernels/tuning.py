@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,15 +45,26 @@ def shape_key(*sizes: int) -> str:
 
 @functools.cache
 def _table(directory: Path, family: str) -> dict:
+    """The table's kernels; empty (the heuristics) for a family without one, and, with a
+    warning, for a file that is not a table: a launch never fails on it."""
+    path = directory / f"{family}.json"
     try:
-        return json.loads((directory / f"{family}.json").read_text()).get("kernels", {})
+        kernels = json.loads(path.read_text()).get("kernels", {})
+        if not isinstance(kernels, dict) or not all(isinstance(v, dict) for v in kernels.values()):
+            raise ValueError("'kernels' must map kernel names to objects")
+        return kernels
     except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        warnings.warn(f"fastlora: ignoring the launch table {path} ({exc}); the launchers use their heuristics",
+                      stacklevel=3)
         return {}
 
 
 def lookup(kernel: str, device: torch.device, *sizes: int) -> dict | None:
     """The measured launch parameters of `kernel` for this shape on `device`'s family, or None."""
-    return _table(CONFIG_DIR, family(device)).get(kernel, {}).get(shape_key(*sizes))
+    entry = _table(CONFIG_DIR, family(device)).get(kernel, {}).get(shape_key(*sizes))
+    return entry if isinstance(entry, dict) else None
 
 
 def write_table(path: Path, kernels: dict[str, dict[str, dict]], about: dict) -> None:
