@@ -73,13 +73,12 @@ pub fn matmul_4bit<T: Element>(
         let groups: Vec<Vec<&[f32]>> =
             laid.chunks(MAX_ROWS).map(|g| g.iter().map(|v| v.as_slice()).collect()).collect();
         parallel::for_each_chunk_mut(&mut y_t, rows_per_task * m, |t, out| {
-            for (i, out_row) in out.chunks_mut(m).enumerate() {
-                let r = t * rows_per_task + i;
-                let bytes = &weight.packed[r * half..(r + 1) * half];
-                let scales = &weight.absmax[r * blocks_per_row..(r + 1) * blocks_per_row];
-                for (xs, out_group) in groups.iter().zip(out_row.chunks_mut(MAX_ROWS)) {
-                    simd::fused_row_dot(isa, book, bytes, scales, block_bytes, xs, out_group);
-                }
+            let (first, rows) = (t * rows_per_task, out.len() / m);
+            let bytes = &weight.packed[first * half..(first + rows) * half];
+            let scales = &weight.absmax[first * blocks_per_row..(first + rows) * blocks_per_row];
+            for (g, xs) in groups.iter().enumerate() {
+                let column = g * MAX_ROWS;
+                simd::fused_rows_dot(isa, book, bytes, scales, half, block_bytes, xs, &mut out[column..], m);
             }
         });
     } else {

@@ -102,64 +102,75 @@ unsafe fn decode32(ptr: *const u8, planes: &[__m256i; 4]) -> [__m256; 4] {
     ]
 }
 
-/// [`super::fused_row_dot`] on AVX2.
+/// [`super::fused_rows_dot`] on AVX2.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA, and the slices must have the lengths
-/// [`super::fused_row_dot`] checks.
-pub unsafe fn fused_row_dot(
+/// [`super::fused_rows_dot`] checks.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn fused_rows_dot(
     byte_planes: &[[u8; 16]; 4],
     bytes: &[u8],
     scales: &[f32],
+    row_bytes: usize,
     block_bytes: usize,
     xs: &[&[f32]],
     out: &mut [f32],
+    out_stride: usize,
 ) {
-    match out.len() {
-        1 => row_dot::<1>(byte_planes, bytes, scales, block_bytes, xs, out),
-        2 => row_dot::<2>(byte_planes, bytes, scales, block_bytes, xs, out),
-        3 => row_dot::<3>(byte_planes, bytes, scales, block_bytes, xs, out),
-        _ => row_dot::<4>(byte_planes, bytes, scales, block_bytes, xs, out),
+    match xs.len() {
+        1 => rows_dot::<1>(byte_planes, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
+        2 => rows_dot::<2>(byte_planes, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
+        3 => rows_dot::<3>(byte_planes, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
+        _ => rows_dot::<4>(byte_planes, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_dot<const ROWS: usize>(
+unsafe fn rows_dot<const ROWS: usize>(
     byte_planes: &[[u8; 16]; 4],
     bytes: &[u8],
     scales: &[f32],
+    row_bytes: usize,
     block_bytes: usize,
     xs: &[&[f32]],
     out: &mut [f32],
+    out_stride: usize,
 ) {
     let planes = plane_registers(byte_planes);
     let x: [*const f32; ROWS] = std::array::from_fn(|m| xs[m].as_ptr());
-    let src = bytes.as_ptr();
-    let mut total = [_mm256_setzero_ps(); ROWS];
-    for (b, &scale) in scales.iter().enumerate() {
-        // Two chains per row hide the FMA latency.
-        let mut acc_a = [_mm256_setzero_ps(); ROWS];
-        let mut acc_b = [_mm256_setzero_ps(); ROWS];
-        let start = b * block_bytes;
-        let mut j = start;
-        while j < start + block_bytes {
-            let w = decode32(src.add(j), &planes);
-            for m in 0..ROWS {
-                let xm = x[m].add(2 * j);
-                acc_a[m] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xm), acc_a[m]);
-                acc_b[m] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xm.add(8)), acc_b[m]);
-                acc_a[m] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xm.add(16)), acc_a[m]);
-                acc_b[m] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm.add(24)), acc_b[m]);
+    let blocks_per_row = row_bytes / block_bytes;
+    let dst = out.as_mut_ptr();
+    for r in 0..bytes.len() / row_bytes {
+        let src = bytes.as_ptr().add(r * row_bytes);
+        let row_scales = scales.as_ptr().add(r * blocks_per_row);
+        let mut total = [_mm256_setzero_ps(); ROWS];
+        for b in 0..blocks_per_row {
+            // Two chains per row hide the FMA latency.
+            let mut acc_a = [_mm256_setzero_ps(); ROWS];
+            let mut acc_b = [_mm256_setzero_ps(); ROWS];
+            let start = b * block_bytes;
+            let mut j = start;
+            while j < start + block_bytes {
+                let w = decode32(src.add(j), &planes);
+                for m in 0..ROWS {
+                    let xm = x[m].add(2 * j);
+                    acc_a[m] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xm), acc_a[m]);
+                    acc_b[m] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xm.add(8)), acc_b[m]);
+                    acc_a[m] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xm.add(16)), acc_a[m]);
+                    acc_b[m] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm.add(24)), acc_b[m]);
+                }
+                j += super::CHUNK_BYTES;
             }
-            j += super::CHUNK_BYTES;
+            let scale_v = _mm256_set1_ps(*row_scales.add(b));
+            for m in 0..ROWS {
+                total[m] = _mm256_fmadd_ps(_mm256_add_ps(acc_a[m], acc_b[m]), scale_v, total[m]);
+            }
         }
-        let scale_v = _mm256_set1_ps(scale);
-        for m in 0..ROWS {
-            total[m] = _mm256_fmadd_ps(_mm256_add_ps(acc_a[m], acc_b[m]), scale_v, total[m]);
+        for (m, &sum) in total.iter().enumerate() {
+            *dst.add(r * out_stride + m) = horizontal_sum(sum);
         }
-    }
-    for m in 0..ROWS {
-        out[m] = horizontal_sum(total[m]);
     }
 }
 

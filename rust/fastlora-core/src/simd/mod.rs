@@ -137,29 +137,39 @@ pub fn dot_slot(j: usize, low: bool) -> usize {
     8 * (j / 4) + j % 4 + if low { 0 } else { 4 }
 }
 
-/// One packed weight row against up to [`MAX_ROWS`] activation rows:
-/// `out[m] = sum_b scales[b] * sum_{i in block b} book.values[code_i] * x_m[i]`, with each `x_m`
-/// in [`dot_layout`]. `block_bytes` (blocksize / 2) is a multiple of [`CHUNK_BYTES`] and
-/// `bytes.len()` a multiple of it.
+/// Consecutive packed weight rows of `row_bytes` bytes each against up to [`MAX_ROWS`]
+/// activation rows: for weight row `r` and activation row `q`,
+/// `out[r * out_stride + q] = sum_b scales_r[b] * sum_{i in block b} book.values[code_i] * x_q[i]`,
+/// with each `x_q` in [`dot_layout`]. `block_bytes` (blocksize / 2) is a multiple of
+/// [`CHUNK_BYTES`] dividing `row_bytes`; `scales` holds every block's scale, row after row.
+/// One call for many weight rows, since a row of a small layer (64 weights: one block) costs
+/// less than a call's set-up.
 #[allow(clippy::too_many_arguments)]
-pub fn fused_row_dot(
+pub fn fused_rows_dot(
     isa: Isa,
     book: &CodeBook,
     bytes: &[u8],
     scales: &[f32],
+    row_bytes: usize,
     block_bytes: usize,
     xs: &[&[f32]],
     out: &mut [f32],
+    out_stride: usize,
 ) {
-    let rows = out.len();
-    assert!((1..=MAX_ROWS).contains(&rows) && xs.len() == rows);
-    assert!(block_bytes % CHUNK_BYTES == 0 && bytes.len() == scales.len() * block_bytes);
-    assert!(xs.iter().all(|x| x.len() >= 2 * bytes.len()));
+    let group = xs.len();
+    assert!((1..=MAX_ROWS).contains(&group) && group <= out_stride);
+    assert!(block_bytes % CHUNK_BYTES == 0 && block_bytes > 0 && row_bytes % block_bytes == 0 && row_bytes > 0);
+    assert!(bytes.len() % row_bytes == 0 && bytes.len() == scales.len() * block_bytes);
+    let rows = bytes.len() / row_bytes;
+    assert!(rows == 0 || out.len() >= (rows - 1) * out_stride + group);
+    assert!(xs.iter().all(|x| x.len() >= 2 * row_bytes));
     match isa {
-        Isa::Scalar => scalar::fused_row_dot(&book.values, bytes, scales, block_bytes, xs, out),
+        Isa::Scalar => scalar::fused_rows_dot(&book.values, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `decode_pairs`; slice lengths were checked above.
-        Isa::Avx2 => unsafe { avx2::fused_row_dot(&book.byte_planes, bytes, scales, block_bytes, xs, out) },
+        Isa::Avx2 => unsafe {
+            avx2::fused_rows_dot(&book.byte_planes, bytes, scales, row_bytes, block_bytes, xs, out, out_stride)
+        },
     }
 }
 

@@ -9,28 +9,35 @@ pub fn decode_pairs(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32]
     }
 }
 
-pub fn fused_row_dot(
+#[allow(clippy::too_many_arguments)]
+pub fn fused_rows_dot(
     table: &[f32; 16],
     bytes: &[u8],
     scales: &[f32],
+    row_bytes: usize,
     block_bytes: usize,
     xs: &[&[f32]],
     out: &mut [f32],
+    out_stride: usize,
 ) {
-    for (x, o) in xs.iter().zip(out.iter_mut()) {
-        let mut total = 0.0f32;
-        for (b, (block, &scale)) in bytes.chunks_exact(block_bytes).zip(scales).enumerate() {
-            let mut sum = 0.0f32;
-            for (c, chunk) in block.chunks_exact(CHUNK_BYTES).enumerate() {
-                let xc = &x[2 * (b * block_bytes + c * CHUNK_BYTES)..];
-                for (j, &byte) in chunk.iter().enumerate() {
-                    sum += table[(byte >> 4) as usize] * xc[dot_slot(j, false)];
-                    sum += table[(byte & 0x0f) as usize] * xc[dot_slot(j, true)];
+    let blocks_per_row = row_bytes / block_bytes;
+    for (r, row) in bytes.chunks_exact(row_bytes).enumerate() {
+        let row_scales = &scales[r * blocks_per_row..(r + 1) * blocks_per_row];
+        for (q, x) in xs.iter().enumerate() {
+            let mut total = 0.0f32;
+            for (b, (block, &scale)) in row.chunks_exact(block_bytes).zip(row_scales).enumerate() {
+                let mut sum = 0.0f32;
+                for (c, chunk) in block.chunks_exact(CHUNK_BYTES).enumerate() {
+                    let xc = &x[2 * (b * block_bytes + c * CHUNK_BYTES)..];
+                    for (j, &byte) in chunk.iter().enumerate() {
+                        sum += table[(byte >> 4) as usize] * xc[dot_slot(j, false)];
+                        sum += table[(byte & 0x0f) as usize] * xc[dot_slot(j, true)];
+                    }
                 }
+                total += scale * sum;
             }
-            total += scale * sum;
+            out[r * out_stride + q] = total;
         }
-        *o = total;
     }
 }
 

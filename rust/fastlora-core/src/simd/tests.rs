@@ -25,32 +25,44 @@ fn every_isa_decodes_like_scalar_bit_for_bit() {
 }
 
 #[test]
-fn every_isa_fused_dot_matches_scalar_and_the_plain_definition() {
+fn every_isa_fused_dot_matches_the_plain_definition() {
     let mut rng = Rng::new(2);
     for book in [&NF4_BOOK, &FP4_BOOK] {
-        for (block_bytes, blocks) in [(16usize, 1usize), (32, 3), (64, 2), (2048, 1)] {
-            let len = block_bytes * blocks;
-            let bytes = rng.bytes(len);
-            let scales = rng.floats(blocks, 2.0);
+        for (block_bytes, blocks, weight_rows) in [(16usize, 1usize, 1usize), (32, 3, 2), (64, 2, 5), (2048, 1, 3)] {
+            let row_bytes = block_bytes * blocks;
+            let bytes = rng.bytes(row_bytes * weight_rows);
+            let scales = rng.floats(blocks * weight_rows, 2.0);
+            let mut weights = vec![0.0f32; 2 * bytes.len()];
+            for (b, &scale) in scales.iter().enumerate() {
+                let range = b * block_bytes..(b + 1) * block_bytes;
+                scalar::decode_pairs(
+                    &book.values,
+                    &bytes[range.clone()],
+                    scale,
+                    &mut weights[2 * range.start..2 * range.end],
+                );
+            }
             for rows in 1..=MAX_ROWS {
-                let plain: Vec<Vec<f32>> = (0..rows).map(|_| rng.floats(2 * len, 1.0)).collect();
+                let plain: Vec<Vec<f32>> = (0..rows).map(|_| rng.floats(2 * row_bytes, 1.0)).collect();
                 let laid: Vec<Vec<f32>> = plain.iter().map(|x| dot_layout(x)).collect();
                 let xs: Vec<&[f32]> = laid.iter().map(|v| v.as_slice()).collect();
-                let mut weights = vec![0.0f32; 2 * len];
-                for (b, &scale) in scales.iter().enumerate() {
-                    let range = b * block_bytes..(b + 1) * block_bytes;
-                    scalar::decode_pairs(
-                        &book.values,
-                        &bytes[range.clone()],
-                        scale,
-                        &mut weights[2 * range.start..2 * range.end],
-                    );
+                // A stride wider than the group: the slots between groups stay untouched.
+                let stride = rows + 1;
+                let mut expected = vec![f32::NAN; weight_rows * stride];
+                for r in 0..weight_rows {
+                    for (q, x) in plain.iter().enumerate() {
+                        expected[r * stride + q] = dot(x, &weights[2 * r * row_bytes..2 * (r + 1) * row_bytes]);
+                    }
                 }
-                let expected: Vec<f32> = plain.iter().map(|x| dot(x, &weights)).collect();
                 for isa in available() {
-                    let mut out = vec![f32::NAN; rows];
-                    fused_row_dot(isa, book, &bytes, &scales, block_bytes, &xs, &mut out);
-                    assert_close(&out, &expected, 1e-4, 1e-3, isa.name());
+                    let mut out = vec![f32::NAN; weight_rows * stride];
+                    fused_rows_dot(isa, book, &bytes, &scales, row_bytes, block_bytes, &xs, &mut out, stride);
+                    for r in 0..weight_rows {
+                        assert!(out[r * stride + rows].is_nan(), "{} wrote past its group", isa.name());
+                        let (got, want) =
+                            (&out[r * stride..r * stride + rows], &expected[r * stride..r * stride + rows]);
+                        assert_close(got, want, 1e-4, 1e-3, isa.name());
+                    }
                 }
             }
         }
