@@ -73,6 +73,46 @@ def test_dequantize_into_out_writes_every_element_of_a_poisoned_buffer(out_dtype
     assert torch.equal(out, exact.to(out_dtype))
 
 
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="large outputs are mapped on Linux")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_a_freed_large_output_is_reused_and_a_live_one_never_is(out_dtype):
+    fastlora.empty_cache()
+    rows = (_cpu._HUGE_PAGE_MIN_BYTES // (1024 * out_dtype.itemsize)) + 3  # just over the mapping threshold
+    packed, state = fastlora.quantize_4bit(random_weight((rows, 1024), out_dtype))
+    exact = reference.dequantize_4bit(packed, state.absmax_fp32(), 64, "nf4", state.shape, torch.float32).to(out_dtype)
+    first = fastlora.dequantize_4bit(packed, state)
+    assert torch.equal(first, exact)
+    first_address = first.data_ptr()
+    first.fill_(float("nan"))
+    view = first[5]
+    del first
+    second = fastlora.dequantize_4bit(packed, state)  # `view` still holds the first
+    assert second.data_ptr() != first_address and view.isnan().all()
+    del view
+    third = fastlora.dequantize_4bit(packed, state)
+    assert third.data_ptr() == first_address  # the poisoned buffer, rewritten everywhere
+    assert torch.equal(third, exact) and torch.equal(second, exact)
+    del second, third
+    assert _cpu._spares.bytes_kept() > 0
+    fastlora.empty_cache()
+    assert _cpu._spares.bytes_kept() == 0
+
+
+def test_spare_mappings_keep_at_most_their_limit_newest_first():
+    import mmap
+
+    spares = _cpu._SpareMappings(max_bytes=2 << 20)
+    made = [mmap.mmap(-1, 1 << 20) for _ in range(3)]
+    too_large = mmap.mmap(-1, 3 << 20)
+    for mapping in made + [too_large]:
+        spares.keep(mapping)
+    assert made[0].closed and too_large.closed and not made[1].closed and not made[2].closed
+    assert spares.bytes_kept() == 2 << 20
+    assert spares.take(1 << 20) is made[2] and spares.take(5) is None
+    spares.clear()
+    assert made[1].closed and spares.bytes_kept() == 0
+
+
 def test_dequantize_rejects_an_out_that_does_not_fit():
     packed, state = fastlora.quantize_4bit(random_weight((16, 64)))
     with pytest.raises(ValueError, match=r"out has shape \(64, 16\)"):

@@ -14,6 +14,7 @@ import importlib.metadata
 from . import _native
 from ._threads import get_num_threads, set_num_threads, thread_pool
 from .adapter import load_adapter, save_adapter
+from .backends.cpu import empty_cache
 from .functional import dequantize_4bit, lora_batched, matmul_4bit, quantize_4bit
 from .model import merge_and_unload, prepare_model
 from .named_adapters import active_adapter, adapters_per_row, delete_adapter, list_adapters, set_adapter
@@ -54,6 +55,7 @@ __all__ = [
     "active_adapter",
     "adapters_per_row",
     "delete_adapter",
+    "empty_cache",
     "from_pretrained",
     "list_adapters",
     "load_adapter",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import mmap
+import threading
+import weakref
 
 import numpy as np
 import torch
@@ -71,23 +73,89 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
 # glibc's largest mmap threshold: smaller blocks come back from the heap already faulted in,
 # and a fresh mapping for them measured slower (benches/CPU_NOTES.md).
 _HUGE_PAGE_MIN_BYTES = 32 << 20
+# Freed mappings kept for the next output of the same size, at most this many bytes in all.
+_SPARE_MAX_BYTES = 256 << 20
+
+
+class _SpareMappings:
+    """Large output mappings whose tensors are gone, kept for the next output of the same
+    size, as torch's CUDA caching allocator keeps freed blocks. glibc unmaps blocks this large
+    at once, and the kernel zero-fills every page of a fresh mapping on first touch, which
+    costs more than dequantizing into it (benches/CPU_NOTES.md). A kept mapping is advised
+    `MADV_FREE`: the kernel takes its pages back under memory pressure (a later touch then
+    gets zeroed pages again), and otherwise reusing it costs no page fault."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._kept: list[mmap.mmap] = []  # oldest first
+        self._bytes = 0
+        # Re-entrant: a garbage collection inside `take` may free an output and call `keep`.
+        self._lock = threading.RLock()
+
+    def take(self, nbytes: int) -> mmap.mmap | None:
+        with self._lock:
+            for i in range(len(self._kept) - 1, -1, -1):
+                if len(self._kept[i]) == nbytes:
+                    self._bytes -= nbytes
+                    return self._kept.pop(i)
+        return None
+
+    def keep(self, mapping: mmap.mmap) -> None:
+        if len(mapping) > self.max_bytes:
+            mapping.close()
+            return
+        advise = getattr(mmap, "MADV_FREE", None)
+        if advise is not None:
+            try:
+                mapping.madvise(advise)
+            except OSError:
+                pass  # a kernel without MADV_FREE: the pages just stay resident
+        with self._lock:
+            self._kept.append(mapping)
+            self._bytes += len(mapping)
+            while self._bytes > self.max_bytes:
+                oldest = self._kept.pop(0)
+                self._bytes -= len(oldest)
+                oldest.close()
+
+    def bytes_kept(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            kept, self._kept, self._bytes = self._kept, [], 0
+        for mapping in kept:
+            mapping.close()
+
+
+_spares = _SpareMappings(_SPARE_MAX_BYTES)
+
+
+def empty_cache() -> None:
+    """Returns the memory of freed large CPU outputs kept for reuse to the system."""
+    _spares.clear()
 
 
 def empty_output(shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor. Large ones are backed by an anonymous mapping advised to
-    use transparent huge pages: a fresh 64 MiB output then costs 32 page faults instead of
-    16384, which otherwise take longer than the dequantization itself."""
+    use transparent huge pages (a fresh 64 MiB output then costs 32 page faults instead of
+    16384), reused once their tensor is freed (`_SpareMappings`)."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     advise = getattr(mmap, "MADV_HUGEPAGE", None)
     if nbytes < _HUGE_PAGE_MIN_BYTES or advise is None:
         return torch.empty(shape, dtype=dtype)
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        mapping.madvise(advise)
-    except OSError:
-        pass  # THP unavailable: still a valid (4 KiB-paged) buffer
-    # The tensor keeps `mapping` alive; it is unmapped when the tensor is freed.
-    return torch.frombuffer(mapping, dtype=dtype).view(shape)
+    mapping = _spares.take(nbytes)
+    if mapping is None:
+        mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            mapping.madvise(advise)
+        except OSError:
+            pass  # THP unavailable: still a valid (4 KiB-paged) buffer
+    # The array holds the mapping; the tensor (and every view of it) holds the array. When
+    # the last of them is freed, the mapping goes back to the spares instead of being unmapped.
+    array = np.frombuffer(mapping, dtype=np.uint8)
+    weakref.finalize(array, _spares.keep, mapping).atexit = False
+    return torch.from_numpy(array).view(dtype).view(shape)
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
