@@ -1130,3 +1130,25 @@ def test_the_decoding_call_sees_every_change_of_the_bias(gen):
     check()
     layer.bias = None
     check()
+
+
+def test_matmul_4bit_checks_a_bias_again_after_an_in_place_change_of_its_shape(gen):
+    """The functional call takes the decoding call too: the same bias tensor, resized in
+    place (its address unchanged), gets the usual error instead of a read past its end."""
+    w, x, bias = rand((48, 64), gen=gen), rand((2, 64), gen=gen), rand((48,), gen=gen)
+    packed, state = fastlora.quantize_4bit(w)
+    exact = x.double() @ fastlora.dequantize_4bit(packed, state).double().T
+    with torch.no_grad():
+        for _ in range(2):  # the first call prepares the plan, the second takes the decoding call
+            y = fastlora.matmul_4bit(x, packed, state, bias)
+            torch.testing.assert_close(y.double(), exact + bias.double(), rtol=1e-5, atol=1e-5)
+        address = bias.data_ptr()
+        bias.resize_(40)
+        assert bias.data_ptr() == address
+        with pytest.raises(ValueError, match=r"bias must have shape \(48,\)"):
+            fastlora.matmul_4bit(x, packed, state, bias)
+        with pytest.raises(ValueError, match="bias must have shape"):
+            fastlora.matmul_4bit(x, packed, state, rand((48, 1), gen=gen))
+        half_bias = rand((48,), gen=gen).half()  # another dtype than x: added by torch
+        y = fastlora.matmul_4bit(x, packed, state, half_bias)
+        torch.testing.assert_close(y.double(), exact + half_bias.double(), rtol=1e-5, atol=1e-5)

@@ -146,6 +146,9 @@ def matmul_4bit(
     plan = _plans.get(quant_state) if isinstance(quant_state, QuantState) else None
     if plan is None or not plan.is_current(packed) or not _made_from(plan, quant_state):
         plan = _matmul_plan(packed, quant_state)
+    y = plan.decode(x, bias)  # a decoding call, in one step; None where it is not one
+    if y is not None:
+        return y
     n, k = plan.n, plan.k
     if not isinstance(x, torch.Tensor) or x.dtype not in _checks.FLOAT_DTYPES:
         _checks.float_tensor("x", x)

@@ -332,14 +332,14 @@ class PreparedWeight:
         self.n, self.k, self.blocksize, self.quant_type = n, k, blocksize, quant_type
         self.native = _native.PackedWeight(as_numpy(packed), as_numpy(self.absmax), n, k, blocksize, quant_type)
         self._serial_rows = self.native.serial_rows  # calls this small never read the thread setting
-        self._bias: tuple = (None, 0, None)  # (tensor, address, dtype) of the last bias checked
+        self._bias: tuple = (None, 0, 0, None)  # (tensor, address, version, dtype) of the last bias checked
 
     def decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """`x @ W.T (+ bias)` in one native call when x is a contiguous `(..., k)` float tensor
         of at most `FUSED_MAX_ROWS` rows and the bias (if any) a contiguous CPU `(n,)` tensor
         of x's dtype (a layer's decoding call: only the output to allocate); else None. x is a
-        CPU tensor (`fastlora.ops._eager.direct_on_cpu`); a bias is checked once per tensor
-        and address, since a layer passes the same one every call."""
+        CPU tensor (`fastlora.ops._eager.direct_on_cpu`); a bias is checked once per tensor,
+        address and version, since a layer passes the same one every call."""
         shape, dtype = x.shape, x.dtype
         name = _DTYPE_NAMES.get(dtype)
         if name is None or not shape or shape[-1] != self.k or not x.is_contiguous():
@@ -349,13 +349,14 @@ class PreparedWeight:
             return None
         bias_ptr = None
         if bias is not None:
-            bias_ptr = bias.data_ptr()
-            checked, checked_ptr, bias_dtype = self._bias
-            if bias is not checked or bias_ptr != checked_ptr:
+            # In-place changes of shape or strides (`resize_`, `as_strided_`) bump the version.
+            bias_ptr, version = bias.data_ptr(), bias._version
+            checked, checked_ptr, checked_version, bias_dtype = self._bias
+            if bias is not checked or bias_ptr != checked_ptr or version != checked_version:
                 if not bias.is_cpu or not bias.is_contiguous() or bias.shape != (self.n,):
                     return None
                 bias_dtype = bias.dtype
-                self._bias = (bias, bias_ptr, bias_dtype)
+                self._bias = (bias, bias_ptr, version, bias_dtype)
             if bias_dtype != dtype:
                 return None
         # `empty_like` skips the parsing of a shape and a dtype keyword (1-2 us, as much as a
