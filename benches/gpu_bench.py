@@ -28,6 +28,11 @@ Sections, in this order (each reports its own failure and the run goes on):
 6. lora_layer: Linear4bit + LoRA r=16 forward + backward at M = 4096: fastlora's
    `LoraLinear`, `bitsandbytes.nn.Linear4bit` with a PEFT-style LoRA in plain torch, and a
    dense bf16 `nn.Linear` with the same LoRA; time and peak memory.
+7. decode: greedy decoding at batch 1 of a Llama-3.2-1B-shaped model (random weights, LoRA
+   r=16 on every linear layer): fastlora, bitsandbytes + peft and the dense bf16 model, each
+   eager (`generate` with its dynamic cache) and graph-captured (`generate` with the static
+   cache, which transformers compiles with `mode="reduce-overhead"`: CUDA graphs); tokens/s.
+   Needs transformers and peft (the section fails with a note without them).
 
 Timings are `triton.testing.do_bench` medians in ms (CUDA events). Results, with the
 device name and versions, go to `benches/results/gpu-<device>-<date>.json`, and every check
@@ -82,6 +87,12 @@ SWEEP_WEIGHTS = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (4096, 4
 SWEEP_ROWS = [1, 4]
 SWEEP_SPLITS = (1, 2, 4, 8, 16)
 LORA_RANK = 16
+# Llama-3.2-1B's shape; the dry run's is tiny.
+DECODE_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
+DRY_DECODE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=64, vocab_size=512, tie_word_embeddings=True)
+DECODE_PROMPT, DECODE_TOKENS = 16, 64
 DTYPE = torch.bfloat16
 # Allowed error of a bf16 result relative to sum(|a| * |b|) (W and y each rounded once).
 BF16_TOL = 2**-7
@@ -411,6 +422,72 @@ def bnb_linear(dense: nn.Linear, compute_dtype: torch.dtype, device: torch.devic
 
 
 # ---------------------------------------------------------------------------------------------
+# 7. decode
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_models(shape: dict, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], nn.Module]]:
+    """Builders of the three stacks over one random base (built on `device`) and LoRA r=16 on
+    every linear layer: fastlora, bitsandbytes + peft, the dense model with fastlora's LoRA."""
+    from fastlora.bench import bitsandbytes_peft_model
+    from fastlora.train import modeling
+
+    transformers = modeling._hf()
+    config = transformers.AutoConfig.from_pretrained(str(modeling.embedded_model_dir()))
+    for key, value in shape.items():
+        setattr(config, key, value)
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        with device:
+            return transformers.AutoModelForCausalLM.from_config(config, **modeling.dtype_kwarg(dtype))
+
+    return {
+        "fastlora": lambda: fastlora.prepare_model(base(), r=LORA_RANK, lora_alpha=2 * LORA_RANK),
+        "bitsandbytes + peft": lambda: bitsandbytes_peft_model(base(), LORA_RANK, 2 * LORA_RANK,
+                                                               compute_dtype=dtype, device=device),
+        "dense + LoRA": lambda: fastlora.prepare_model(base(), r=LORA_RANK, lora_alpha=2 * LORA_RANK, quantize=False),
+    }
+
+
+def generate_ms(model: nn.Module, ids: torch.Tensor, tokens: int, static: bool, device: torch.device,
+                warmups: int) -> float:
+    """Wall time of one greedy `generate` of exactly `tokens` tokens, after `warmups` calls
+    (on a GPU two: the static cache's compilation and CUDA-graph recording happen there)."""
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    with torch.no_grad():
+        for _ in range(warmups):
+            model.generate(ids, **kwargs)
+        synchronize(device)
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        synchronize(device)
+        elapsed = (time.perf_counter() - start) * 1e3
+    if out.shape != (1, ids.shape[1] + tokens):
+        raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected (1, {ids.shape[1] + tokens})")
+    return elapsed
+
+
+def run_decode(report: Report, shape: dict, prompt: int, tokens: int, device: torch.device) -> None:
+    dtype = DTYPE if device.type == "cuda" else torch.float32
+    builders = decode_models(shape, device, dtype)
+    ids = torch.randint(0, shape["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    case = f"batch 1, {tokens} tokens after {prompt}"
+    for impl, build in builders.items():
+        with report.section(f"decode {impl}"):
+            model = build().eval()
+            for mode, static in (("eager", False), ("graph-captured (static cache)", True)):
+                with report.section(f"decode {impl} {mode}"):
+                    ms = generate_ms(model, ids, tokens, static, device, warmups=2 if device.type == "cuda" else 0)
+                    report.timing("decode", case, f"{impl} {mode}", ms, tokens_per_s=tokens / ms * 1e3)
+            model = None  # freed before empty_cache
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def versions() -> dict[str, str]:
@@ -526,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny shapes on CPU tensors under Triton's interpreter (exercises the code paths)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["checks", "dequantize", "matmul", "lora", "sweep"])
+                        choices=["checks", "dequantize", "matmul", "lora", "sweep", "decode"])
     args = parser.parse_args(argv)
     if args.dry_run:
         device, weights, rows, lora_rows = torch.device("cpu"), DRY_WEIGHTS, DRY_ROWS, DRY_ROWS[-1]
@@ -562,6 +639,11 @@ def main(argv: list[str] | None = None) -> int:
         run_host_overhead(report, device)
     if "lora" not in args.skip:
         run_lora_layer(report, weights, lora_rows, device)
+    if "decode" not in args.skip:
+        with report.section("decode"):
+            shape, prompt, tokens = ((DRY_DECODE_SHAPE, 4, 2) if args.dry_run
+                                     else (DECODE_SHAPE, DECODE_PROMPT, DECODE_TOKENS))
+            run_decode(report, shape, prompt, tokens, device)
 
     path.write_text(json.dumps({
         "device": device_name, "date": date.isoformat(), "dry_run": args.dry_run, "versions": versions(),

@@ -23,7 +23,7 @@ def test_gpu_bench_dry_run_exercises_every_section(tmp_path):
     assert report["checks"] and all(check["ok"] for check in report["checks"])
     sections = {row["section"] for row in report["timings"]}
     assert sections == {"bandwidth", "dequantize", "matmul x@W.T", "matmul dy@W", "host overhead", "lora layer fwd+bwd",
-                        "sweep dequantize", "sweep gemv"}
+                        "sweep dequantize", "sweep gemv", "decode"}
     # Every row went to the JSONL as it was measured, and the sweep wrote the interpreter's table.
     logged = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
     assert [row for row in logged if row.pop("kind") == "timing"] == report["timings"]
@@ -32,3 +32,6 @@ def test_gpu_bench_dry_run_exercises_every_section(tmp_path):
     assert set(table["kernels"]["dequantize"]) == {"5120"}
     impls = {row["impl"] for row in report["timings"]}
     assert {"bitsandbytes.matmul_4bit", "bitsandbytes + torch LoRA", "dense cuBLAS"} <= impls
+    decoded = {row["impl"] for row in report["timings"] if row["section"] == "decode"}
+    assert decoded == {f"{impl} {mode}" for impl in ("fastlora", "bitsandbytes + peft", "dense + LoRA")
+                       for mode in ("eager", "graph-captured (static cache)")}
