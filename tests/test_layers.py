@@ -1152,3 +1152,22 @@ def test_matmul_4bit_checks_a_bias_again_after_an_in_place_change_of_its_shape(g
         half_bias = rand((48,), gen=gen).half()  # another dtype than x: added by torch
         y = fastlora.matmul_4bit(x, packed, state, half_bias)
         torch.testing.assert_close(y.double(), exact + half_bias.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_decoding_call_takes_inference_tensors(gen):
+    """Tensors made under `torch.inference_mode()` have no version counter: a bias among them
+    is checked on every call, and one resized in place there still gets the usual error."""
+    with torch.inference_mode():
+        w, x, bias = rand((48, 64), gen=gen), rand((1, 64), gen=gen), rand((48,), gen=gen)
+        packed, state = fastlora.quantize_4bit(w)
+        exact = x.double() @ fastlora.dequantize_4bit(packed, state).double().T + bias.double()
+        layer = fastlora.Linear4bit.from_linear(nn.Linear(64, 48))
+        for _ in range(3):
+            y = fastlora.matmul_4bit(x, packed, state, bias)
+            torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+            y = layer(x)
+            want = x.double() @ layer.dequantize().double().T + layer.bias.double()
+            torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+        bias.resize_(40)
+        with pytest.raises(ValueError, match=r"bias must have shape \(48,\)"):
+            fastlora.matmul_4bit(x, packed, state, bias)

@@ -350,9 +350,13 @@ class PreparedWeight:
         bias_ptr = None
         if bias is not None:
             # In-place changes of shape or strides (`resize_`, `as_strided_`) bump the version.
-            bias_ptr, version = bias.data_ptr(), bias._version
+            bias_ptr = bias.data_ptr()
+            try:
+                version = bias._version
+            except RuntimeError:  # an inference tensor has no version counter: checked every call
+                version = None
             checked, checked_ptr, checked_version, bias_dtype = self._bias
-            if bias is not checked or bias_ptr != checked_ptr or version != checked_version:
+            if version is None or bias is not checked or bias_ptr != checked_ptr or version != checked_version:
                 if not bias.is_cpu or not bias.is_contiguous() or bias.shape != (self.n,):
                     return None
                 bias_dtype = bias.dtype
