@@ -115,7 +115,7 @@ pub fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: 
 /// Packed bytes per chunk of the fused dot kernels (32 weights).
 pub const CHUNK_BYTES: usize = 16;
 
-/// Lays out an activation row (length a multiple of 32) for [`fused_row_dot`]: in each
+/// Lays out an activation row (length a multiple of 32) for [`fused_rows_dot`]: in each
 /// chunk of 32 elements, groups of 8 holding 4 odd elements then 4 even ones, which is the
 /// order in which the AVX2 kernel's byte-shuffle decode produces weights.
 pub fn dot_layout(x: &[f32]) -> Vec<f32> {
@@ -175,7 +175,7 @@ pub fn fused_rows_dot(
 
 /// Adds one packed weight row, scaled, into up to [`MAX_ROWS`] accumulators:
 /// `acc_even[m][j] += coef[m] * w[2j]`, `acc_odd[m][j] += coef[m] * w[2j + 1]` where
-/// `w = table[code] * scales[block]`. The transpose of [`fused_row_dot`].
+/// `w = table[code] * scales[block]`. The transpose of [`fused_rows_dot`].
 #[allow(clippy::too_many_arguments)]
 pub fn fused_row_axpy(
     isa: Isa,
