@@ -429,13 +429,11 @@ def bnb_linear(dense: nn.Linear, compute_dtype: torch.dtype, device: torch.devic
 def decode_models(shape: dict, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], nn.Module]]:
     """Builders of the three stacks over one random base (built on `device`) and LoRA r=16 on
     every linear layer: fastlora, bitsandbytes + peft, the dense model with fastlora's LoRA."""
-    from fastlora.bench import bitsandbytes_peft_model
+    from fastlora.bench import bitsandbytes_peft_model, llama_config
     from fastlora.train import modeling
 
     transformers = modeling._hf()
-    config = transformers.AutoConfig.from_pretrained(str(modeling.embedded_model_dir()))
-    for key, value in shape.items():
-        setattr(config, key, value)
+    config = llama_config(**shape)
 
     def base() -> nn.Module:
         torch.manual_seed(0)

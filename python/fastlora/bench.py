@@ -178,6 +178,17 @@ SMOLLM_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_hea
                "vocab_size": 49152, "tie_word_embeddings": True}
 
 
+def llama_config(**fields):
+    """The shipped tiny Llama's config (`fastlora.train.modeling.embedded_model_dir`) with
+    `fields` set: the shape of any Llama, for models built with random weights."""
+    from .train import modeling
+
+    config = modeling._hf().AutoConfig.from_pretrained(str(modeling.embedded_model_dir()))
+    for key, value in fields.items():
+        setattr(config, key, value)
+    return config
+
+
 def _llama_models(hidden: int, layers: int, r: int, use_cache: bool, **shape) -> tuple[dict[str, nn.Module], int]:
     """A Llama built from the shipped tiny config at the given width and depth (`shape`:
     other config fields, e.g. `SMOLLM_135M`), three ways: fastlora (4-bit base + LoRA),
@@ -188,13 +199,9 @@ def _llama_models(hidden: int, layers: int, r: int, use_cache: bool, **shape) ->
     from .train import modeling
 
     transformers = modeling._hf()
-    config = transformers.AutoConfig.from_pretrained(str(modeling.embedded_model_dir()))
-    config.hidden_size, config.intermediate_size = hidden, (hidden * 11 // 4) // 64 * 64
-    config.num_hidden_layers = layers
-    config.num_attention_heads = config.num_key_value_heads = hidden // 64
-    config.head_dim, config.use_cache = 64, use_cache
-    for key, value in shape.items():
-        setattr(config, key, value)
+    config = llama_config(**{"hidden_size": hidden, "intermediate_size": (hidden * 11 // 4) // 64 * 64,
+                             "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
+                             "num_key_value_heads": hidden // 64, "head_dim": 64, "use_cache": use_cache, **shape})
 
     def base() -> nn.Module:
         with torch.random.fork_rng(devices=[]):

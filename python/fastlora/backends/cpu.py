@@ -88,7 +88,6 @@ class _SpareMappings:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._kept: list[mmap.mmap] = []  # oldest first
-        self._bytes = 0
         # Re-entrant: a garbage collection inside `take` may free an output and call `keep`.
         self._lock = threading.RLock()
 
@@ -96,7 +95,6 @@ class _SpareMappings:
         with self._lock:
             for i in range(len(self._kept) - 1, -1, -1):
                 if len(self._kept[i]) == nbytes:
-                    self._bytes -= nbytes
                     return self._kept.pop(i)
         return None
 
@@ -112,18 +110,15 @@ class _SpareMappings:
                 pass  # a kernel without MADV_FREE: the pages just stay resident
         with self._lock:
             self._kept.append(mapping)
-            self._bytes += len(mapping)
-            while self._bytes > self.max_bytes:
-                oldest = self._kept.pop(0)
-                self._bytes -= len(oldest)
-                oldest.close()
+            while self.bytes_kept() > self.max_bytes:
+                self._kept.pop(0).close()
 
     def bytes_kept(self) -> int:
-        return self._bytes
+        return sum(map(len, self._kept))
 
     def clear(self) -> None:
         with self._lock:
-            kept, self._kept, self._bytes = self._kept, [], 0
+            kept, self._kept = self._kept, []
         for mapping in kept:
             mapping.close()
 
