@@ -37,7 +37,7 @@ def from_pretrained(name_or_path, **kwargs):
 
 
 def simd_level() -> str:
-    """The instruction set fastlora's CPU kernels use here: "avx2" or "scalar" (the widest
+    """The instruction set fastlora's CPU kernels use here: "avx512", "avx2" or "scalar" (the widest
     the CPU has, at most `FASTLORA_MAX_ISA`; scalar under `FASTLORA_FORCE_SCALAR=1`)."""
     return _native.simd_level()
 
@@ -46,6 +46,13 @@ def simd_levels() -> list[str]:
     """Every instruction set this CPU can run fastlora's CPU kernels with, narrowest first
     (the values `FASTLORA_MAX_ISA` takes here)."""
     return _native.simd_levels()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, with the kernels
+    on AVX-512): then a bf16 product of many rows dequantizes its weight to bf16 for torch's
+    bf16 GEMM, and `fastlora train --precision auto` trains in bf16 on the CPU."""
+    return _native.native_bf16()
 
 
 __all__ = [
@@ -72,5 +79,6 @@ __all__ = [
     "thread_pool",
     "simd_level",
     "simd_levels",
+    "native_bf16",
     "train",
 ]

@@ -24,6 +24,11 @@ pub trait Element: Copy + Send + Sync + 'static {
         None
     }
 
+    /// The slice itself when this type is bf16, so bf16 outputs are decoded in place.
+    fn as_bf16_mut(_values: &mut [Self]) -> Option<&mut [bf16]> {
+        None
+    }
+
     /// Rounds an fp32 slice into a slice of this type of the same length.
     fn narrow_from(src: &[f32], dst: &mut [Self]) {
         for (d, s) in dst.iter_mut().zip(src) {
@@ -63,6 +68,9 @@ impl Element for bf16 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
+    }
+    fn as_bf16_mut(values: &mut [Self]) -> Option<&mut [bf16]> {
+        Some(values)
     }
     fn widen_into(src: &[Self], dst: &mut [f32]) {
         use half::slice::HalfFloatSliceExt;

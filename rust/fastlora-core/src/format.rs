@@ -43,7 +43,7 @@ impl<'a> Packed4bit<'a> {
     #[inline(always)]
     pub fn code_at(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             byte >> 4
         } else {
             byte & 0x0f
@@ -59,6 +59,6 @@ impl<'a> Packed4bit<'a> {
     /// A weight of shape `(rows, cols)` is "block aligned" when every row starts a block,
     /// which lets the fused kernels walk whole blocks (and whole bytes) per row.
     pub fn rows_are_block_aligned(&self, cols: usize) -> bool {
-        cols % self.blocksize == 0
+        cols.is_multiple_of(self.blocksize)
     }
 }

@@ -33,7 +33,7 @@ fn linear<T: Element>(
     out: &mut [T],
 ) -> Result<(), Error> {
     ensure!(k > 0 && n > 0, "inner and output sizes must be positive, got k={k}, n={n}");
-    ensure!(x.len() % k == 0, "x holds {} values, not a whole number of rows of {k}", x.len());
+    ensure!(x.len().is_multiple_of(k), "x holds {} values, not a whole number of rows of {k}", x.len());
     ensure!(w.len() == n * k, "weight must hold {} values for shape ({n}, {k}), got {}", n * k, w.len());
     let m = x.len() / k;
     ensure!(out.len() == m * n, "out must hold {} values for shape ({m}, {n}), got {}", m * n, out.len());

@@ -34,7 +34,7 @@ fn check_shapes(weight: &Packed4bit<'_>, n: usize, k: usize) -> Result<(), Error
 }
 
 fn rows_of(len: usize, width: usize, name: &str) -> Result<usize, Error> {
-    ensure!(len % width == 0, "{name} holds {len} values, not a whole number of rows of {width}");
+    ensure!(len.is_multiple_of(width), "{name} holds {len} values, not a whole number of rows of {width}");
     Ok(len / width)
 }
 
@@ -62,7 +62,7 @@ pub fn matmul_4bit<T: Element>(
             .map(|row| {
                 let mut row32 = vec![0.0f32; k];
                 T::widen_into(row, &mut row32);
-                simd::dot_layout(&row32)
+                simd::dot_layout(isa, &row32)
             })
             .collect();
         let half = k / 2;

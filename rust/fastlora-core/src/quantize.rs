@@ -3,6 +3,8 @@
 //! the bytes are identical: full blocks scale by a reciprocal then multiply, the short last
 //! block divides, and an all-zero block's scale is clamped to 1e-38.
 
+use half::bf16;
+
 use crate::codebook::{check_blocksize, Encoder4bit, QuantType};
 use crate::element::Element;
 use crate::error::{ensure, Error};
@@ -88,21 +90,46 @@ pub fn dequantize_4bit<T: Element>(
     );
     parallel::for_each_chunk_mut(out, TASK_ELEMENTS, |t, chunk| {
         let chunk_start = start + t * TASK_ELEMENTS;
-        match T::as_f32_mut(chunk) {
-            Some(values) => decode_span(isa, weight, chunk_start, values),
-            None => {
-                let mut values = vec![0.0f32; chunk.len()];
-                decode_span(isa, weight, chunk_start, &mut values);
-                T::narrow_from(&values, chunk);
-            }
+        if let Some(values) = T::as_f32_mut(chunk) {
+            decode_span(isa, weight, chunk_start, values);
+        } else if let Some(values) = T::as_bf16_mut(chunk) {
+            decode_span(isa, weight, chunk_start, values);
+        } else {
+            let mut values = vec![0.0f32; chunk.len()];
+            decode_span(isa, weight, chunk_start, &mut values);
+            T::narrow_from(&values, chunk);
         }
     });
     Ok(())
 }
 
+/// What [`decode_span`] decodes into: fp32, or bf16 rounded in the kernel.
+pub(crate) trait Decoded: Copy {
+    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [Self]);
+    fn from_value(value: f32) -> Self;
+}
+
+impl Decoded for f32 {
+    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32]) {
+        simd::decode_pairs(isa, table, bytes, scale, out);
+    }
+    fn from_value(value: f32) -> Self {
+        value
+    }
+}
+
+impl Decoded for bf16 {
+    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [bf16]) {
+        simd::decode_pairs_bf16(isa, table, bytes, scale, out);
+    }
+    fn from_value(value: f32) -> Self {
+        bf16::from_f32(value)
+    }
+}
+
 /// Serially decodes elements `start .. start + out.len()`, whole byte runs through the
 /// SIMD kernel and a ragged first or last element one at a time.
-pub(crate) fn decode_span(isa: Isa, weight: &Packed4bit<'_>, start: usize, out: &mut [f32]) {
+pub(crate) fn decode_span<O: Decoded>(isa: Isa, weight: &Packed4bit<'_>, start: usize, out: &mut [O]) {
     let table = weight.quant_type.code();
     let end = start + out.len();
     let mut i = start;
@@ -110,13 +137,13 @@ pub(crate) fn decode_span(isa: Isa, weight: &Packed4bit<'_>, start: usize, out: 
         let block = i / weight.blocksize;
         let run_end = ((block + 1) * weight.blocksize).min(end);
         let pairs = (run_end - i) / 2;
-        if i % 2 == 0 && pairs > 0 {
+        if i.is_multiple_of(2) && pairs > 0 {
             let bytes = &weight.packed[i / 2..i / 2 + pairs];
             let dst = &mut out[i - start..i - start + 2 * pairs];
-            simd::decode_pairs(isa, table, bytes, weight.absmax[block], dst);
+            O::decode_pairs(isa, table, bytes, weight.absmax[block], dst);
             i += 2 * pairs;
         } else {
-            out[i - start] = weight.value_at(i);
+            out[i - start] = O::from_value(weight.value_at(i));
             i += 1;
         }
     }

@@ -24,7 +24,7 @@ fn to_py(err: Error) -> PyErr {
 /// unit): a fused multiply-add costs about a quarter of decoding and storing one element.
 const MACS_PER_OP: usize = 4;
 
-/// The instruction set the kernels use: "avx2" or "scalar".
+/// The instruction set the kernels use: "avx512", "avx2" or "scalar".
 #[pyfunction]
 fn simd_level() -> &'static str {
     simd::active().name()
@@ -34,6 +34,12 @@ fn simd_level() -> &'static str {
 #[pyfunction]
 fn simd_levels() -> Vec<&'static str> {
     simd::available().into_iter().map(simd::Isa::name).collect()
+}
+
+/// Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX) and the kernels may use it.
+#[pyfunction]
+fn native_bf16() -> bool {
+    simd::native_bf16()
 }
 
 #[derive(Clone, Copy)]
@@ -333,7 +339,7 @@ unsafe fn raw_slice<'a, T>(ptr: usize, len: usize, name: &str) -> PyResult<&'a [
     if len == 0 {
         return Ok(&[]);
     }
-    if ptr == 0 || ptr % std::mem::align_of::<T>() != 0 {
+    if ptr == 0 || !ptr.is_multiple_of(std::mem::align_of::<T>()) {
         return Err(PyValueError::new_err(format!("{name}: invalid data pointer {ptr:#x}")));
     }
     Ok(std::slice::from_raw_parts(ptr as *const T, len))
@@ -355,7 +361,7 @@ unsafe fn raw_slice_mut<'a, T>(ptr: usize, len: usize, name: &str) -> PyResult<&
     if len == 0 {
         return Ok(&mut []);
     }
-    if ptr == 0 || ptr % std::mem::align_of::<T>() != 0 {
+    if ptr == 0 || !ptr.is_multiple_of(std::mem::align_of::<T>()) {
         return Err(PyValueError::new_err(format!("{name}: invalid data pointer {ptr:#x}")));
     }
     Ok(std::slice::from_raw_parts_mut(ptr as *mut T, len))
@@ -505,6 +511,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(threads::thread_pool, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(native_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_blockwise_8bit, m)?)?;

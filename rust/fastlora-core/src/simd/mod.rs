@@ -1,17 +1,22 @@
 //! Run-time choice of the instruction set for the hot loops.
 //!
 //! Every kernel here has a scalar version (`scalar`) that is the definition, and an AVX2+FMA
-//! version (`avx2`) that the tests compare against it. [`active`] picks the widest set the
-//! CPU has once per process, capped by `FASTLORA_MAX_ISA` (`scalar`, `avx2`: so a machine
-//! with a wider set also runs, and CI tests, the narrower paths) or forced to scalar by
-//! `FASTLORA_FORCE_SCALAR=1`. Callers pass the [`Isa`] explicitly so tests can run every set.
+//! (`avx2`) and an AVX-512 F+BW+VL (`avx512`) version that the tests compare against it.
+//! [`active`] picks the widest set the CPU has once per process, capped by
+//! `FASTLORA_MAX_ISA` (`scalar`, `avx2`, `avx512`: so a machine with a wider set also runs,
+//! and CI tests, the narrower paths) or forced to scalar by `FASTLORA_FORCE_SCALAR=1`.
+//! Callers pass the [`Isa`] explicitly so tests can run every set.
 
 use std::sync::OnceLock;
+
+use half::bf16;
 
 use crate::codebook::CodeBook;
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 pub mod scalar;
 
 /// The largest number of activation rows one fused kernel call handles at once.
@@ -23,6 +28,8 @@ pub enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Isa {
@@ -31,6 +38,8 @@ impl Isa {
             Isa::Scalar => "scalar",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
         }
     }
 
@@ -40,6 +49,8 @@ impl Isa {
             Isa::Scalar,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512,
         ]
     }
 }
@@ -48,9 +59,24 @@ impl Isa {
 pub fn detected() -> Isa {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        return Isa::Avx2;
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl");
+        return if avx512 { Isa::Avx512 } else { Isa::Avx2 };
     }
     Isa::Scalar
+}
+
+/// Whether the CPU multiplies bf16 natively and the kernels may use it ([`active`] is
+/// AVX-512): then bf16 weight tiles are worth handing to torch's bf16 GEMM (oneDNN), which
+/// on other CPUs widens them and runs slower than in fp32. AVX512-BF16 is the test: every
+/// CPU with AMX-BF16 has it too, and AMX's detection is not stable Rust.
+pub fn native_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if active() >= Isa::Avx512 {
+        return is_x86_feature_detected!("avx512bf16");
+    }
+    false
 }
 
 /// The instruction set the settings ask for on this CPU: the widest it has, at most
@@ -107,40 +133,74 @@ pub fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: 
     match isa {
         Isa::Scalar => scalar::decode_pairs(table, bytes, scale, out),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Avx2` is only constructed by `detected()` after checking the CPU.
+        // SAFETY: `Avx2` and `Avx512` are only used where `detected()` found them.
         Isa::Avx2 => unsafe { avx2::decode_pairs(table, bytes, scale, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512 => unsafe { avx512::decode_pairs(table, bytes, scale, out) },
+    }
+}
+
+/// [`decode_pairs`] rounded to bf16 (nearest, ties to even), without an fp32 copy in memory
+/// on AVX-512; narrower sets decode a stretch to fp32 on the stack and round it.
+pub fn decode_pairs_bf16(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [bf16]) {
+    assert_eq!(out.len(), 2 * bytes.len());
+    match isa {
+        Isa::Scalar => scalar::decode_pairs_bf16(table, bytes, scale, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `decode_pairs`.
+        Isa::Avx512 => unsafe { avx512::decode_pairs_bf16(table, bytes, scale, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            use half::slice::HalfFloatSliceExt;
+            const STRETCH: usize = 256;
+            let mut values = [0.0f32; 2 * STRETCH];
+            for (src, dst) in bytes.chunks(STRETCH).zip(out.chunks_mut(2 * STRETCH)) {
+                let values = &mut values[..dst.len()];
+                decode_pairs(isa, table, src, scale, values);
+                dst.convert_from_f32_slice(values);
+            }
+        }
     }
 }
 
 /// Packed bytes per chunk of the fused dot kernels (32 weights).
 pub const CHUNK_BYTES: usize = 16;
 
-/// Lays out an activation row (length a multiple of 32) for [`fused_rows_dot`]: in each
-/// chunk of 32 elements, groups of 8 holding 4 odd elements then 4 even ones, which is the
-/// order in which the AVX2 kernel's byte-shuffle decode produces weights.
-pub fn dot_layout(x: &[f32]) -> Vec<f32> {
+/// Lays out an activation row (length a multiple of 32) for `isa`'s [`fused_rows_dot`]: in
+/// each chunk of 32 elements (16 packed bytes), the order in which that set's decode
+/// produces weights ([`dot_slot`]).
+pub fn dot_layout(isa: Isa, x: &[f32]) -> Vec<f32> {
     assert_eq!(x.len() % (2 * CHUNK_BYTES), 0);
     let mut out = vec![0.0f32; x.len()];
     for (chunk_out, chunk) in out.chunks_exact_mut(2 * CHUNK_BYTES).zip(x.chunks_exact(2 * CHUNK_BYTES)) {
         for j in 0..CHUNK_BYTES {
-            chunk_out[dot_slot(j, false)] = chunk[2 * j];
-            chunk_out[dot_slot(j, true)] = chunk[2 * j + 1];
+            chunk_out[dot_slot(isa, j, false)] = chunk[2 * j];
+            chunk_out[dot_slot(isa, j, true)] = chunk[2 * j + 1];
         }
     }
     out
 }
 
 /// Where [`dot_layout`] puts the element of byte `j` of a chunk: its low nibble (odd
-/// element) when `low`, else its high nibble (even element).
+/// element) when `low`, else its high nibble (even element). Scalar: element order. AVX2:
+/// groups of 8 holding 4 odd elements then 4 even ones (its byte-shuffle decode). AVX-512:
+/// the 16 even elements, then the 16 odd ones (its two `vpermps`).
 #[inline(always)]
-pub fn dot_slot(j: usize, low: bool) -> usize {
-    8 * (j / 4) + j % 4 + if low { 0 } else { 4 }
+pub fn dot_slot(isa: Isa, j: usize, low: bool) -> usize {
+    match isa {
+        Isa::Scalar => 2 * j + usize::from(low),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => 8 * (j / 4) + j % 4 + if low { 0 } else { 4 },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => j + if low { CHUNK_BYTES } else { 0 },
+    }
 }
 
 /// Consecutive packed weight rows of `row_bytes` bytes each against up to [`MAX_ROWS`]
 /// activation rows: for weight row `r` and activation row `q`,
 /// `out[r * out_stride + q] = sum_b scales_r[b] * sum_{i in block b} book.values[code_i] * x_q[i]`,
-/// with each `x_q` in [`dot_layout`]. `block_bytes` (blocksize / 2) is a multiple of
+/// with each `x_q` in `isa`'s [`dot_layout`]. `block_bytes` (blocksize / 2) is a multiple of
 /// [`CHUNK_BYTES`] dividing `row_bytes`; `scales` holds every block's scale, row after row.
 /// One call for many weight rows, since a row of a small layer (64 weights: one block) costs
 /// less than a call's set-up.
@@ -158,8 +218,13 @@ pub fn fused_rows_dot(
 ) {
     let group = xs.len();
     assert!((1..=MAX_ROWS).contains(&group) && group <= out_stride);
-    assert!(block_bytes % CHUNK_BYTES == 0 && block_bytes > 0 && row_bytes % block_bytes == 0 && row_bytes > 0);
-    assert!(bytes.len() % row_bytes == 0 && bytes.len() == scales.len() * block_bytes);
+    assert!(
+        block_bytes.is_multiple_of(CHUNK_BYTES)
+            && block_bytes > 0
+            && row_bytes.is_multiple_of(block_bytes)
+            && row_bytes > 0
+    );
+    assert!(bytes.len().is_multiple_of(row_bytes) && bytes.len() == scales.len() * block_bytes);
     let rows = bytes.len() / row_bytes;
     assert!(rows == 0 || out.len() >= (rows - 1) * out_stride + group);
     assert!(xs.iter().all(|x| x.len() >= 2 * row_bytes));
@@ -169,6 +234,11 @@ pub fn fused_rows_dot(
         // SAFETY: as in `decode_pairs`; slice lengths were checked above.
         Isa::Avx2 => unsafe {
             avx2::fused_rows_dot(&book.byte_planes, bytes, scales, row_bytes, block_bytes, xs, out, out_stride)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512 => unsafe {
+            avx512::fused_rows_dot(&book.values, bytes, scales, row_bytes, block_bytes, xs, out, out_stride)
         },
     }
 }
@@ -196,6 +266,9 @@ pub fn fused_row_axpy(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `decode_pairs`; slice lengths were checked above.
         Isa::Avx2 => unsafe { avx2::fused_row_axpy(table, bytes, scales, block_bytes, coef, acc_even, acc_odd) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512 => unsafe { avx512::fused_row_axpy(table, bytes, scales, block_bytes, coef, acc_even, acc_odd) },
     }
 }
 

@@ -1,6 +1,6 @@
 //! The scalar kernels: the definition every SIMD kernel is tested against.
 
-use super::{dot_slot, CHUNK_BYTES};
+use half::bf16;
 
 pub fn decode_pairs(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32]) {
     for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
@@ -9,6 +9,14 @@ pub fn decode_pairs(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32]
     }
 }
 
+pub fn decode_pairs_bf16(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [bf16]) {
+    for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = bf16::from_f32(table[(b >> 4) as usize] * scale);
+        pair[1] = bf16::from_f32(table[(b & 0x0f) as usize] * scale);
+    }
+}
+
+/// Activations in element order (the scalar [`super::dot_layout`]).
 #[allow(clippy::too_many_arguments)]
 pub fn fused_rows_dot(
     table: &[f32; 16],
@@ -26,13 +34,11 @@ pub fn fused_rows_dot(
         for (q, x) in xs.iter().enumerate() {
             let mut total = 0.0f32;
             for (b, (block, &scale)) in row.chunks_exact(block_bytes).zip(row_scales).enumerate() {
+                let xb = &x[2 * b * block_bytes..];
                 let mut sum = 0.0f32;
-                for (c, chunk) in block.chunks_exact(CHUNK_BYTES).enumerate() {
-                    let xc = &x[2 * (b * block_bytes + c * CHUNK_BYTES)..];
-                    for (j, &byte) in chunk.iter().enumerate() {
-                        sum += table[(byte >> 4) as usize] * xc[dot_slot(j, false)];
-                        sum += table[(byte & 0x0f) as usize] * xc[dot_slot(j, true)];
-                    }
+                for (j, &byte) in block.iter().enumerate() {
+                    sum += table[(byte >> 4) as usize] * xb[2 * j];
+                    sum += table[(byte & 0x0f) as usize] * xb[2 * j + 1];
                 }
                 total += scale * sum;
             }

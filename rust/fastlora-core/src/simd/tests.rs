@@ -25,6 +25,38 @@ fn every_isa_decodes_like_scalar_bit_for_bit() {
 }
 
 #[test]
+fn every_isa_decodes_to_bf16_as_half_rounds() {
+    let mut rng = Rng::new(5);
+    for table in [&NF4_CODE, &FP4_CODE] {
+        for len in [0usize, 1, 15, 16, 17, 48, 300] {
+            let bytes = rng.bytes(len);
+            // A scale whose products need rounding, and one that overflows some to infinity.
+            for scale in [0.37f32, 3.4e38, f32::NAN] {
+                let mut values = vec![0.0f32; 2 * len];
+                scalar::decode_pairs(table, &bytes, scale, &mut values);
+                let expected: Vec<u16> = values.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                for isa in available() {
+                    let mut out = vec![half::bf16::from_bits(0x7fbf); 2 * len];
+                    decode_pairs_bf16(isa, table, &bytes, scale, &mut out);
+                    let got: Vec<u16> = out.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, expected, "{} len {len} scale {scale}", isa.name());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_isa_dot_layout_is_a_permutation_of_each_chunk() {
+    for isa in available() {
+        let mut slots: Vec<usize> =
+            (0..CHUNK_BYTES).flat_map(|j| [dot_slot(isa, j, false), dot_slot(isa, j, true)]).collect();
+        slots.sort_unstable();
+        assert_eq!(slots, (0..2 * CHUNK_BYTES).collect::<Vec<_>>(), "{}", isa.name());
+    }
+}
+
+#[test]
 fn every_isa_fused_dot_matches_the_plain_definition() {
     let mut rng = Rng::new(2);
     for book in [&NF4_BOOK, &FP4_BOOK] {
@@ -44,8 +76,6 @@ fn every_isa_fused_dot_matches_the_plain_definition() {
             }
             for rows in 1..=MAX_ROWS {
                 let plain: Vec<Vec<f32>> = (0..rows).map(|_| rng.floats(2 * row_bytes, 1.0)).collect();
-                let laid: Vec<Vec<f32>> = plain.iter().map(|x| dot_layout(x)).collect();
-                let xs: Vec<&[f32]> = laid.iter().map(|v| v.as_slice()).collect();
                 // A stride wider than the group: the slots between groups stay untouched.
                 let stride = rows + 1;
                 let mut expected = vec![f32::NAN; weight_rows * stride];
@@ -55,6 +85,8 @@ fn every_isa_fused_dot_matches_the_plain_definition() {
                     }
                 }
                 for isa in available() {
+                    let laid: Vec<Vec<f32>> = plain.iter().map(|x| dot_layout(isa, x)).collect();
+                    let xs: Vec<&[f32]> = laid.iter().map(|v| v.as_slice()).collect();
                     let mut out = vec![f32::NAN; weight_rows * stride];
                     fused_rows_dot(isa, book, &bytes, &scales, row_bytes, block_bytes, &xs, &mut out, stride);
                     for r in 0..weight_rows {

@@ -1,0 +1,226 @@
+//! AVX-512 (F+BW+VL) kernels. The 16-entry code table fits one zmm register, so one
+//! `vpermps` turns 16 codes into their exact fp32 code values (it reads the low 4 bits of
+//! each index: no masking, no blend). A 16-byte chunk becomes its 16 high-nibble values
+//! (even elements) and its 16 low-nibble values (odd elements) with one widening load, one
+//! shift and two permutes. The block scale multiplies the table once per block (in the
+//! fused dot and in decoding), so no product or partial sum is scaled on its own.
+//!
+//! Callers (`simd::*`) check slice lengths and that the CPU has AVX-512 F, BW and VL.
+
+use std::arch::x86_64::*;
+
+use half::bf16;
+
+use super::CHUNK_BYTES;
+
+/// The 16 bytes at `ptr` widened to 32-bit lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn widen16(ptr: *const u8) -> __m512i {
+    _mm512_cvtepu8_epi32(_mm_loadu_si128(ptr as *const __m128i))
+}
+
+/// The values of the high nibbles (elements 2j) and of the low nibbles (elements 2j+1) of
+/// the 16 bytes at `ptr`, looked up in `table`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn decode16(ptr: *const u8, table: __m512) -> (__m512, __m512) {
+    let bytes = widen16(ptr);
+    (_mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table), _mm512_permutexvar_ps(bytes, table))
+}
+
+/// Lane indices that interleave two vectors `a`, `b` into `a0 b0 a1 b1 ...`: the first
+/// 16 outputs, then the next 16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn interleave_indices() -> (__m512i, __m512i) {
+    (
+        _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+        _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31),
+    )
+}
+
+/// [`super::decode_pairs`] on AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL, and `out` must hold `2 * bytes.len()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn decode_pairs(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32]) {
+    // table[code] * scale, rounded once, exactly as the scalar kernel computes it.
+    let scaled = _mm512_mul_ps(_mm512_loadu_ps(table.as_ptr()), _mm512_set1_ps(scale));
+    let (first, second) = interleave_indices();
+    let whole = bytes.len() / CHUNK_BYTES * CHUNK_BYTES;
+    let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr());
+    let mut j = 0;
+    while j < whole {
+        let (high, low) = decode16(src.add(j), scaled);
+        _mm512_storeu_ps(dst.add(2 * j), _mm512_permutex2var_ps(high, first, low));
+        _mm512_storeu_ps(dst.add(2 * j + 16), _mm512_permutex2var_ps(high, second, low));
+        j += CHUNK_BYTES;
+    }
+    super::scalar::decode_pairs(table, &bytes[whole..], scale, &mut out[2 * whole..]);
+}
+
+/// fp32 lanes rounded to bf16 (nearest, ties to even; a NaN stays a quiet NaN), as
+/// `half::bf16::from_f32` rounds, each in the upper 16 bits of its 32-bit lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn round_to_bf16_high(v: __m512) -> __m512i {
+    let bits = _mm512_castps_si512(v);
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+    let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(bits, _mm512_set1_epi32(0x0040_0000)))
+}
+
+/// [`super::decode_pairs_bf16`] on AVX-512: fp32 products rounded to bf16 in registers,
+/// 32 bf16 values (one 64-byte store) per 16 packed bytes.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL, and `out` must hold `2 * bytes.len()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn decode_pairs_bf16(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [bf16]) {
+    let scaled = _mm512_mul_ps(_mm512_loadu_ps(table.as_ptr()), _mm512_set1_ps(scale));
+    let whole = bytes.len() / CHUNK_BYTES * CHUNK_BYTES;
+    let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr() as *mut __m512i);
+    let mut j = 0;
+    while j < whole {
+        let (high, low) = decode16(src.add(j), scaled);
+        // Little-endian pairs: element 2j (high nibble) in the low half of 32-bit lane j.
+        let pairs = _mm512_or_si512(
+            _mm512_srli_epi32::<16>(round_to_bf16_high(high)),
+            _mm512_and_si512(round_to_bf16_high(low), _mm512_set1_epi32(0xffff_0000u32 as i32)),
+        );
+        _mm512_storeu_si512(dst.add(j / CHUNK_BYTES), pairs);
+        j += CHUNK_BYTES;
+    }
+    super::scalar::decode_pairs_bf16(table, &bytes[whole..], scale, &mut out[2 * whole..]);
+}
+
+/// [`super::fused_rows_dot`] on AVX-512, activations in its [`super::dot_layout`].
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL, and the slices must have the lengths
+/// [`super::fused_rows_dot`] checks.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn fused_rows_dot(
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    row_bytes: usize,
+    block_bytes: usize,
+    xs: &[&[f32]],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    match xs.len() {
+        1 => rows_dot::<1>(table, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
+        2 => rows_dot::<2>(table, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
+        3 => rows_dot::<3>(table, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
+        _ => rows_dot::<4>(table, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn rows_dot<const ROWS: usize>(
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    row_bytes: usize,
+    block_bytes: usize,
+    xs: &[&[f32]],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let table = _mm512_loadu_ps(table.as_ptr());
+    let x: [*const f32; ROWS] = std::array::from_fn(|m| xs[m].as_ptr());
+    let blocks_per_row = row_bytes / block_bytes;
+    let dst = out.as_mut_ptr();
+    for r in 0..bytes.len() / row_bytes {
+        let src = bytes.as_ptr().add(r * row_bytes);
+        let row_scales = scales.as_ptr().add(r * blocks_per_row);
+        // Two accumulation chains per activation row, the same for any number of rows, so
+        // a row's result does not depend on the rows computed with it (four chains measured
+        // no faster for one row, and leave four rows too few registers).
+        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+        for b in 0..blocks_per_row {
+            // The block's scale applied to the 16-entry table once, not to each product.
+            let scaled = _mm512_mul_ps(table, _mm512_set1_ps(*row_scales.add(b)));
+            let mut j = b * block_bytes;
+            while j < (b + 1) * block_bytes {
+                let (high, low) = decode16(src.add(j), scaled);
+                for m in 0..ROWS {
+                    let xm = x[m].add(2 * j);
+                    acc[m][0] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xm), acc[m][0]);
+                    acc[m][1] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xm.add(16)), acc[m][1]);
+                }
+                j += CHUNK_BYTES;
+            }
+        }
+        for (m, a) in acc.iter().enumerate() {
+            *dst.add(r * out_stride + m) = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+        }
+    }
+}
+
+/// [`super::fused_row_axpy`] on AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL, and the slices must have the lengths
+/// [`super::fused_row_axpy`] checks.
+pub unsafe fn fused_row_axpy(
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    coef: &[f32],
+    acc_even: &mut [&mut [f32]],
+    acc_odd: &mut [&mut [f32]],
+) {
+    match coef.len() {
+        1 => row_axpy::<1>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
+        2 => row_axpy::<2>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
+        3 => row_axpy::<3>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
+        _ => row_axpy::<4>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn row_axpy<const ROWS: usize>(
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    coef: &[f32],
+    acc_even: &mut [&mut [f32]],
+    acc_odd: &mut [&mut [f32]],
+) {
+    let table_v = _mm512_loadu_ps(table.as_ptr());
+    let even: [*mut f32; ROWS] = std::array::from_fn(|m| acc_even[m].as_mut_ptr());
+    let odd: [*mut f32; ROWS] = std::array::from_fn(|m| acc_odd[m].as_mut_ptr());
+    let src = bytes.as_ptr();
+    for (b, &scale) in scales.iter().enumerate() {
+        // The block's scale folded into each row's coefficient: one multiply per block.
+        let coef_v: [__m512; ROWS] = std::array::from_fn(|m| _mm512_set1_ps(coef[m] * scale));
+        let end = (b + 1) * block_bytes;
+        let mut j = b * block_bytes;
+        while j + CHUNK_BYTES <= end {
+            let (high, low) = decode16(src.add(j), table_v);
+            for m in 0..ROWS {
+                let e = even[m].add(j);
+                _mm512_storeu_ps(e, _mm512_fmadd_ps(coef_v[m], high, _mm512_loadu_ps(e)));
+                let o = odd[m].add(j);
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(coef_v[m], low, _mm512_loadu_ps(o)));
+            }
+            j += CHUNK_BYTES;
+        }
+        for (i, &byte) in bytes[j..end].iter().enumerate() {
+            let (hi, lo) = (table[(byte >> 4) as usize] * scale, table[(byte & 0x0f) as usize] * scale);
+            for m in 0..ROWS {
+                *even[m].add(j + i) += coef[m] * hi;
+                *odd[m].add(j + i) += coef[m] * lo;
+            }
+        }
+    }
+}
