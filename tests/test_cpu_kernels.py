@@ -166,12 +166,21 @@ def dense_fp32(packed, state):
                                      torch.float32)
 
 
+def rounds_weight_to_bf16(dtype, rows):
+    """Whether a product of `rows` rows in `dtype` multiplies a bf16-rounded weight (torch's
+    bf16 GEMM on a CPU with native bf16) instead of the exact fp32 `code * absmax`."""
+    return rows > _cpu.FUSED_MAX_ROWS and _cpu.gemm_dtype(dtype) == torch.bfloat16
+
+
 def assert_matmul_close(y, x, w_dense, transposed=False):
-    """y against a float64 product, within fp32 accumulation error plus y's own rounding."""
+    """y against a float64 product, within fp32 accumulation error plus y's own rounding, and
+    where the weight is rounded to bf16 for torch's bf16 GEMM, that rounding and the bf16
+    partial sums of its tiles."""
     expected = x.double() @ (w_dense.double() if transposed else w_dense.double().t())
     bound = x.double().abs() @ (w_dense.double().abs() if transposed else w_dense.double().abs().t())
     eps = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[y.dtype]
-    tol = 1e-5 * bound + eps * expected.abs() + 1e-6
+    rounded = 2**-7 if rounds_weight_to_bf16(y.dtype, x.reshape(-1, x.shape[-1]).shape[0]) else 1e-5
+    tol = rounded * bound + eps * expected.abs() + 1e-6
     err = (y.double() - expected).abs()
     assert (err <= tol).all(), f"max error {err.max().item()} vs tolerance {tol[err > tol].min().item()}"
 
@@ -183,11 +192,11 @@ def assert_matmul_close(y, x, w_dense, transposed=False):
 @pytest.mark.parametrize("tile_rows", [None, 3])
 def test_matmul_forward_and_backward_against_float64(monkeypatch, quant_type, dtype, m, n, k, blocksize, tile_rows):
     if tile_rows is not None:  # many tiles on the path above FUSED_MAX_ROWS rows, a short last one
-        monkeypatch.setattr(_cpu, "TILE_BYTES", 4 * k * tile_rows)
-        monkeypatch.setattr(_cpu, "WHOLE_WEIGHT_MAX_BYTES", 0)
+        monkeypatch.setattr(_cpu, "TILE_BYTES", 4 * k * tile_rows)  # tile_rows fp32 rows, twice as many bf16
     w = random_weight((n, k), dtype)
     packed, state = fastlora.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
-    # The kernels use the exact fp32 values code * absmax, not values rounded to W's dtype.
+    # The kernels use the exact fp32 values code * absmax, not values rounded to W's dtype
+    # (but for torch's bf16 GEMM: `rounds_weight_to_bf16`).
     w_dense = dense_fp32(packed, state)
     x = torch.randn(m, k, dtype=dtype, requires_grad=True)
     y = fastlora.matmul_4bit(x, packed, state)
@@ -418,9 +427,40 @@ def test_the_isa_cap_selects_every_level_and_refuses_what_it_cannot_honour():
     assert proc.stdout.split()[-1] == "scalar"
     proc = _simd_level_under(FASTLORA_MAX_ISA="avx9")
     assert proc.returncode != 0 and 'FASTLORA_MAX_ISA="avx9": expected one of scalar' in proc.stderr
-    if "avx2" not in levels:
-        proc = _simd_level_under(FASTLORA_MAX_ISA="avx2")
-        assert proc.returncode != 0 and "this CPU does not have avx2" in proc.stderr
+    for lacking in [level for level in ("avx2", "avx512") if level not in levels]:
+        proc = _simd_level_under(FASTLORA_MAX_ISA=lacking)
+        assert proc.returncode != 0 and f"this CPU does not have {lacking}" in proc.stderr
+
+
+def test_native_bf16_needs_the_avx512_kernels():
+    """Capped below AVX-512, the kernels do not claim native bf16 (whatever the CPU has)."""
+    code = "import fastlora; print(fastlora.native_bf16())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
+                          env={**os.environ, "FASTLORA_MAX_ISA": "scalar"})
+    assert proc.stdout.split()[-1] == "False"
+    if "avx512" not in fastlora.simd_levels():
+        assert not fastlora.native_bf16()
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_many_bf16_rows_multiply_a_bf16_weight_only_where_the_cpu_has_native_bf16(monkeypatch, native, transposed):
+    """Above FUSED_MAX_ROWS rows, bf16 activations meet a weight dequantized to bf16 in
+    torch's bf16 GEMM where the CPU multiplies bf16 natively (as bitsandbytes and a bf16
+    nn.Linear compute), else the exact fp32 weight in an fp32 GEMM; both on any CPU here."""
+    monkeypatch.setattr(_cpu, "NATIVE_BF16", native)
+    n, k, m = 96, 192, _cpu.FUSED_MAX_ROWS + 5
+    packed, state = fastlora.quantize_4bit(random_weight((n, k)), blocksize=64)
+    exact = dense_fp32(packed, state)
+    x = torch.randn(m, n if transposed else k).to(torch.bfloat16)
+    y = _cpu.product(x, packed, state.absmax, n, k, 64, "nf4", transposed)
+    assert y.dtype == torch.bfloat16
+    w = exact.to(torch.bfloat16) if native else exact
+    # One tile (a small weight): the very GEMM torch runs on that weight.
+    assert torch.equal(y, (x.to(w.dtype) @ (w if transposed else w.t())).to(torch.bfloat16))
+    other = exact if native else exact.to(torch.bfloat16)
+    assert not torch.equal(y, (x.to(other.dtype) @ (other if transposed else other.t())).to(torch.bfloat16))
+    assert_matmul_close(y, x, exact, transposed=transposed)
 
 
 _THREAD_POOL_OUTPUTS = """

@@ -1171,3 +1171,40 @@ def test_the_decoding_call_takes_inference_tensors(gen):
         bias.resize_(40)
         with pytest.raises(ValueError, match=r"bias must have shape \(48,\)"):
             fastlora.matmul_4bit(x, packed, state, bias)
+
+
+def _quantized_lora(k=128, n=80, r=4):
+    torch.manual_seed(11)
+    layer = fastlora.LoraLinear(fastlora.Linear4bit.from_linear(nn.Linear(k, n, bias=True)), r=r,
+                                init_lora_weights=False)
+    return layer, torch.randn(24, k, requires_grad=True)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_autocast_casts_activations_adapter_and_bias_but_not_the_scales(grad):
+    """Under CPU autocast the LoRA op computes as if x, A, B and the bias were bf16 (as
+    autocast casts F.linear's input, weight and bias), with or without an autograd graph, and
+    fp32 adapters get fp32 gradients; the packed weight's fp32 scales are not rounded."""
+    layer, x = _quantized_lora()
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    base = layer.base_layer
+    with torch.no_grad():
+        expected = fastlora.ops.lora.lora_linear_4bit(
+            x.bfloat16(), x.bfloat16(), base.packed_bytes(), base.block_scales(), base.bias.bfloat16(),
+            layer.lora_A.weight.bfloat16(), layer.lora_B.weight.bfloat16(), layer.scaling, base.blocksize,
+            base.quant_type)
+    assert torch.equal(y.detach(), expected)
+    if grad:
+        y.float().sum().backward()
+        assert layer.lora_A.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+        assert layer.lora_B.weight.grad.abs().sum() > 0
+
+
+def test_autocast_casts_the_functional_matmul():
+    packed, state = fastlora.quantize_4bit(torch.randn(40, 96))
+    x = torch.randn(20, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastlora.matmul_4bit(x, packed, state)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, fastlora.matmul_4bit(x.bfloat16(), packed, state))

@@ -993,3 +993,33 @@ def test_early_stopping_follows_a_classifier_metric_upwards():
     assert tracker.update(2, {"eval_accuracy": 0.7}) and tracker.best_step == 2
     assert not tracker.update(3, {"eval_accuracy": 0.705})  # within min_delta
     assert not tracker.update(4, {"eval_accuracy": 0.6}) and tracker.should_stop
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_trains_in_bf16_on_a_cpu_with_native_bf16_and_says_so(monkeypatch, capsys, native):
+    from fastlora.train import trainer
+    from fastlora.train.distributed import DistInfo
+
+    monkeypatch.setattr(trainer._native, "native_bf16", lambda: native)
+    info = DistInfo("none", device=torch.device("cpu"))
+    assert trainer._precision(TrainConfig(precision="auto"), info) == (torch.bfloat16 if native else None)
+    assert ("--precision auto: bf16 autocast" in capsys.readouterr().err) == native
+    assert trainer._precision(TrainConfig(precision="fp32"), info) is None
+    assert trainer._precision(TrainConfig(precision="bf16"), info) is torch.bfloat16
+
+
+def test_bf16_loss_curve_stays_within_bf16_noise_of_fp32(tmp_path):
+    """The shipped tiny Llama on the shipped task set, six steps in fp32 and under bf16
+    autocast: the same data and initialization, so the curves differ by rounding only."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        result = fastlora.train(output_dir=str(tmp_path / precision), max_steps=6, batch_size=2, max_length=48,
+                                progress=False, save_steps=0, eval_fraction=0.01, lr=3e-3, precision=precision,
+                                seed=3)
+        runs[precision] = [r["loss"] for r in result.metrics]
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert len(fp32) == len(bf16) == 6
+    assert fp32 != bf16  # bf16 did run in bf16
+    for a, b in zip(fp32, bf16, strict=True):
+        assert abs(a - b) <= 0.01 * abs(a), (fp32, bf16)
+    assert bf16[-1] < bf16[0]

@@ -8,6 +8,7 @@ and bitsandbytes allocations alike and no allocator cache from earlier calls hid
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import json
@@ -72,9 +73,18 @@ def dequantize_out_case(n: int, k: int) -> dict[str, Impl]:
     return impls
 
 
-def matmul_case(m: int, n: int, k: int) -> dict[str, Impl]:
-    w = torch.randn(n, k) * 0.02
-    x = torch.randn(m, k)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _autocast(dtype: str):
+    """bf16: `torch.autocast` on the CPU, as `fastlora train --precision bf16` trains (fp32
+    weights, bf16 products) on every stack alike; fp32: nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def matmul_case(m: int, n: int, k: int, dtype: str = "fp32") -> dict[str, Impl]:
+    w = (torch.randn(n, k) * 0.02).to(DTYPES[dtype])
+    x = torch.randn(m, k, dtype=DTYPES[dtype])
     packed, state = fastlora.quantize_4bit(w, quant_type="nf4")
     impls: dict[str, Impl] = {"fastlora": lambda: fastlora.matmul_4bit(x, packed, state)}
     bnb = _bnb_functional()
@@ -102,16 +112,19 @@ class _PlainLora(nn.Module):
         return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
 
 
-def layer_case(m: int, n: int, k: int, r: int) -> dict[str, Impl]:
-    """Forward + backward of a frozen base + LoRA r, gradients for x and the adapter."""
+def layer_case(m: int, n: int, k: int, r: int, dtype: str = "fp32") -> dict[str, Impl]:
+    """Forward + backward of a frozen base + LoRA r, gradients for x and the adapter (bf16:
+    under autocast)."""
     dense = nn.Linear(k, n, bias=False)
     dense.weight.requires_grad_(False)
     x = torch.randn(m, k, requires_grad=True)
-    grad = torch.randn(m, n)
+    grad = torch.randn(m, n, dtype=DTYPES[dtype])
 
     def step(layer: nn.Module) -> Impl:
         def run() -> None:
-            layer(x).backward(grad)
+            with _autocast(dtype):
+                y = layer(x)
+            y.backward(grad)
             x.grad = None
             layer.zero_grad(set_to_none=True)
 
@@ -224,13 +237,15 @@ def _llama_models(hidden: int, layers: int, r: int, use_cache: bool, **shape) ->
     return models, config.vocab_size
 
 
-def model_step_case(rows: int, length: int, hidden: int, layers: int, r: int) -> dict[str, Impl]:
+def model_step_case(rows: int, length: int, hidden: int, layers: int, r: int, vocab: int | None = None,
+                    dtype: str = "fp32") -> dict[str, Impl]:
     """One QLoRA training step's forward + backward of a Llama (`_llama_models`) with full
     gradient checkpointing on every stack, so the layers are compared like for like
-    (`fastlora train` on CPU recomputes less by default: benches/train_compare.py)."""
+    (`fastlora train` on CPU recomputes less by default: benches/train_compare.py); bf16:
+    under autocast, as `fastlora train --precision bf16` trains."""
     from .train.trainer import enable_gradient_checkpointing
 
-    models, vocab = _llama_models(hidden, layers, r, use_cache=False)
+    models, vocab = _llama_models(hidden, layers, r, use_cache=False, **({"vocab_size": vocab} if vocab else {}))
     ids = torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
 
     def step(model: nn.Module) -> Impl:
@@ -238,7 +253,8 @@ def model_step_case(rows: int, length: int, hidden: int, layers: int, r: int) ->
         model.train()
 
         def run() -> torch.Tensor:
-            loss = model(input_ids=ids, labels=ids).loss
+            with _autocast(dtype):
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
             return loss.detach()
@@ -418,15 +434,19 @@ def host_call_case(size: int, calls: int) -> dict[str, Impl]:
 # model_step (batch rows, tokens per row, hidden size, layers, r), for model_decode (prompt
 # tokens, tokens generated, hidden size, layers, r).
 FULL_SHAPES = {"dequantize": (4096, 4096), "dequantize_out": (4096, 4096), "matmul_m1": (1, 11008, 4096),
-               "matmul_m512": (512, 4096, 4096),
-               "layer": (512, 4096, 4096, 16), "model_step": (4, 128, 512, 8, 16),
+               "matmul_m512": (512, 4096, 4096), "matmul_m512_bf16": (512, 4096, 4096, "bf16"),
+               "layer": (512, 4096, 4096, 16), "layer_bf16": (512, 4096, 4096, 16, "bf16"),
+               "model_step": (4, 128, 512, 8, 16), "model_step_1024": (2, 256, 1024, 4, 16, 8192),
+               "model_step_1024_bf16": (2, 256, 1024, 4, 16, 8192, "bf16"),
                "model_decode": (16, 32, 512, 8, 16), "decode_135m": (16, 32, 30, 49152, 16),
                "decode_mixed": (8, 16, 16, 30, 49152, 16), "host_call": (64, 1000),
                "linear_64": (64, 0, 1000), "lora_64": (64, 16, 1000), "linear_576": (576, 0, 200),
                "lora_576": (576, 16, 200), "linear_4096": (4096, 0, 20), "lora_4096": (4096, 16, 20)}
 QUICK_SHAPES = {"dequantize": (1024, 1024), "dequantize_out": (1024, 1024), "matmul_m1": (1, 2752, 1024),
-                "matmul_m512": (64, 1024, 1024),
-                "layer": (64, 1024, 1024, 16), "model_step": (2, 32, 128, 2, 8), "model_decode": (4, 8, 128, 2, 8),
+                "matmul_m512": (64, 1024, 1024), "matmul_m512_bf16": (64, 1024, 1024, "bf16"),
+                "layer": (64, 1024, 1024, 16), "layer_bf16": (64, 1024, 1024, 16, "bf16"),
+                "model_step": (2, 32, 128, 2, 8), "model_step_1024": (2, 32, 128, 2, 8, 512),
+                "model_step_1024_bf16": (2, 32, 128, 2, 8, 512, "bf16"), "model_decode": (4, 8, 128, 2, 8),
                 "decode_135m": (4, 4, 1, 512, 4), "decode_mixed": (3, 4, 3, 1, 512, 4), "host_call": (64, 10),
                 "linear_64": (64, 0, 10), "lora_64": (64, 4, 10), "linear_576": (576, 0, 5), "lora_576": (576, 4, 5),
                 "linear_4096": (256, 0, 2), "lora_4096": (256, 4, 2)}
@@ -435,8 +455,12 @@ CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
     "dequantize_out": (dequantize_out_case, False),
     "matmul_m1": (matmul_case, True),
     "matmul_m512": (matmul_case, True),
+    "matmul_m512_bf16": (matmul_case, True),
     "layer": (layer_case, True),
+    "layer_bf16": (layer_case, True),
     "model_step": (model_step_case, True),
+    "model_step_1024": (model_step_case, True),
+    "model_step_1024_bf16": (model_step_case, True),
     "model_decode": (model_decode_case, True),
     "decode_135m": (decode_135m_case, True),
     "decode_mixed": (decode_mixed_case, False),
@@ -447,8 +471,12 @@ CASES: dict[str, tuple[Callable[..., dict[str, Impl]], bool]] = {
 
 # Optional packages a case cannot run without; a missing one skips the case with a note.
 # (A missing bitsandbytes or peft only leaves that column empty.)
-REQUIRES = {"model_step": ("transformers",), "model_decode": ("transformers",), "decode_135m": ("transformers",),
-            "decode_mixed": ("transformers",)}
+REQUIRES = {"model_step": ("transformers",), "model_step_1024": ("transformers",),
+            "model_step_1024_bf16": ("transformers",), "model_decode": ("transformers",),
+            "decode_135m": ("transformers",), "decode_mixed": ("transformers",)}
+# Cases in bf16 run where the CPU multiplies bf16 natively; elsewhere torch's bf16 products
+# are slower than its fp32 ones, and no one trains that way.
+NATIVE_BF16_CASES = ("matmul_m512_bf16", "layer_bf16", "model_step_1024_bf16")
 INSTALL_HINT = "pip install 'fastlora[bench]'"
 
 
@@ -468,12 +496,15 @@ def title(key: str, quick: bool) -> str:
         return f"dequantize nf4 {shape[0]}x{shape[1]} -> fp32"
     if key == "dequantize_out":
         return f"dequantize nf4 {shape[0]}x{shape[1]} -> fp32 into a reused out= (bitsandbytes: no CPU out=)"
-    if key == "layer":
-        m, n, k, r = shape
-        return f"Linear4bit + LoRA r={r} fwd+bwd fp32 M={m} {n}x{k}"
-    if key == "model_step":
-        rows, length, hidden, layers, r = shape
-        return f"QLoRA step (fwd+bwd, full checkpointing) fp32 Llama {layers}x{hidden} r={r}, {rows}x{length} tokens"
+    if key.startswith("layer"):
+        m, n, k, r, *dtype = shape
+        return f"Linear4bit + LoRA r={r} fwd+bwd {(dtype or ['fp32'])[0]} M={m} {n}x{k}"
+    if key.startswith("model_step"):
+        rows, length, hidden, layers, r, *rest = shape
+        vocab = f" vocab {rest[0]}" if rest else ""
+        dtype = "bf16 autocast" if rest[1:] == ["bf16"] else "fp32"
+        return (f"QLoRA step (fwd+bwd, full checkpointing) {dtype} Llama {layers}x{hidden}{vocab} r={r}, "
+                f"{rows}x{length} tokens")
     if key == "model_decode":
         prompt, tokens, hidden, layers, r = shape
         return f"greedy decode with KV cache fp32 Llama {layers}x{hidden} r={r}, {tokens} tokens after {prompt}"
@@ -492,8 +523,8 @@ def title(key: str, quick: bool) -> str:
         size, r, calls = shape
         layer = f"LoraLinear r={r}" if r else "Linear4bit"
         return f"{layer} {calls} one-row calls {size}x{size}, no grad"
-    m, n, k = shape
-    return f"matmul_4bit fp32 M={m} {n}x{k}"
+    m, n, k, *dtype = shape
+    return f"matmul_4bit {(dtype or ['fp32'])[0]} M={m} {n}x{k}"
 
 
 def build(key: str, quick: bool) -> dict[str, Impl]:
@@ -626,6 +657,10 @@ def run(quick: bool = False, repeats: int | None = None, json_path: str | None =
         missing = missing_packages(key)
         if missing:
             print(f"note: skipped {title(key, quick)}: needs {', '.join(missing)} ({INSTALL_HINT})", flush=True)
+            continue
+        if key in NATIVE_BF16_CASES and not fastlora.native_bf16():
+            print(f"note: skipped {title(key, quick)}: this CPU has no native bf16 (AMX-BF16 or AVX512-BF16)",
+                  flush=True)
             continue
         results.append(run_case(key, quick, repeats))
         print(format_table(results[-1:]).splitlines()[-1], flush=True)

@@ -94,7 +94,8 @@ def _add_train(commands) -> None:
                         "the 4-bit layers' outputs: ~1.35x faster steps on a 92M Llama, more memory); auto: "
                         "selective on CPU, full on GPU")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
-                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+                   help="auto: bf16 autocast on GPU and on CPUs with native bf16 (AMX or AVX512-BF16), "
+                        "fp32 on other CPUs")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the LoRA init, data order and dropout")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=d.output_dir,

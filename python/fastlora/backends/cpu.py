@@ -212,16 +212,10 @@ def lora_batched(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: tor
 # Up to this many activation rows the fused Rust kernel (weight decoded in registers) runs;
 # above, Rust dequantizes weight tiles and torch's BLAS multiplies them (`_matmul_tiled`).
 FUSED_MAX_ROWS = _native.FUSED_MAX_ROWS
-# fp32 bytes of weight dequantized at a time on the tiled path: transient memory stays at one tile.
-TILE_BYTES = 4 << 20
-# A weight up to this size in fp32 is dequantized whole (one GEMM, one contiguous output: a
-# few percent faster than tiles, benches/CPU_NOTES.md); larger weights keep tiles, so
-# transient memory stays under a quarter of them.
-WHOLE_WEIGHT_MAX_BYTES = 16 << 20
-# The transposed product adds each tile's share into the whole output, so its tiles are four
-# times larger: one tile (a single GEMM) for weights up to 16 MiB in fp32 (measured against
-# quarter-weight tiles in benches/CPU_NOTES.md).
-TRANSPOSED_TILE_FACTOR = 4
+# Bytes of weight dequantized at a time on the tiled path (in the GEMM's dtype), forward and
+# transposed alike: transient memory stays at one tile, and the GEMMs stay wide enough for
+# oneDNN's and MKL's fast kernels (512-row bf16 tiles ran at half speed; benches/CPU_NOTES.md).
+TILE_BYTES = 16 << 20
 
 
 def fp32_scales(scales: BlockScales) -> torch.Tensor:
@@ -284,32 +278,43 @@ def product(
     return y.reshape(*x.shape[:-1], outer)
 
 
+# Whether bf16 activations multiply in bf16 (`_matmul_tiled`): where the CPU has native bf16
+# (AMX or AVX512-BF16), torch's bf16 GEMM (oneDNN) runs several times faster than its fp32
+# one; elsewhere it widens internally and runs slower than fp32.
+NATIVE_BF16 = _native.native_bf16()
+
+
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the tiled product dequantizes to and multiplies in, for activations of `dtype`."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and NATIVE_BF16 else torch.float32
+
+
 def _matmul_tiled(
     x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int, quant_type: str,
     transposed: bool,
 ) -> torch.Tensor:
-    """The many-row product in fp32: Rust dequantizes a tile of weight rows (exact fp32
-    `code * absmax`), torch's BLAS multiplies it. All the arithmetic then runs on torch's
-    threads, as the rest of a training step does, instead of a second thread pool competing
-    with them for the cores; the dequantization is paid once per tile for all rows."""
+    """The many-row product: Rust dequantizes a tile of weight rows (`code * absmax`, exact
+    in fp32, rounded once in bf16) and torch's BLAS multiplies it, in `gemm_dtype`. All the
+    arithmetic then runs on torch's threads, as the rest of a training step does, instead of
+    a second thread pool competing with them for the cores; the dequantization is paid once
+    per tile for all rows."""
+    dtype = gemm_dtype(x2d.dtype)
     if n == 0 or k == 0:  # an empty weight: an empty product, or sums of nothing
-        return torch.zeros((x2d.shape[0], k if transposed else n), dtype=torch.float32)
-    x32 = x2d.float()
-    tile_bytes = TILE_BYTES * (TRANSPOSED_TILE_FACTOR if transposed else 1)
-    if 4 * n * k <= WHOLE_WEIGHT_MAX_BYTES:
-        tile_bytes = max(tile_bytes, 4 * n * k)
-    rows_per_tile = max(1, min(n, tile_bytes // (4 * k)))
-    tile = torch.empty((rows_per_tile, k), dtype=torch.float32)
-    y = torch.empty((x2d.shape[0], k if transposed else n), dtype=torch.float32)
+        return torch.zeros((x2d.shape[0], k if transposed else n), dtype=dtype)
+    xc = x2d.to(dtype)
+    size = xc.element_size()
+    rows_per_tile = max(1, min(n, TILE_BYTES // (size * k)))
+    tile = torch.empty((rows_per_tile, k), dtype=dtype)
+    y = torch.empty((x2d.shape[0], k if transposed else n), dtype=dtype)
     for r0 in range(0, n, rows_per_tile):
         rows = min(rows_per_tile, n - r0)
         w = dequantize_4bit_into(packed, absmax, n * k, blocksize, quant_type, r0 * k, tile[:rows])
         if not transposed:  # y[:, rows] = x @ W[rows, :].T, written in place (BLAS takes the row stride)
-            torch.mm(x32, w.t(), out=y[:, r0:r0 + rows])
+            torch.mm(xc, w.t(), out=y[:, r0:r0 + rows])
         elif r0 == 0:  # dx = the sum over row tiles of dy[:, rows] @ W[rows, :]
-            torch.mm(x32[:, :rows], w, out=y)
+            torch.mm(xc[:, :rows], w, out=y)
         else:
-            y.addmm_(x32[:, r0:r0 + rows], w)
+            y.addmm_(xc[:, r0:r0 + rows], w)
     return y
 
 

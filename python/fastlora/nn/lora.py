@@ -51,7 +51,9 @@ def fused_lora_forward(base: Linear4bit, x: torch.Tensor, dropout: nn.Module, A:
                                       base.blocksize, base.quant_type)
     else:
         y = base.plan().lora_linear(xc, x_drop, base.bias, A, B, scaling)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    # Back to x's dtype only where x was cast to the compute dtype: under autocast the op's
+    # output has the autocast dtype, as F.linear's has.
+    return y if xc is x else y.to(x.dtype)
 
 
 @dataclass(eq=False)

@@ -4,7 +4,7 @@ Going through `torch.ops.fastlora.*` costs 25-50 us of host time per call (argum
 the autograd wrapper, the redispatch), as much as a whole small CPU product and a large part
 of a GPU call's launch time. When no autograd graph is recorded, nothing traces (compile,
 export, `torch.jit.trace`), no tensor subclass or Python mode intercepts ops and the tensors
-are real CPU/CUDA tensors, the dispatcher would only forward the call: `call` then runs the
+are real CPU/CUDA tensors, and autocast is off, the dispatcher would only forward the call: `call` then runs the
 backend's implementation itself. Every op and call plan goes through `call`, `direct` or
 `direct_on_cpu`.
 """
@@ -22,7 +22,8 @@ _PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
 _functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-_CHECKABLE = None not in (_dispatch_modes, _function_modes, _functorch)
+_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+_CHECKABLE = None not in (_dispatch_modes, _function_modes, _functorch, _autocast)
 # What `torch.jit.is_tracing()` returns outside TorchScript, without its Python wrapper.
 _is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 
@@ -53,8 +54,8 @@ def direct_on_cpu(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
 
 
 def _unobserved() -> bool:
-    """No Python mode, functorch transform or trace would see the call."""
-    if not _CHECKABLE or _dispatch_modes() or _function_modes() or _functorch() is not None:
+    """No Python mode, functorch transform, autocast or trace would see the call."""
+    if not _CHECKABLE or _dispatch_modes() or _function_modes() or _functorch() is not None or _autocast():
         return False
     return not _is_tracing()
 

@@ -15,7 +15,7 @@ import torch
 
 from .. import backends
 from ..scales import OP_SCHEMA, BlockScales
-from . import _eager, matmul
+from . import _autocast, _eager, matmul
 
 torch.library.define(
     "fastlora::lora_linear_4bit",
@@ -38,6 +38,7 @@ def _implementation(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, q
 
 
 torch.library.register_kernel("fastlora::lora_linear_4bit", ("cpu", "cuda"))(_implementation)
+_autocast.register("lora_linear_4bit", frozenset({0, 1, 4, 5, 6}))  # x, x_drop, bias, A, B
 
 
 def lora_linear_4bit(x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor, scales: BlockScales,

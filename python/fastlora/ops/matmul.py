@@ -10,7 +10,7 @@ import torch
 
 from .. import backends
 from ..scales import OP_SCHEMA, BlockScales
-from . import _eager
+from . import _autocast, _eager
 
 torch.library.define(
     "fastlora::matmul_4bit",
@@ -32,6 +32,7 @@ def _implementation(x, packed, absmax, n, k, blocksize, quant_type, transposed, 
 
 
 torch.library.register_kernel("fastlora::matmul_4bit", ("cpu", "cuda"))(_implementation)
+_autocast.register("matmul_4bit", frozenset({0}))  # x
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,

@@ -4,7 +4,8 @@ The base model's linear layers become frozen 4-bit `Linear4bit` layers with trai
 adapters (`fastlora.prepare_model`); AdamW updates the adapters only, under a linear-warmup
 plus cosine learning-rate schedule, with gradient accumulation, gradient clipping, gradient
 checkpointing (Hugging Face's, non-reentrant; see `CHECKPOINT_POLICIES` for what backward
-recomputes), bf16 autocast on GPU and fp32 on CPU. The loss
+recomputes), bf16 autocast on GPU and on CPUs with native bf16 (AMX or AVX512-BF16), fp32 on
+other CPUs. The loss
 of a step is the mean over every loss-carrying token of the global batch, however it is
 split into micro-batches and processes, so `--grad-accum` and `torchrun` change the
 arithmetic's order but not the result.
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from .. import _native
 from ..adapter import load_adapter, save_adapter
 from ..model import dequantize_model, lora_layers, merge_and_unload, prepare_model
 from . import checkpoint, data, distributed, modeling, report
@@ -111,7 +113,7 @@ class TrainConfig:
     merge: bool = False
     gradient_checkpointing: bool = True
     checkpoint_policy: str = "auto"  # see CHECKPOINT_POLICIES
-    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 autocast on GPU and native-bf16 CPUs, else fp32
     distributed: str = "auto"  # auto: DDP when WORLD_SIZE > 1
     device: str = "auto"
     progress: bool = True
@@ -479,13 +481,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: fp32 throughout)."""
+def _precision(cfg: TrainConfig, info: DistInfo) -> torch.dtype | None:
+    """The autocast dtype (None: fp32 throughout). `auto` picks bf16 where it runs natively:
+    a GPU with bf16, or a CPU with AMX-BF16 or AVX512-BF16 (there torch's bf16 GEMM is
+    several times its fp32 speed; elsewhere on a CPU it is slower than fp32), and says so."""
     if cfg.precision == "fp32":
         return None
     if cfg.precision == "bf16":
         return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if info.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if info.device.type == "cpu" and _native.native_bf16():
+        _log(info, "--precision auto: bf16 autocast (this CPU multiplies bf16 natively); --precision fp32 to keep fp32")
         return torch.bfloat16
     return None
 
@@ -654,7 +661,7 @@ def _train(cfg: TrainConfig, info: DistInfo, callback) -> TrainResult:
     distributed.barrier(info)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    autocast_dtype = _precision(cfg, info.device)
+    autocast_dtype = _precision(cfg, info)
     classes = data.label_names([r for recs in records for r in recs], " + ".join(str(s.path) for s in sources)) \
         if cfg.task == "seq-cls" else None
     model, tokenizer, name = _build(cfg, info, autocast_dtype, classes)

@@ -1,0 +1,36 @@
+"""Autocast for fastlora's ops. Under `torch.autocast` an op's activations (and the LoRA
+op's adapter and bias) are cast to the autocast dtype, as autocast casts `F.linear`'s input,
+weight and bias; the packed weight, its block scales and code tables keep their dtypes (the
+kernels read them as stored), which `torch.library.register_autocast` would not do: it
+casts every floating-point tensor argument.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LIB = torch.library.Library("fastlora", "FRAGMENT")
+
+
+def register(name: str, cast: frozenset[int]) -> None:
+    """Casts the arguments at positions `cast` of `fastlora::name` under CPU and CUDA autocast."""
+    op = getattr(torch.ops.fastlora, name).default
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        dispatch_key = getattr(torch._C.DispatchKey, key)
+
+        def autocast(*args, _device=device_type, _keys=torch._C.DispatchKeySet(dispatch_key)):
+            dtype = torch.get_autocast_dtype(_device)
+            cast_args, done = [], {}
+            for i, a in enumerate(args):
+                if i in cast and isinstance(a, torch.Tensor) and a.is_floating_point():
+                    # One cast per tensor: the LoRA op's x_drop is x without dropout, and must stay so.
+                    if id(a) not in done:
+                        done[id(a)] = a.to(dtype)
+                    a = done[id(a)]
+                cast_args.append(a)
+            with torch._C._ExcludeDispatchKeyGuard(_keys):
+                return op(*cast_args)
+
+        op.py_impl(dispatch_key)(autocast)  # what tracing (the Python dispatcher) calls
+        _LIB.impl(name, lambda _keyset, *args, _kernel=autocast: _kernel(*args), key, with_keyset=True)
