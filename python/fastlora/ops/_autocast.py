@@ -17,20 +17,25 @@ def register(name: str, cast: frozenset[int]) -> None:
     op = getattr(torch.ops.fastlora, name).default
     for device_type in ("cpu", "cuda"):
         key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-        dispatch_key = getattr(torch._C.DispatchKey, key)
+        kernel = _autocast_kernel(op, device_type, getattr(torch._C.DispatchKey, key), cast)
+        op.py_impl(getattr(torch._C.DispatchKey, key))(kernel)  # what tracing (the Python dispatcher) calls
+        _LIB.impl(name, lambda _keyset, *args, _kernel=kernel: _kernel(*args), key, with_keyset=True)
 
-        def autocast(*args, _device=device_type, _keys=torch._C.DispatchKeySet(dispatch_key)):
-            dtype = torch.get_autocast_dtype(_device)
-            cast_args, done = [], {}
-            for i, a in enumerate(args):
-                if i in cast and isinstance(a, torch.Tensor) and a.is_floating_point():
-                    # One cast per tensor: the LoRA op's x_drop is x without dropout, and must stay so.
-                    if id(a) not in done:
-                        done[id(a)] = a.to(dtype)
-                    a = done[id(a)]
-                cast_args.append(a)
-            with torch._C._ExcludeDispatchKeyGuard(_keys):
-                return op(*cast_args)
 
-        op.py_impl(dispatch_key)(autocast)  # what tracing (the Python dispatcher) calls
-        _LIB.impl(name, lambda _keyset, *args, _kernel=autocast: _kernel(*args), key, with_keyset=True)
+def _autocast_kernel(op, device_type: str, dispatch_key, cast: frozenset[int]):
+    below_autocast = torch._C.DispatchKeySet(dispatch_key)
+
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast_args, done = [], {}
+        for i, a in enumerate(args):
+            if i in cast and isinstance(a, torch.Tensor) and a.is_floating_point():
+                # One cast per tensor: the LoRA op's x_drop is x without dropout, and must stay so.
+                if id(a) not in done:
+                    done[id(a)] = a.to(dtype)
+                a = done[id(a)]
+            cast_args.append(a)
+        with torch._C._ExcludeDispatchKeyGuard(below_autocast):
+            return op(*cast_args)
+
+    return kernel
