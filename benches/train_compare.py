@@ -3,6 +3,7 @@ data, batches, LoRA initialization, optimizer and loop.
 
     python benches/train_compare.py                      # the tiny model, a few minutes on CPU
     python benches/train_compare.py --model-size 100m    # a ~100M-parameter Llama
+    python benches/train_compare.py --model-size 100m --precision bf16   # both under bf16 autocast
     python benches/train_compare.py --device cuda --model-size 1b --batch-size 8 --max-length 512
 
 Both stacks start from one randomly initialized Llama (fixed seed). fastlora prepares it with
@@ -22,7 +23,7 @@ training starts) is its own; the two processes take turns, one step each, so bot
 same machine load.
 
 Prints step time, tokens per second, peak memory and both loss curves; writes
-`benches/results/train_compare-<size>[-cuda].json`.
+`benches/results/train_compare-<size>[-cuda|-bf16].json`.
 """
 
 from __future__ import annotations
@@ -143,7 +144,10 @@ def run_stack(stack: str, args: argparse.Namespace) -> dict:
         enable_gradient_checkpointing(model, policy=policy)
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r,
                       lora_alpha=args.lora_alpha, lora_dropout=0.0, max_length=args.max_length, seed=args.seed)
-    trainer = Trainer(model, dataset, cfg, DistInfo("none", device=device), compute_dtype if on_gpu else None)
+    # On a CPU the model stays fp32; `--precision bf16` trains both under bf16 autocast, as
+    # `fastlora train --precision bf16` (and `auto` on a CPU with native bf16) does.
+    autocast = compute_dtype if on_gpu else (torch.bfloat16 if args.precision == "bf16" else None)
+    trainer = Trainer(model, dataset, cfg, DistInfo("none", device=device), autocast)
     gc.collect()
     rss_ready = _status_kib("VmRSS")
     _reset_peak()
@@ -256,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: both stacks on the GPU in bf16 (needs bitsandbytes' CUDA build)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="on CPU: fp32, or bf16 autocast for both stacks (the GPU always trains in bf16)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--checkpoint-policy", choices=CHECKPOINT_POLICIES, default="auto",
                         help="fastlora's gradient checkpointing (transformers+peft+bitsandbytes: always full)")
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for i, (a, b) in enumerate(zip(ours["losses"], theirs["losses"], strict=False), 1):
         print(f"| {i} | {a:.5f} | {b:.5f} | {a - b:+.2e} |")
-    suffix = "-cuda" if args.device == "cuda" else ""
+    suffix = "-cuda" if args.device == "cuda" else "-bf16" if args.precision == "bf16" else ""
     path = Path(args.json) if args.json else RESULTS / f"train_compare-{args.model_size}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

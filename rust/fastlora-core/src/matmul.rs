@@ -88,7 +88,7 @@ pub fn matmul_4bit<T: Element>(
             let mut w_row = vec![0.0f32; k];
             for (i, out_row) in out.chunks_mut(m).enumerate() {
                 let r = t * rows_per_task + i;
-                decode_span(isa, weight, r * k, &mut w_row);
+                decode_span(isa, weight, r * k, &mut w_row, false);
                 for (q, o) in out_row.iter_mut().enumerate() {
                     *o = dot(&x32[q * k..(q + 1) * k], &w_row);
                 }
@@ -132,7 +132,7 @@ pub fn matmul_4bit_t<T: Element>(
         parallel::for_each_chunk_mut(&mut dx32, rows_per_task * k, |t, dx_rows| {
             let mut w_row = vec![0.0f32; k];
             for r in 0..n {
-                decode_span(isa, weight, r * k, &mut w_row);
+                decode_span(isa, weight, r * k, &mut w_row, false);
                 for (i, dx_row) in dx_rows.chunks_mut(k).enumerate() {
                     let coef = dy32[(t * rows_per_task + i) * n + r];
                     dx_row.iter_mut().zip(&w_row).for_each(|(d, w)| *d += coef * w);

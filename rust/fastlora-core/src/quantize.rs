@@ -90,13 +90,17 @@ pub fn dequantize_4bit<T: Element>(
     );
     parallel::for_each_chunk_mut(out, TASK_ELEMENTS, |t, chunk| {
         let chunk_start = start + t * TASK_ELEMENTS;
+        // The output goes straight to memory: a dequantized weight or tile is larger than
+        // the caches, and its reader (a GEMM) comes later.
         if let Some(values) = T::as_f32_mut(chunk) {
-            decode_span(isa, weight, chunk_start, values);
+            decode_span(isa, weight, chunk_start, values, true);
+            simd::store_fence();
         } else if let Some(values) = T::as_bf16_mut(chunk) {
-            decode_span(isa, weight, chunk_start, values);
+            decode_span(isa, weight, chunk_start, values, true);
+            simd::store_fence();
         } else {
             let mut values = vec![0.0f32; chunk.len()];
-            decode_span(isa, weight, chunk_start, &mut values);
+            decode_span(isa, weight, chunk_start, &mut values, false);
             T::narrow_from(&values, chunk);
         }
     });
@@ -105,13 +109,13 @@ pub fn dequantize_4bit<T: Element>(
 
 /// What [`decode_span`] decodes into: fp32, or bf16 rounded in the kernel.
 pub(crate) trait Decoded: Copy {
-    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [Self]);
+    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [Self], stream: bool);
     fn from_value(value: f32) -> Self;
 }
 
 impl Decoded for f32 {
-    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32]) {
-        simd::decode_pairs(isa, table, bytes, scale, out);
+    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32], stream: bool) {
+        simd::decode_pairs(isa, table, bytes, scale, out, stream);
     }
     fn from_value(value: f32) -> Self {
         value
@@ -119,8 +123,8 @@ impl Decoded for f32 {
 }
 
 impl Decoded for bf16 {
-    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [bf16]) {
-        simd::decode_pairs_bf16(isa, table, bytes, scale, out);
+    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [bf16], stream: bool) {
+        simd::decode_pairs_bf16(isa, table, bytes, scale, out, stream);
     }
     fn from_value(value: f32) -> Self {
         bf16::from_f32(value)
@@ -128,8 +132,9 @@ impl Decoded for bf16 {
 }
 
 /// Serially decodes elements `start .. start + out.len()`, whole byte runs through the
-/// SIMD kernel and a ragged first or last element one at a time.
-pub(crate) fn decode_span<O: Decoded>(isa: Isa, weight: &Packed4bit<'_>, start: usize, out: &mut [O]) {
+/// SIMD kernel and a ragged first or last element one at a time; `stream` as in
+/// [`simd::decode_pairs`].
+pub(crate) fn decode_span<O: Decoded>(isa: Isa, weight: &Packed4bit<'_>, start: usize, out: &mut [O], stream: bool) {
     let table = weight.quant_type.code();
     let end = start + out.len();
     let mut i = start;
@@ -140,7 +145,7 @@ pub(crate) fn decode_span<O: Decoded>(isa: Isa, weight: &Packed4bit<'_>, start: 
         if i.is_multiple_of(2) && pairs > 0 {
             let bytes = &weight.packed[i / 2..i / 2 + pairs];
             let dst = &mut out[i - start..i - start + 2 * pairs];
-            O::decode_pairs(isa, table, bytes, weight.absmax[block], dst);
+            O::decode_pairs(isa, table, bytes, weight.absmax[block], dst, stream);
             i += 2 * pairs;
         } else {
             out[i - start] = O::from_value(weight.value_at(i));

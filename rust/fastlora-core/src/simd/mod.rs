@@ -127,8 +127,11 @@ pub fn available() -> Vec<Isa> {
 }
 
 /// Decodes `bytes` (two codes each, high nibble first) into `2 * bytes.len()` values
-/// `table[code] * scale`.
-pub fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32]) {
+/// `table[code] * scale`. With `stream`, AVX-512 writes an aligned `out` with non-temporal
+/// stores (for outputs too large to stay in cache: a dequantized weight, which the writes
+/// would otherwise first read in); the caller then calls [`store_fence`] before another
+/// thread reads `out`.
+pub fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32], stream: bool) {
     assert_eq!(out.len(), 2 * bytes.len());
     match isa {
         Isa::Scalar => scalar::decode_pairs(table, bytes, scale, out),
@@ -137,19 +140,19 @@ pub fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: 
         Isa::Avx2 => unsafe { avx2::decode_pairs(table, bytes, scale, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx512 => unsafe { avx512::decode_pairs(table, bytes, scale, out) },
+        Isa::Avx512 => unsafe { avx512::decode_pairs(table, bytes, scale, out, stream) },
     }
 }
 
 /// [`decode_pairs`] rounded to bf16 (nearest, ties to even), without an fp32 copy in memory
 /// on AVX-512; narrower sets decode a stretch to fp32 on the stack and round it.
-pub fn decode_pairs_bf16(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [bf16]) {
+pub fn decode_pairs_bf16(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [bf16], stream: bool) {
     assert_eq!(out.len(), 2 * bytes.len());
     match isa {
         Isa::Scalar => scalar::decode_pairs_bf16(table, bytes, scale, out),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `decode_pairs`.
-        Isa::Avx512 => unsafe { avx512::decode_pairs_bf16(table, bytes, scale, out) },
+        Isa::Avx512 => unsafe { avx512::decode_pairs_bf16(table, bytes, scale, out, stream) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             use half::slice::HalfFloatSliceExt;
@@ -157,10 +160,20 @@ pub fn decode_pairs_bf16(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, 
             let mut values = [0.0f32; 2 * STRETCH];
             for (src, dst) in bytes.chunks(STRETCH).zip(out.chunks_mut(2 * STRETCH)) {
                 let values = &mut values[..dst.len()];
-                decode_pairs(isa, table, src, scale, values);
+                decode_pairs(isa, table, src, scale, values, false);
                 dst.convert_from_f32_slice(values);
             }
         }
+    }
+}
+
+/// Orders the non-temporal stores of a `stream` decode before the stores that follow (the
+/// parallel loop's join), so the threads that read the output see it.
+pub fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86-64.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
     }
 }
 

@@ -2,21 +2,29 @@ use super::*;
 use crate::codebook::{FP4_BOOK, FP4_CODE, NF4_BOOK, NF4_CODE};
 use crate::testutil::{assert_close, Rng};
 
+/// `len` values of `buffer` from its first 64-byte aligned one (where streaming stores go).
+fn aligned_64<T>(buffer: &mut [T], len: usize) -> &mut [T] {
+    let skip = buffer.as_ptr().align_offset(64);
+    &mut buffer[skip..skip + len]
+}
+
 #[test]
 fn every_isa_decodes_like_scalar_bit_for_bit() {
     let mut rng = Rng::new(1);
     for table in [&NF4_CODE, &FP4_CODE] {
-        for len in [0usize, 1, 7, 8, 9, 31, 64, 100] {
+        for len in [0usize, 1, 7, 8, 9, 31, 64, 100, 512] {
             let bytes = rng.bytes(len);
             let mut expected = vec![f32::NAN; 2 * len];
             scalar::decode_pairs(table, &bytes, 0.37, &mut expected);
-            for isa in available() {
-                let mut out = vec![f32::NAN; 2 * len];
-                decode_pairs(isa, table, &bytes, 0.37, &mut out);
+            for (isa, stream) in available().into_iter().flat_map(|isa| [(isa, false), (isa, true)]) {
+                let mut buffer = vec![f32::NAN; 2 * len + 16];
+                let out = aligned_64(&mut buffer, 2 * len);
+                decode_pairs(isa, table, &bytes, 0.37, out, stream);
+                store_fence();
                 assert_eq!(
                     out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "{} len {len}",
+                    "{} len {len} stream {stream}",
                     isa.name()
                 );
             }
@@ -35,11 +43,13 @@ fn every_isa_decodes_to_bf16_as_half_rounds() {
                 let mut values = vec![0.0f32; 2 * len];
                 scalar::decode_pairs(table, &bytes, scale, &mut values);
                 let expected: Vec<u16> = values.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
-                for isa in available() {
-                    let mut out = vec![half::bf16::from_bits(0x7fbf); 2 * len];
-                    decode_pairs_bf16(isa, table, &bytes, scale, &mut out);
+                for (isa, stream) in available().into_iter().flat_map(|isa| [(isa, false), (isa, true)]) {
+                    let mut buffer = vec![half::bf16::from_bits(0x7fbf); 2 * len + 32];
+                    let out = aligned_64(&mut buffer, 2 * len);
+                    decode_pairs_bf16(isa, table, &bytes, scale, out, stream);
+                    store_fence();
                     let got: Vec<u16> = out.iter().map(|v| v.to_bits()).collect();
-                    assert_eq!(got, expected, "{} len {len} scale {scale}", isa.name());
+                    assert_eq!(got, expected, "{} len {len} scale {scale} stream {stream}", isa.name());
                 }
             }
         }
