@@ -153,6 +153,8 @@ unsafe fn rows_dot<const ROWS: usize>(
             let start = b * block_bytes;
             let mut j = start;
             while j < start + block_bytes {
+                // Past the last row this names memory that is not ours: a prefetch never faults.
+                _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(j + super::PREFETCH_BYTES) as *const i8);
                 let w = decode32(src.add(j), &planes);
                 for m in 0..ROWS {
                     let xm = x[m].add(2 * j);

@@ -11,13 +11,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
-use super::CHUNK_BYTES;
-
-/// How far ahead of its decode the fused dot prefetches packed bytes: a weight read after
-/// other work has left the caches otherwise waits on memory at every row (one-row
-/// 11008x4096 right after a dense product: 3.0 ms without, 1.6 ms with; 1-8 KiB measured
-/// alike, `benches/CPU_NOTES.md`).
-const PREFETCH_BYTES: usize = 4096;
+use super::{CHUNK_BYTES, PREFETCH_BYTES};
 
 /// The 16 bytes at `ptr` widened to 32-bit lanes.
 #[inline]
