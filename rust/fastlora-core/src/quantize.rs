@@ -109,13 +109,13 @@ pub fn dequantize_4bit<T: Element>(
 
 /// What [`decode_span`] decodes into: fp32, or bf16 rounded in the kernel.
 pub(crate) trait Decoded: Copy {
-    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [Self], stream: bool);
+    fn decode_blocks(isa: Isa, weight: &Packed4bit<'_>, bytes: &[u8], scales: &[f32], out: &mut [Self], stream: bool);
     fn from_value(value: f32) -> Self;
 }
 
 impl Decoded for f32 {
-    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32], stream: bool) {
-        simd::decode_pairs(isa, table, bytes, scale, out, stream);
+    fn decode_blocks(isa: Isa, weight: &Packed4bit<'_>, bytes: &[u8], scales: &[f32], out: &mut [f32], stream: bool) {
+        simd::decode_blocks(isa, weight.quant_type.code(), bytes, scales, weight.blocksize / 2, out, stream);
     }
     fn from_value(value: f32) -> Self {
         value
@@ -123,29 +123,30 @@ impl Decoded for f32 {
 }
 
 impl Decoded for bf16 {
-    fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [bf16], stream: bool) {
-        simd::decode_pairs_bf16(isa, table, bytes, scale, out, stream);
+    fn decode_blocks(isa: Isa, weight: &Packed4bit<'_>, bytes: &[u8], scales: &[f32], out: &mut [bf16], stream: bool) {
+        simd::decode_blocks_bf16(isa, weight.quant_type.code(), bytes, scales, weight.blocksize / 2, out, stream);
     }
     fn from_value(value: f32) -> Self {
         bf16::from_f32(value)
     }
 }
 
-/// Serially decodes elements `start .. start + out.len()`, whole byte runs through the
-/// SIMD kernel and a ragged first or last element one at a time; `stream` as in
-/// [`simd::decode_pairs`].
+/// Serially decodes elements `start .. start + out.len()`: a ragged first or last element
+/// one at a time, the rest of a partly covered first block, then every further block in one
+/// kernel call; `stream` as in [`simd::decode_blocks`].
 pub(crate) fn decode_span<O: Decoded>(isa: Isa, weight: &Packed4bit<'_>, start: usize, out: &mut [O], stream: bool) {
-    let table = weight.quant_type.code();
+    let blocksize = weight.blocksize;
     let end = start + out.len();
     let mut i = start;
     while i < end {
-        let block = i / weight.blocksize;
-        let run_end = ((block + 1) * weight.blocksize).min(end);
-        let pairs = (run_end - i) / 2;
+        // From inside a block, up to its end; from a block's start, through to `end`.
+        let limit = if i.is_multiple_of(blocksize) { end } else { ((i / blocksize + 1) * blocksize).min(end) };
+        let pairs = (limit - i) / 2;
         if i.is_multiple_of(2) && pairs > 0 {
+            let (first_block, last_block) = (i / blocksize, (i + 2 * pairs - 1) / blocksize);
             let bytes = &weight.packed[i / 2..i / 2 + pairs];
-            let dst = &mut out[i - start..i - start + 2 * pairs];
-            O::decode_pairs(isa, table, bytes, weight.absmax[block], dst, stream);
+            let scales = &weight.absmax[first_block..=last_block];
+            O::decode_blocks(isa, weight, bytes, scales, &mut out[i - start..i - start + 2 * pairs], stream);
             i += 2 * pairs;
         } else {
             out[i - start] = O::from_value(weight.value_at(i));

@@ -52,26 +52,40 @@ unsafe fn store(dst: *mut f32, v: __m512, stream: bool) {
     }
 }
 
-/// [`super::decode_pairs`] on AVX-512.
+/// [`super::decode_blocks`] on AVX-512 (fp32): each block's scale multiplies the table
+/// once (`table[code] * scale` rounded once, exactly as the scalar kernel computes it).
 ///
 /// # Safety
-/// The CPU must have AVX-512 F, BW and VL, and `out` must hold `2 * bytes.len()` values.
+/// The CPU must have AVX-512 F, BW and VL, and the slices must have the lengths
+/// [`super::decode_blocks`] checks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn decode_pairs(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32], stream: bool) {
-    // table[code] * scale, rounded once, exactly as the scalar kernel computes it.
-    let scaled = _mm512_mul_ps(_mm512_loadu_ps(table.as_ptr()), _mm512_set1_ps(scale));
+pub unsafe fn decode_blocks(
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    out: &mut [f32],
+    stream: bool,
+) {
+    let table_v = _mm512_loadu_ps(table.as_ptr());
     let (first, second) = interleave_indices();
-    let whole = bytes.len() / CHUNK_BYTES * CHUNK_BYTES;
     let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr());
+    // Every block starts 64-byte aligned if the first does (blocks are 16-byte multiples).
     let stream = stream && (dst as usize).is_multiple_of(64);
-    let mut j = 0;
-    while j < whole {
-        let (high, low) = decode16(src.add(j), scaled);
-        store(dst.add(2 * j), _mm512_permutex2var_ps(high, first, low), stream);
-        store(dst.add(2 * j + 16), _mm512_permutex2var_ps(high, second, low), stream);
-        j += CHUNK_BYTES;
+    for (b, &scale) in scales.iter().enumerate() {
+        let scaled = _mm512_mul_ps(table_v, _mm512_set1_ps(scale));
+        let end = ((b + 1) * block_bytes).min(bytes.len());
+        let mut j = b * block_bytes;
+        while j + CHUNK_BYTES <= end {
+            let (high, low) = decode16(src.add(j), scaled);
+            store(dst.add(2 * j), _mm512_permutex2var_ps(high, first, low), stream);
+            store(dst.add(2 * j + 16), _mm512_permutex2var_ps(high, second, low), stream);
+            j += CHUNK_BYTES;
+        }
+        if j < end {
+            super::scalar::decode_pairs(table, &bytes[j..end], scale, &mut out[2 * j..2 * end]);
+        }
     }
-    super::scalar::decode_pairs(table, &bytes[whole..], scale, &mut out[2 * whole..]);
 }
 
 /// fp32 lanes rounded to bf16 (nearest, ties to even; a NaN stays a quiet NaN), as
@@ -86,35 +100,47 @@ unsafe fn round_to_bf16_high(v: __m512) -> __m512i {
     _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(bits, _mm512_set1_epi32(0x0040_0000)))
 }
 
-/// [`super::decode_pairs_bf16`] on AVX-512. The 16 products `table[code] * scale` are
-/// rounded to bf16 once per call (a block's run), into two tables: each bf16 value in the
-/// low half of its 32-bit lane (for high nibbles, the even elements) and in the high half
-/// (for low nibbles); the two lookups of 16 bytes OR into 32 bf16 values in element order,
-/// one 64-byte store.
+/// [`super::decode_blocks_bf16`] on AVX-512. Each block's 16 products `table[code] * scale`
+/// are rounded to bf16 once, into two tables: each bf16 value in the low half of its 32-bit
+/// lane (for high nibbles, the even elements) and in the high half (for low nibbles); the
+/// two lookups of 16 bytes OR into 32 bf16 values in element order, one 64-byte store.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F, BW and VL, and `out` must hold `2 * bytes.len()` values.
+/// As [`decode_blocks`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn decode_pairs_bf16(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [bf16], stream: bool) {
-    let rounded = round_to_bf16_high(_mm512_mul_ps(_mm512_loadu_ps(table.as_ptr()), _mm512_set1_ps(scale)));
-    let even_table = _mm512_castsi512_ps(_mm512_srli_epi32::<16>(rounded));
-    let odd_table = _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(0xffff_0000u32 as i32)));
-    let whole = bytes.len() / CHUNK_BYTES * CHUNK_BYTES;
+pub unsafe fn decode_blocks_bf16(
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    out: &mut [bf16],
+    stream: bool,
+) {
+    let table_v = _mm512_loadu_ps(table.as_ptr());
+    let high_half = _mm512_set1_epi32(0xffff_0000u32 as i32);
     let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr() as *mut f32);
     let stream = stream && (dst as usize).is_multiple_of(64);
-    let mut j = 0;
-    while j < whole {
-        let codes = widen16(src.add(j));
-        // Little-endian pairs: element 2j (high nibble) in the low half of 32-bit lane j.
-        let pairs = _mm512_or_ps(
-            _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(codes), even_table),
-            _mm512_permutexvar_ps(codes, odd_table),
-        );
-        // 32 bf16 values fill the 64 bytes of 16 fp32 slots.
-        store(dst.add(j), pairs, stream);
-        j += CHUNK_BYTES;
+    for (b, &scale) in scales.iter().enumerate() {
+        let rounded = round_to_bf16_high(_mm512_mul_ps(table_v, _mm512_set1_ps(scale)));
+        let even_table = _mm512_castsi512_ps(_mm512_srli_epi32::<16>(rounded));
+        let odd_table = _mm512_castsi512_ps(_mm512_and_si512(rounded, high_half));
+        let end = ((b + 1) * block_bytes).min(bytes.len());
+        let mut j = b * block_bytes;
+        while j + CHUNK_BYTES <= end {
+            let codes = widen16(src.add(j));
+            // Little-endian pairs: element 2j (high nibble) in the low half of 32-bit lane j.
+            let pairs = _mm512_or_ps(
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(codes), even_table),
+                _mm512_permutexvar_ps(codes, odd_table),
+            );
+            // 32 bf16 values fill the 64 bytes of 16 fp32 slots.
+            store(dst.add(j), pairs, stream);
+            j += CHUNK_BYTES;
+        }
+        if j < end {
+            super::scalar::decode_pairs_bf16(table, &bytes[j..end], scale, &mut out[2 * j..2 * end]);
+        }
     }
-    super::scalar::decode_pairs_bf16(table, &bytes[whole..], scale, &mut out[2 * whole..]);
 }
 
 /// [`super::fused_rows_dot`] on AVX-512, activations in its [`super::dot_layout`].

@@ -127,44 +127,69 @@ pub fn available() -> Vec<Isa> {
 }
 
 /// Decodes `bytes` (two codes each, high nibble first) into `2 * bytes.len()` values
-/// `table[code] * scale`. With `stream`, AVX-512 writes an aligned `out` with non-temporal
-/// stores (for outputs too large to stay in cache: a dequantized weight, which the writes
-/// would otherwise first read in); the caller then calls [`store_fence`] before another
-/// thread reads `out`.
-pub fn decode_pairs(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f32], stream: bool) {
-    assert_eq!(out.len(), 2 * bytes.len());
+/// `table[code] * scales[b]`, where `bytes` is consecutive blocks of `block_bytes` bytes
+/// (the last one possibly shorter) and `b` the block a byte is in. One call for a run of
+/// blocks: a per-block call cost as much as the decode of a 64-element block. With `stream`,
+/// AVX-512 writes an aligned `out` with non-temporal stores (for outputs too large to stay in
+/// cache: a dequantized weight, which the writes would otherwise first read in); the caller
+/// then calls [`store_fence`] before another thread reads `out`.
+pub fn decode_blocks(
+    isa: Isa,
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    out: &mut [f32],
+    stream: bool,
+) {
+    check_blocks(bytes, scales, block_bytes, out.len());
     match isa {
-        Isa::Scalar => scalar::decode_pairs(table, bytes, scale, out),
+        Isa::Scalar => scalar::decode_blocks(table, bytes, scales, block_bytes, out),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Avx2` and `Avx512` are only used where `detected()` found them.
-        Isa::Avx2 => unsafe { avx2::decode_pairs(table, bytes, scale, out) },
+        // SAFETY: `Avx2` and `Avx512` are only used where `detected()` found them; the
+        // lengths were checked above.
+        Isa::Avx2 => unsafe { avx2::decode_blocks(table, bytes, scales, block_bytes, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx512 => unsafe { avx512::decode_pairs(table, bytes, scale, out, stream) },
+        Isa::Avx512 => unsafe { avx512::decode_blocks(table, bytes, scales, block_bytes, out, stream) },
     }
 }
 
-/// [`decode_pairs`] rounded to bf16 (nearest, ties to even), without an fp32 copy in memory
+/// [`decode_blocks`] rounded to bf16 (nearest, ties to even), without an fp32 copy in memory
 /// on AVX-512; narrower sets decode a stretch to fp32 on the stack and round it.
-pub fn decode_pairs_bf16(isa: Isa, table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [bf16], stream: bool) {
-    assert_eq!(out.len(), 2 * bytes.len());
+pub fn decode_blocks_bf16(
+    isa: Isa,
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    out: &mut [bf16],
+    stream: bool,
+) {
+    check_blocks(bytes, scales, block_bytes, out.len());
     match isa {
-        Isa::Scalar => scalar::decode_pairs_bf16(table, bytes, scale, out),
+        Isa::Scalar => scalar::decode_blocks_bf16(table, bytes, scales, block_bytes, out),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `decode_pairs`.
-        Isa::Avx512 => unsafe { avx512::decode_pairs_bf16(table, bytes, scale, out, stream) },
+        // SAFETY: as in `decode_blocks`.
+        Isa::Avx512 => unsafe { avx512::decode_blocks_bf16(table, bytes, scales, block_bytes, out, stream) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             use half::slice::HalfFloatSliceExt;
-            const STRETCH: usize = 256;
-            let mut values = [0.0f32; 2 * STRETCH];
-            for (src, dst) in bytes.chunks(STRETCH).zip(out.chunks_mut(2 * STRETCH)) {
-                let values = &mut values[..dst.len()];
-                decode_pairs(isa, table, src, scale, values, false);
-                dst.convert_from_f32_slice(values);
+            let mut values = [0.0f32; 512];
+            for ((src, &scale), dst) in bytes.chunks(block_bytes).zip(scales).zip(out.chunks_mut(2 * block_bytes)) {
+                for (src, dst) in src.chunks(256).zip(dst.chunks_mut(512)) {
+                    let values = &mut values[..dst.len()];
+                    decode_blocks(isa, table, src, &[scale], src.len(), values, false);
+                    dst.convert_from_f32_slice(values);
+                }
             }
         }
     }
+}
+
+fn check_blocks(bytes: &[u8], scales: &[f32], block_bytes: usize, out_len: usize) {
+    assert!(block_bytes > 0 && scales.len() == bytes.len().div_ceil(block_bytes));
+    assert_eq!(out_len, 2 * bytes.len());
 }
 
 /// Orders the non-temporal stores of a `stream` decode before the stores that follow (the

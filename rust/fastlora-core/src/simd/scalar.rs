@@ -16,6 +16,18 @@ pub fn decode_pairs_bf16(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut 
     }
 }
 
+pub fn decode_blocks(table: &[f32; 16], bytes: &[u8], scales: &[f32], block_bytes: usize, out: &mut [f32]) {
+    for ((src, &scale), dst) in bytes.chunks(block_bytes).zip(scales).zip(out.chunks_mut(2 * block_bytes)) {
+        decode_pairs(table, src, scale, dst);
+    }
+}
+
+pub fn decode_blocks_bf16(table: &[f32; 16], bytes: &[u8], scales: &[f32], block_bytes: usize, out: &mut [bf16]) {
+    for ((src, &scale), dst) in bytes.chunks(block_bytes).zip(scales).zip(out.chunks_mut(2 * block_bytes)) {
+        decode_pairs_bf16(table, src, scale, dst);
+    }
+}
+
 /// Activations in element order (the scalar [`super::dot_layout`]).
 #[allow(clippy::too_many_arguments)]
 pub fn fused_rows_dot(

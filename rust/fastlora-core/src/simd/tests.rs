@@ -8,23 +8,36 @@ fn aligned_64<T>(buffer: &mut [T], len: usize) -> &mut [T] {
     &mut buffer[skip..skip + len]
 }
 
+/// Per-block scalar decode: the definition of a run of blocks.
+fn scalar_blocks(table: &[f32; 16], bytes: &[u8], scales: &[f32], block_bytes: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; 2 * bytes.len()];
+    for ((src, &scale), dst) in bytes.chunks(block_bytes).zip(scales).zip(out.chunks_mut(2 * block_bytes)) {
+        scalar::decode_pairs(table, src, scale, dst);
+    }
+    out
+}
+
+/// Runs of whole blocks, runs ending in a short block (a span's partly covered last block),
+/// and a lone short block (its partly covered first block).
+const RUNS: [(usize, usize); 7] = [(16, 0), (16, 16), (32, 100), (32, 7), (2048, 4100), (64, 31), (16, 512)];
+
 #[test]
 fn every_isa_decodes_like_scalar_bit_for_bit() {
     let mut rng = Rng::new(1);
     for table in [&NF4_CODE, &FP4_CODE] {
-        for len in [0usize, 1, 7, 8, 9, 31, 64, 100, 512] {
+        for (block_bytes, len) in RUNS {
             let bytes = rng.bytes(len);
-            let mut expected = vec![f32::NAN; 2 * len];
-            scalar::decode_pairs(table, &bytes, 0.37, &mut expected);
+            let scales = rng.floats(len.div_ceil(block_bytes), 2.0);
+            let expected = scalar_blocks(table, &bytes, &scales, block_bytes);
             for (isa, stream) in available().into_iter().flat_map(|isa| [(isa, false), (isa, true)]) {
                 let mut buffer = vec![f32::NAN; 2 * len + 16];
                 let out = aligned_64(&mut buffer, 2 * len);
-                decode_pairs(isa, table, &bytes, 0.37, out, stream);
+                decode_blocks(isa, table, &bytes, &scales, block_bytes, out, stream);
                 store_fence();
                 assert_eq!(
                     out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "{} len {len} stream {stream}",
+                    "{} blocks of {block_bytes} bytes, {len} bytes, stream {stream}",
                     isa.name()
                 );
             }
@@ -36,21 +49,24 @@ fn every_isa_decodes_like_scalar_bit_for_bit() {
 fn every_isa_decodes_to_bf16_as_half_rounds() {
     let mut rng = Rng::new(5);
     for table in [&NF4_CODE, &FP4_CODE] {
-        for len in [0usize, 1, 15, 16, 17, 48, 300] {
+        for (block_bytes, len) in RUNS {
             let bytes = rng.bytes(len);
-            // A scale whose products need rounding, and one that overflows some to infinity.
-            for scale in [0.37f32, 3.4e38, f32::NAN] {
-                let mut values = vec![0.0f32; 2 * len];
-                scalar::decode_pairs(table, &bytes, scale, &mut values);
-                let expected: Vec<u16> = values.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
-                for (isa, stream) in available().into_iter().flat_map(|isa| [(isa, false), (isa, true)]) {
-                    let mut buffer = vec![half::bf16::from_bits(0x7fbf); 2 * len + 32];
-                    let out = aligned_64(&mut buffer, 2 * len);
-                    decode_pairs_bf16(isa, table, &bytes, scale, out, stream);
-                    store_fence();
-                    let got: Vec<u16> = out.iter().map(|v| v.to_bits()).collect();
-                    assert_eq!(got, expected, "{} len {len} scale {scale} stream {stream}", isa.name());
-                }
+            // Scales whose products need rounding, one that overflows some to infinity, a NaN.
+            let mut scales = rng.floats(len.div_ceil(block_bytes), 2.0);
+            for (scale, special) in scales.iter_mut().zip([3.4e38, f32::NAN]) {
+                *scale = special;
+            }
+            let expected: Vec<u16> = scalar_blocks(table, &bytes, &scales, block_bytes)
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            for (isa, stream) in available().into_iter().flat_map(|isa| [(isa, false), (isa, true)]) {
+                let mut buffer = vec![half::bf16::from_bits(0x7fbf); 2 * len + 32];
+                let out = aligned_64(&mut buffer, 2 * len);
+                decode_blocks_bf16(isa, table, &bytes, &scales, block_bytes, out, stream);
+                store_fence();
+                let got: Vec<u16> = out.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, expected, "{} blocks of {block_bytes} bytes, {len} bytes, stream {stream}", isa.name());
             }
         }
     }
