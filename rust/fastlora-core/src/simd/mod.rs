@@ -275,7 +275,7 @@ pub fn fused_rows_dot(
     match isa {
         Isa::Scalar => scalar::fused_rows_dot(&book.values, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `decode_pairs`; slice lengths were checked above.
+        // SAFETY: as in `decode_blocks`; slice lengths were checked above.
         Isa::Avx2 => unsafe {
             avx2::fused_rows_dot(&book.byte_planes, bytes, scales, row_bytes, block_bytes, xs, out, out_stride)
         },
@@ -308,7 +308,7 @@ pub fn fused_row_axpy(
     match isa {
         Isa::Scalar => scalar::fused_row_axpy(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `decode_pairs`; slice lengths were checked above.
+        // SAFETY: as in `decode_blocks`; slice lengths were checked above.
         Isa::Avx2 => unsafe { avx2::fused_row_axpy(table, bytes, scales, block_bytes, coef, acc_even, acc_odd) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
