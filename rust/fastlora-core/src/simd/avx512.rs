@@ -159,12 +159,7 @@ pub unsafe fn fused_rows_dot(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    match xs.len() {
-        1 => rows_dot::<1>(table, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
-        2 => rows_dot::<2>(table, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
-        3 => rows_dot::<3>(table, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
-        _ => rows_dot::<4>(table, bytes, scales, row_bytes, block_bytes, xs, out, out_stride),
-    }
+    by_rows!(xs.len(), rows_dot(table, bytes, scales, row_bytes, block_bytes, xs, out, out_stride))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -226,12 +221,7 @@ pub unsafe fn fused_row_axpy(
     acc_even: &mut [&mut [f32]],
     acc_odd: &mut [&mut [f32]],
 ) {
-    match coef.len() {
-        1 => row_axpy::<1>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
-        2 => row_axpy::<2>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
-        3 => row_axpy::<3>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
-        _ => row_axpy::<4>(table, bytes, scales, block_bytes, coef, acc_even, acc_odd),
-    }
+    by_rows!(coef.len(), row_axpy(table, bytes, scales, block_bytes, coef, acc_even, acc_odd))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]

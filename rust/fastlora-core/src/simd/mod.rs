@@ -13,6 +13,19 @@ use half::bf16;
 
 use crate::codebook::CodeBook;
 
+/// `$kernel::<R>(args)` for a group of `$rows` activation rows (1 to [`MAX_ROWS`]): the
+/// SIMD kernels are made once per row count, so their accumulators stay in registers.
+macro_rules! by_rows {
+    ($rows:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
+        match $rows {
+            1 => $kernel::<1>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            _ => $kernel::<4>($($arg),*),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
