@@ -122,19 +122,21 @@ pub unsafe fn decode_blocks_bf16(
     let stream = stream && (dst as usize).is_multiple_of(64);
     for (b, &scale) in scales.iter().enumerate() {
         let rounded = round_to_bf16_high(_mm512_mul_ps(table_v, _mm512_set1_ps(scale)));
-        let even_table = _mm512_castsi512_ps(_mm512_srli_epi32::<16>(rounded));
-        let odd_table = _mm512_castsi512_ps(_mm512_and_si512(rounded, high_half));
+        let even_table = _mm512_srli_epi32::<16>(rounded);
+        let odd_table = _mm512_and_si512(rounded, high_half);
         let end = ((b + 1) * block_bytes).min(bytes.len());
         let mut j = b * block_bytes;
         while j + CHUNK_BYTES <= end {
             let codes = widen16(src.add(j));
             // Little-endian pairs: element 2j (high nibble) in the low half of 32-bit lane j.
-            let pairs = _mm512_or_ps(
-                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(codes), even_table),
-                _mm512_permutexvar_ps(codes, odd_table),
+            // (An integer OR: `_mm512_or_ps` needs AVX-512 DQ, and as a call outside this
+            // function's features it spilled every value of the loop to the stack.)
+            let pairs = _mm512_or_si512(
+                _mm512_permutexvar_epi32(_mm512_srli_epi32::<4>(codes), even_table),
+                _mm512_permutexvar_epi32(codes, odd_table),
             );
             // 32 bf16 values fill the 64 bytes of 16 fp32 slots.
-            store(dst.add(j), pairs, stream);
+            store(dst.add(j), _mm512_castsi512_ps(pairs), stream);
             j += CHUNK_BYTES;
         }
         if j < end {
