@@ -177,10 +177,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
     bench.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 9, quick 3)")
     bench.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
+    from .bench import CASES
+
     bench.add_argument("--case", dest="cases", action="append", default=None,
-                       help="run only this case (repeatable): dequantize, dequantize_out, matmul_m1, matmul_m512, "
-                            "layer, model_step, model_decode, decode_135m, decode_mixed, host_call, linear_64, "
-                            "linear_576, linear_4096, lora_64, lora_576, lora_4096")
+                       help="run only this case (repeatable): " + ", ".join(CASES))
     _add_train(commands)
     _add_quantize(commands)
     gen = commands.add_parser("generate", help="generate text from a base model and, optionally, a trained adapter",
