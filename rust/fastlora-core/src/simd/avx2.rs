@@ -6,6 +6,8 @@
 
 use std::arch::x86_64::*;
 
+use half::bf16;
+
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn load_tables(table: &[f32; 16]) -> (__m256, __m256) {
@@ -76,6 +78,75 @@ unsafe fn decode_pairs(table: &[f32; 16], bytes: &[u8], scale: f32, out: &mut [f
         j += 8;
     }
     super::scalar::decode_pairs(table, &bytes[whole..], scale, &mut out[2 * whole..]);
+}
+
+/// fp32 lanes rounded to bf16 (nearest, ties to even; a NaN stays a quiet NaN), as
+/// `half::bf16::from_f32` rounds, each in the upper 16 bits of its 32-bit lane.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn round_to_bf16_high(v: __m256) -> __m256i {
+    let bits = _mm256_castps_si256(v);
+    let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+    let rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+    let quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x0040_0000));
+    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+    _mm256_blendv_epi8(rounded, quiet, nan)
+}
+
+/// The 16-entry integer table `(low, high)` looked up at the low 4 bits of each lane of
+/// `codes`, whose bit 3 is also in the lane's sign bit `top`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lookup16(table: (__m256i, __m256i), codes: __m256i, top: __m256i) -> __m256i {
+    _mm256_blendv_epi8(
+        _mm256_permutevar8x32_epi32(table.0, codes),
+        _mm256_permutevar8x32_epi32(table.1, codes),
+        _mm256_srai_epi32::<31>(top),
+    )
+}
+
+/// [`super::decode_blocks_bf16`] on AVX2, as on AVX-512: each block's 16 products
+/// `table[code] * scale` are rounded to bf16 once, into a table of each value in the low
+/// half of its 32-bit lane (for high nibbles, the even elements) and one in the high half
+/// (low nibbles); the two lookups of 8 bytes OR into 16 bf16 values in element order.
+///
+/// # Safety
+/// As [`decode_blocks`].
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn decode_blocks_bf16(
+    table: &[f32; 16],
+    bytes: &[u8],
+    scales: &[f32],
+    block_bytes: usize,
+    out: &mut [bf16],
+) {
+    let (low_table, high_table) = load_tables(table);
+    let high_half = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr() as *mut __m256i);
+    for (b, &scale) in scales.iter().enumerate() {
+        let scale_v = _mm256_set1_ps(scale);
+        let rounded = (
+            round_to_bf16_high(_mm256_mul_ps(low_table, scale_v)),
+            round_to_bf16_high(_mm256_mul_ps(high_table, scale_v)),
+        );
+        let even = (_mm256_srli_epi32::<16>(rounded.0), _mm256_srli_epi32::<16>(rounded.1));
+        let odd = (_mm256_and_si256(rounded.0, high_half), _mm256_and_si256(rounded.1, high_half));
+        let end = ((b + 1) * block_bytes).min(bytes.len());
+        let mut j = b * block_bytes;
+        while j + 8 <= end {
+            let codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(src.add(j) as *const __m128i));
+            let pairs = _mm256_or_si256(
+                lookup16(even, _mm256_srli_epi32::<4>(codes), _mm256_slli_epi32::<24>(codes)),
+                lookup16(odd, codes, _mm256_slli_epi32::<28>(codes)),
+            );
+            // 8 bytes, 16 bf16 values: the 32 bytes at element 2j.
+            _mm256_storeu_si256(dst.byte_add(4 * j), pairs);
+            j += 8;
+        }
+        if j < end {
+            super::scalar::decode_pairs_bf16(table, &bytes[j..end], scale, &mut out[2 * j..2 * end]);
+        }
+    }
 }
 
 /// A code book's byte planes (`CodeBook::byte_planes`) as `vpshufb` tables, each repeated

@@ -168,8 +168,7 @@ pub fn decode_blocks(
     }
 }
 
-/// [`decode_blocks`] rounded to bf16 (nearest, ties to even), without an fp32 copy in memory
-/// on AVX-512; narrower sets decode a stretch to fp32 on the stack and round it.
+/// [`decode_blocks`] rounded to bf16 (nearest, ties to even), without an fp32 copy in memory.
 pub fn decode_blocks_bf16(
     isa: Isa,
     table: &[f32; 16],
@@ -186,17 +185,8 @@ pub fn decode_blocks_bf16(
         // SAFETY: as in `decode_blocks`.
         Isa::Avx512 => unsafe { avx512::decode_blocks_bf16(table, bytes, scales, block_bytes, out, stream) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            use half::slice::HalfFloatSliceExt;
-            let mut values = [0.0f32; 512];
-            for ((src, &scale), dst) in bytes.chunks(block_bytes).zip(scales).zip(out.chunks_mut(2 * block_bytes)) {
-                for (src, dst) in src.chunks(256).zip(dst.chunks_mut(512)) {
-                    let values = &mut values[..dst.len()];
-                    decode_blocks(isa, table, src, &[scale], src.len(), values, false);
-                    dst.convert_from_f32_slice(values);
-                }
-            }
-        }
+        // SAFETY: as in `decode_blocks`.
+        Isa::Avx2 => unsafe { avx2::decode_blocks_bf16(table, bytes, scales, block_bytes, out) },
     }
 }
 
