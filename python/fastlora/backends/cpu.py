@@ -244,10 +244,9 @@ def lora_linear_4bit(x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor
     """The 4-bit product in Rust, bias and the LoRA term (in the adapter's dtype) in torch."""
     n, k = B.shape[0], A.shape[1]
     y = product(x, packed, fp32_scales(scales), n, k, blocksize, quant_type, False)
-    if bias is not None:
-        y.add_(bias.to(y.dtype))  # y is this call's own fresh tensor
-    lora = (x_drop.to(A.dtype) @ A.t()) @ B.t()
-    return y.add_(lora.to(y.dtype), alpha=scaling)
+    # y is this call's own fresh tensor: the LoRA term and the bias are added into it.
+    _add_in_torch(y.view(-1, n), x_drop.reshape(-1, k), (A, B, scaling), bias)
+    return y
 
 
 def product(
