@@ -2,6 +2,7 @@
 the plain-PyTorch reference, and a float64 dense computation."""
 
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -442,6 +443,58 @@ def test_native_bf16_needs_the_avx512_kernels():
         assert not fastlora.native_bf16()
 
 
+# The fp32 GEMMs this torch can run the tiles on (`FASTLORA_FP32_GEMM`).
+FP32_GEMMS = ["blas"] + (["onednn"] if _cpu._ONEDNN_LINEAR is not None else [])
+
+
+def fp32_gemm(name, x, w_rows):
+    """The very fp32 GEMM `name` runs on one tile: x @ w_rows.T."""
+    if name == "onednn":
+        return _cpu._ONEDNN_LINEAR(x, w_rows, None, "none", [], "")
+    return x @ w_rows.t()
+
+
+@pytest.mark.parametrize("gemm", FP32_GEMMS)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("n,k,tile_rows", [(300, 256, None), (301, 130, 64), (97, 4096, 7), (64, 64, 1)])
+def test_tiled_fp32_product_against_float64_on_every_fp32_gemm(monkeypatch, gemm, transposed, n, k, tile_rows):
+    """The many-row fp32 product on torch's BLAS and on oneDNN, whichever this CPU picks: one
+    tile, several with a short last one, and one row per tile; outputs into which nothing
+    was written first would be garbage, not small errors."""
+    monkeypatch.setattr(_cpu, "FP32_GEMM", gemm)
+    if tile_rows is not None:
+        monkeypatch.setattr(_cpu, "TILE_BYTES", 4 * k * tile_rows)
+    packed, state = fastlora.quantize_4bit(random_weight((n, k)), blocksize=64)
+    exact = dense_fp32(packed, state)
+    x = torch.randn(_cpu.FUSED_MAX_ROWS + 20, n if transposed else k)
+    y = _cpu.product(x, packed, state.absmax, n, k, 64, "nf4", transposed)
+    assert y.shape == (x.shape[0], k if transposed else n) and y.dtype == torch.float32
+    assert_matmul_close(y, x, exact, transposed=transposed)
+    if tile_rows is None and not transposed:  # one tile: the very GEMM, bit for bit
+        assert torch.equal(y, fp32_gemm(gemm, x, exact))
+
+
+def test_fp32_gemm_setting_is_checked_and_auto_follows_the_cpu():
+    with pytest.raises(ValueError, match="FASTLORA_FP32_GEMM must be one of auto, blas, onednn, got 'mkl'"):
+        _cpu.choose_fp32_gemm("mkl")
+    assert _cpu.choose_fp32_gemm(" BLAS ") == "blas"
+    if "onednn" in FP32_GEMMS:
+        assert _cpu.choose_fp32_gemm("onednn") == "onednn"
+    mkl_avx512_off_intel = (torch.backends.mkl.is_available() and "avx512" in fastlora.simd_levels()
+                            and _native.cpu_vendor() != "GenuineIntel")
+    expected = "onednn" if "onednn" in FP32_GEMMS and mkl_avx512_off_intel else "blas"
+    assert _cpu.choose_fp32_gemm(None) == _cpu.choose_fp32_gemm("") == expected
+    assert len(_native.cpu_vendor()) == (12 if platform.machine().lower() in ("x86_64", "amd64") else 0)
+    code = "import fastlora; print(fastlora.fp32_gemm())"
+    for setting in FP32_GEMMS:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              check=True, env={**os.environ, "FASTLORA_FP32_GEMM": setting})
+        assert proc.stdout.split()[-1] == setting
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "FASTLORA_FP32_GEMM": "fastest"})
+    assert proc.returncode != 0 and "FASTLORA_FP32_GEMM must be one of" in proc.stderr
+
+
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_many_bf16_rows_multiply_a_bf16_weight_only_where_the_cpu_has_native_bf16(monkeypatch, native, transposed):
@@ -449,6 +502,7 @@ def test_many_bf16_rows_multiply_a_bf16_weight_only_where_the_cpu_has_native_bf1
     torch's bf16 GEMM where the CPU multiplies bf16 natively (as bitsandbytes and a bf16
     nn.Linear compute), else the exact fp32 weight in an fp32 GEMM; both on any CPU here."""
     monkeypatch.setattr(_cpu, "NATIVE_BF16", native)
+    monkeypatch.setattr(_cpu, "FP32_GEMM", "blas")  # the fp32 side compared bit for bit with torch's matmul
     n, k, m = 96, 192, _cpu.FUSED_MAX_ROWS + 5
     packed, state = fastlora.quantize_4bit(random_weight((n, k)), blocksize=64)
     exact = dense_fp32(packed, state)

@@ -14,6 +14,7 @@ import importlib.metadata
 from . import _native
 from ._threads import get_num_threads, set_num_threads, thread_pool
 from .adapter import load_adapter, save_adapter
+from .backends import cpu as _cpu_backend
 from .backends.cpu import empty_cache
 from .functional import dequantize_4bit, lora_batched, matmul_4bit, quantize_4bit
 from .model import merge_and_unload, prepare_model
@@ -55,6 +56,13 @@ def native_bf16() -> bool:
     return _native.native_bf16()
 
 
+def fp32_gemm() -> str:
+    """Which library multiplies the dequantized weight tiles of a many-row fp32 CPU product:
+    "onednn" (torch's oneDNN linear) on CPUs with AVX-512 not made by Intel, where torch's MKL
+    runs only its AVX2 kernels, else "blas" (torch's matmul); `FASTLORA_FP32_GEMM` overrides."""
+    return _cpu_backend.FP32_GEMM
+
+
 __all__ = [
     "Linear4bit",
     "LoraLinear",
@@ -80,5 +88,6 @@ __all__ = [
     "simd_level",
     "simd_levels",
     "native_bf16",
+    "fp32_gemm",
     "train",
 ]

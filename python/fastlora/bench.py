@@ -614,6 +614,7 @@ def machine() -> dict[str, object]:
         "threads": fastlora.get_num_threads(),
         "thread_pool": fastlora.thread_pool(),
         "simd": fastlora.simd_level(),
+        "fp32_gemm": fastlora.fp32_gemm(),
         "torch": torch.__version__,
         "bitsandbytes": _version("bitsandbytes"),
         "python": platform.python_version(),
@@ -648,7 +649,7 @@ def run(quick: bool = False, repeats: int | None = None, json_path: str | None =
         raise ValueError(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
     info = machine()
     print(f"fastlora bench {info['date']}: {info['cpu']}, {info['threads']} threads ({info['thread_pool']}), "
-          f"simd={info['simd']}, "
+          f"simd={info['simd']}, fp32 GEMM {info['fp32_gemm']}, "
           f"torch {info['torch']}, bitsandbytes {info['bitsandbytes'] or 'not installed'}, median of {repeats}")
     if info["bitsandbytes"] is None:
         print(f"note: bitsandbytes is not installed, so its column stays empty ({INSTALL_HINT})")

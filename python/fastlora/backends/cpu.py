@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import threading
 import weakref
 
@@ -288,32 +289,101 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 and NATIVE_BF16 else torch.float32
 
 
+# Which library multiplies the fp32 tiles (`FASTLORA_FP32_GEMM`: auto, blas or onednn).
+# torch's BLAS (MKL in the PyPI wheels) runs its AVX2 kernels on CPUs not made by Intel, even
+# where they have AVX-512, while oneDNN picks its kernels by instruction set: on an AMD Zen 5
+# its fp32 linear ran 2.2-2.4x faster than MKL's (benches/CPU_NOTES.md). `auto` takes oneDNN
+# there (AVX-512, not Intel, torch's BLAS being MKL) and torch's BLAS elsewhere, where nothing
+# measured said otherwise.
+FP32_GEMM_SETTINGS = ("auto", "blas", "onednn")
+
+
+def _onednn_linear():
+    """torch's oneDNN linear op (`x @ w.T` for a weight of any strides), where torch has it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def choose_fp32_gemm(setting: str | None) -> str:
+    """`FASTLORA_FP32_GEMM`'s value (None: unset) made "blas" or "onednn" for this CPU and torch."""
+    setting = (setting or "auto").strip().lower() or "auto"
+    if setting not in FP32_GEMM_SETTINGS:
+        raise ValueError(f"FASTLORA_FP32_GEMM must be one of {', '.join(FP32_GEMM_SETTINGS)}, got {setting!r}")
+    if setting == "onednn" and _ONEDNN_LINEAR is None:
+        raise ValueError("FASTLORA_FP32_GEMM=onednn: this torch is built without oneDNN's linear op")
+    if setting != "auto":
+        return setting
+    mkl_off_intel = torch.backends.mkl.is_available() and _native.cpu_vendor() != "GenuineIntel"
+    takes_onednn = _ONEDNN_LINEAR is not None and mkl_off_intel and "avx512" in _native.simd_levels()
+    return "onednn" if takes_onednn else "blas"
+
+
+FP32_GEMM = choose_fp32_gemm(os.environ.get("FASTLORA_FP32_GEMM"))
+
+
 def _matmul_tiled(
     x2d: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int, quant_type: str,
     transposed: bool,
 ) -> torch.Tensor:
     """The many-row product: Rust dequantizes a tile of weight rows (`code * absmax`, exact
-    in fp32, rounded once in bf16) and torch's BLAS multiplies it, in `gemm_dtype`. All the
-    arithmetic then runs on torch's threads, as the rest of a training step does, instead of
-    a second thread pool competing with them for the cores; the dequantization is paid once
-    per tile for all rows."""
+    in fp32, rounded once in bf16) and torch multiplies it, in `gemm_dtype` (fp32 by
+    `FP32_GEMM`'s library, bf16 by torch's bf16 GEMM). All the arithmetic then runs on
+    torch's threads, as the rest of a training step does, instead of a second thread pool
+    competing with them for the cores; the dequantization is paid once per tile for all rows."""
     dtype = gemm_dtype(x2d.dtype)
     if n == 0 or k == 0:  # an empty weight: an empty product, or sums of nothing
         return torch.zeros((x2d.shape[0], k if transposed else n), dtype=dtype)
     xc = x2d.to(dtype)
-    size = xc.element_size()
-    rows_per_tile = max(1, min(n, TILE_BYTES // (size * k)))
+    tiles = _weight_tiles(packed, absmax, n, k, blocksize, quant_type, dtype)
+    multiply = _onednn_tiles if dtype == torch.float32 and FP32_GEMM == "onednn" else _blas_tiles
+    return multiply(xc, tiles, n, k, transposed)
+
+
+def _weight_tiles(packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int, quant_type: str,
+                  dtype: torch.dtype):
+    """Yields (first row, tile) over the weight's rows, dequantized to `dtype` into one reused
+    buffer: a tile is valid until the next is asked for."""
+    rows_per_tile = max(1, min(n, TILE_BYTES // (torch.empty((), dtype=dtype).element_size() * k)))
     tile = torch.empty((rows_per_tile, k), dtype=dtype)
-    y = torch.empty((x2d.shape[0], k if transposed else n), dtype=dtype)
     for r0 in range(0, n, rows_per_tile):
         rows = min(rows_per_tile, n - r0)
-        w = dequantize_4bit_into(packed, absmax, n * k, blocksize, quant_type, r0 * k, tile[:rows])
-        if not transposed:  # y[:, rows] = x @ W[rows, :].T, written in place (BLAS takes the row stride)
+        yield r0, dequantize_4bit_into(packed, absmax, n * k, blocksize, quant_type, r0 * k, tile[:rows])
+
+
+def _blas_tiles(xc: torch.Tensor, tiles, n: int, k: int, transposed: bool) -> torch.Tensor:
+    """`xc @ W.T` (`xc @ W`) over the tiles with torch's matmul, written in place."""
+    y = torch.empty((xc.shape[0], k if transposed else n), dtype=xc.dtype)
+    for r0, w in tiles:
+        rows = w.shape[0]
+        if not transposed:  # y[:, rows] = x @ W[rows, :].T (BLAS takes the row stride)
             torch.mm(xc, w.t(), out=y[:, r0:r0 + rows])
         elif r0 == 0:  # dx = the sum over row tiles of dy[:, rows] @ W[rows, :]
             torch.mm(xc[:, :rows], w, out=y)
         else:
             y.addmm_(xc[:, r0:r0 + rows], w)
+    return y
+
+
+def _onednn_tiles(xc: torch.Tensor, tiles, n: int, k: int, transposed: bool) -> torch.Tensor:
+    """`xc @ W.T` (`xc @ W`) over the tiles with oneDNN's linear, which takes no output: a
+    forward of several tiles copies each one's columns in, and the transposed product adds
+    each tile's part to the sum so far in the same call (a fresh tensor each time)."""
+    linear, y = _ONEDNN_LINEAR, None
+    for r0, w in tiles:
+        rows = w.shape[0]
+        if transposed:  # W[rows, :] is the linear's weight transposed: oneDNN reads it through its strides
+            x = xc[:, r0:r0 + rows]
+            y = linear(x, w.t(), None, "none", [], "") if y is None else linear.binary(x, y, w.t(), None, "add")
+        elif rows == n:  # one tile: the linear's own output
+            y = linear(xc, w, None, "none", [], "")
+        else:
+            if y is None:
+                y = torch.empty((xc.shape[0], n), dtype=xc.dtype)
+            y[:, r0:r0 + rows] = linear(xc, w, None, "none", [], "")
     return y
 
 

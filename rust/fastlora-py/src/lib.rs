@@ -42,6 +42,21 @@ fn native_bf16() -> bool {
     simd::native_bf16()
 }
 
+/// The CPU's vendor string from CPUID ("GenuineIntel", "AuthenticAMD", ...); empty off x86-64.
+#[pyfunction]
+fn cpu_vendor() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        #[allow(unused_unsafe)]
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
+        let bytes: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    String::new()
+}
+
 #[derive(Clone, Copy)]
 enum Dtype {
     F32,
@@ -512,6 +527,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(native_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_vendor, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_blockwise_8bit, m)?)?;
