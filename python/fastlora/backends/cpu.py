@@ -215,7 +215,7 @@ def lora_batched(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: tor
 FUSED_MAX_ROWS = _native.FUSED_MAX_ROWS
 # Bytes of weight dequantized at a time on the tiled path (in the GEMM's dtype), forward and
 # transposed alike: transient memory stays at one tile, and the GEMMs stay wide enough for
-# oneDNN's and MKL's fast kernels (512-row bf16 tiles ran at half speed; benches/CPU_NOTES.md).
+# oneDNN's and MKL's fast kernels (512-row bf16 tiles ran at half speed on AMX; benches/CPU_NOTES.md).
 TILE_BYTES = 16 << 20
 
 
