@@ -347,7 +347,7 @@ def _weight_tiles(packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, bl
                   dtype: torch.dtype):
     """Yields (first row, tile) over the weight's rows, dequantized to `dtype` into one reused
     buffer: a tile is valid until the next is asked for."""
-    rows_per_tile = max(1, min(n, TILE_BYTES // (torch.empty((), dtype=dtype).element_size() * k)))
+    rows_per_tile = max(1, min(n, TILE_BYTES // (dtype.itemsize * k)))
     tile = torch.empty((rows_per_tile, k), dtype=dtype)
     for r0 in range(0, n, rows_per_tile):
         rows = min(rows_per_tile, n - r0)
