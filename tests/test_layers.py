@@ -865,12 +865,58 @@ def test_eager_calls_skip_the_dispatcher_only_where_it_has_no_part(gen):
     while_tracing = []
     torch.jit.trace(lambda t: while_tracing.append(_eager.direct(t)) or t * 2, plain, check_trace=False)
     assert while_tracing == [False]
-    through_autograd = model(x.clone().requires_grad_())  # the dispatcher's autograd path
+    through_autograd = model(x.clone().requires_grad_())  # the ops' own autograd Functions
     # The direct path adds the LoRA term in the same native call as the 4-bit product (up to
     # 16 rows), the op path in torch: the same sums in another order, equal to fp32 rounding.
     torch.testing.assert_close(direct, recorded, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(recorded, through_autograd.detach(), rtol=0, atol=0)
     assert torch.isfinite(direct).all()
+
+
+def _dropout_lora_model() -> nn.Sequential:
+    """`tiny_lora_model` with dropout on its first adapter (x_drop is then not x)."""
+    model = tiny_lora_model()
+    model[0] = fastlora.LoraLinear(model[0].base_layer, r=4, lora_dropout=0.25, init_lora_weights=False)
+    return model
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("make_model", [tiny_lora_model, _dropout_lora_model])
+def test_autograd_calls_skip_the_dispatcher_with_the_same_graph(monkeypatch, autocast, make_model, gen):
+    """With an autograd graph (and under autocast) eager calls run the ops' own autograd
+    Functions (`fastlora.ops._eager.call`): outputs and every gradient equal, bit for bit,
+    to those through `torch.ops.fastlora`, which a mode (such as selective checkpointing's)
+    still gets."""
+    model = make_model()
+    x = rand((6, 32), gen=gen)
+
+    def step():
+        grads = []
+        for p in [*model.parameters()]:
+            p.grad = None
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(3)  # the same dropout mask on both paths
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(xg)
+        y.float().square().sum().backward()
+        grads = [xg.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+        return y, grads
+
+    layer_out = model[0](x.clone().requires_grad_())
+    assert type(layer_out.grad_fn).__name__ == "LoraLinear4bitFunctionBackward"
+    y, grads = step()
+    with RecordOps() as mode:
+        recorded, recorded_grads = step()
+    assert {"fastlora.lora_linear_4bit.default", "fastlora.matmul_4bit.default"} <= mode.seen
+    monkeypatch.setattr(_eager, "_autograd_direct", lambda tensors: False)
+    assert type(model[0](x.clone().requires_grad_()).grad_fn).__name__.startswith("GeneratedBackwardFor_fastlora")
+    dispatched, dispatched_grads = step()
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32) and len(grads) == 7
+    for got in (recorded, dispatched):
+        assert torch.equal(y, got)
+    for got in (recorded_grads, dispatched_grads):
+        for a, b in zip(grads, got, strict=True):
+            assert a is not None and a.abs().sum() > 0 and torch.equal(a, b)
 
 
 def compare_compiled(backend: str, dtype: torch.dtype, gen, rtol: float, atol: float) -> None:

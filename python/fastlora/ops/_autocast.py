@@ -22,20 +22,31 @@ def register(name: str, cast: frozenset[int]) -> None:
         _LIB.impl(name, lambda _keyset, *args, _kernel=kernel: _kernel(*args), key, with_keyset=True)
 
 
+def cast_args(dtype: torch.dtype, args: tuple, cast: frozenset[int]) -> tuple:
+    """`args` with the floating-point tensors at positions `cast` cast to `dtype`."""
+    cast_args, done = [], {}
+    for i, a in enumerate(args):
+        if i in cast and isinstance(a, torch.Tensor) and a.is_floating_point():
+            # One cast per tensor: the LoRA op's x_drop is x without dropout, and must stay so.
+            if id(a) not in done:
+                done[id(a)] = a.to(dtype)
+            a = done[id(a)]
+        cast_args.append(a)
+    return tuple(cast_args)
+
+
+def below(device_type: str):
+    """A guard under which `device_type`'s autocast is skipped, as inside an autocast kernel."""
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+    return torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key))
+
+
 def _autocast_kernel(op, device_type: str, dispatch_key, cast: frozenset[int]):
     below_autocast = torch._C.DispatchKeySet(dispatch_key)
 
     def kernel(*args):
-        dtype = torch.get_autocast_dtype(device_type)
-        cast_args, done = [], {}
-        for i, a in enumerate(args):
-            if i in cast and isinstance(a, torch.Tensor) and a.is_floating_point():
-                # One cast per tensor: the LoRA op's x_drop is x without dropout, and must stay so.
-                if id(a) not in done:
-                    done[id(a)] = a.to(dtype)
-                a = done[id(a)]
-            cast_args.append(a)
+        casted = cast_args(torch.get_autocast_dtype(device_type), args, cast)
         with torch._C._ExcludeDispatchKeyGuard(below_autocast):
-            return op(*cast_args)
+            return op(*casted)
 
     return kernel

@@ -2,11 +2,15 @@
 
 Going through `torch.ops.fastlora.*` costs 25-50 us of host time per call (argument boxing,
 the autograd wrapper, the redispatch), as much as a whole small CPU product and a large part
-of a GPU call's launch time. When no autograd graph is recorded, nothing traces (compile,
-export, `torch.jit.trace`), no tensor subclass or Python mode intercepts ops and the tensors
-are real CPU/CUDA tensors, and autocast is off, the dispatcher would only forward the call: `call` then runs the
-backend's implementation itself. Every op and call plan goes through `call`, `direct` or
-`direct_on_cpu`.
+of a GPU call's launch time; with autograd and autocast (a training step) 150-250 us
+(torch.library's autograd wrapper and the Python autocast kernel). When nothing traces
+(compile, export, `torch.jit.trace`), no tensor subclass, Python mode or functorch transform
+intercepts ops and the tensors are real CPU/CUDA tensors, the dispatcher would only forward
+the call, or record the op's own autograd and apply its own autocast casts: `call` then runs
+the backend's implementation itself where no graph is recorded and autocast is off, and
+otherwise the op's `torch.autograd.Function` (the same forward, `setup_context` and
+`backward`) on the arguments autocast would cast. Every op and call plan goes through `call`,
+`direct` or `direct_on_cpu`.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import _autocast
+
 _PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 # Private checks for Python dispatch/function modes and functorch transforms (vmap, grad).
 # Where one is missing (another torch version) every call goes through the dispatcher.
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
 _functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
-_CHECKABLE = None not in (_dispatch_modes, _function_modes, _functorch, _autocast)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+_CHECKABLE = None not in (_dispatch_modes, _function_modes, _functorch, _any_autocast)
 # What `torch.jit.is_tracing()` returns outside TorchScript, without its Python wrapper.
 _is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 
@@ -53,15 +59,40 @@ def direct_on_cpu(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return _unobserved()
 
 
-def _unobserved() -> bool:
-    """No Python mode, functorch transform, autocast or trace would see the call."""
-    if not _CHECKABLE or _dispatch_modes() or _function_modes() or _functorch() is not None or _autocast():
+def _unobserved(autocast_ok: bool = False) -> bool:
+    """No Python mode, functorch transform, trace (or, unless `autocast_ok`, autocast) would see the call."""
+    if not _CHECKABLE or _dispatch_modes() or _function_modes() or _functorch() is not None:
+        return False
+    if not autocast_ok and _any_autocast():
         return False
     return not _is_tracing()
 
 
-def call(op: Callable, implementation: Callable, *args):
-    """`implementation(*args)` where the dispatcher would only forward the call, else `op(*args)`."""
-    if direct(*(a for a in args if isinstance(a, torch.Tensor))):
+def _autograd_direct(tensors: list[torch.Tensor | None]) -> bool:
+    """Whether the op's own autograd Function may stand in for the dispatcher: `direct` but
+    for gradients and autocast."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TYPES or not (t.is_cpu or t.is_cuda)):
+            return False
+    return _unobserved(autocast_ok=True)
+
+
+def call(op: Callable, implementation: Callable, *args, autograd: type[torch.autograd.Function] | None = None,
+         cast: frozenset[int] = frozenset()):
+    """`implementation(*args)` where the dispatcher would only forward the call; where it would
+    record the op's autograd or cast for autocast, `autograd.apply` on the arguments at
+    positions `cast` cast to the autocast dtype (as `_autocast.register` casts them); else
+    `op(*args)`."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if direct(*tensors):
         return implementation(*args)
-    return op(*args)
+    if autograd is None or not _autograd_direct(tensors):
+        return op(*args)
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return autograd.apply(*args)
+    casted = _autocast.cast_args(torch.get_autocast_dtype(device_type), args, cast)
+    with _autocast.below(device_type):
+        return autograd.apply(*casted)

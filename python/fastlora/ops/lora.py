@@ -37,8 +37,9 @@ def _implementation(x, x_drop, packed, absmax, bias, A, B, scaling, blocksize, q
                                                       quant_type)
 
 
+_CAST = frozenset({0, 1, 4, 5, 6})  # what autocast casts: x, x_drop, bias, A, B
 torch.library.register_kernel("fastlora::lora_linear_4bit", ("cpu", "cuda"))(_implementation)
-_autocast.register("lora_linear_4bit", frozenset({0, 1, 4, 5, 6}))  # x, x_drop, bias, A, B
+_autocast.register("lora_linear_4bit", _CAST)
 
 
 def lora_linear_4bit(x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor, scales: BlockScales,
@@ -47,7 +48,7 @@ def lora_linear_4bit(x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor
     """The op on `scales` (through the dispatcher only where it has a part: `_eager.call`)."""
     absmax, *nested = scales.op_args()
     return _eager.call(torch.ops.fastlora.lora_linear_4bit, _implementation, x, x_drop, packed, absmax, bias, A, B,
-                       scaling, blocksize, quant_type, *nested)
+                       scaling, blocksize, quant_type, *nested, autograd=LoraLinear4bitFunction, cast=_CAST)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -98,3 +99,18 @@ def _backward(ctx, grad: torch.Tensor):
 
 
 torch.library.register_autograd("fastlora::lora_linear_4bit", _backward, setup_context=_setup_context)
+
+
+class LoraLinear4bitFunction(torch.autograd.Function):
+    """The op's autograd for eager calls that skip the dispatcher (`_eager.call`), on all of
+    the op's arguments: the same implementation, `_setup_context` and `_backward`."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        y = _implementation(*args)
+        _setup_context(ctx, args, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad)

@@ -31,8 +31,9 @@ def _implementation(x, packed, absmax, n, k, blocksize, quant_type, transposed, 
     return backends.select(x.device).matmul_4bit(x, packed, scales, n, k, blocksize, quant_type, transposed)
 
 
+_CAST = frozenset({0})  # what autocast casts: x
 torch.library.register_kernel("fastlora::matmul_4bit", ("cpu", "cuda"))(_implementation)
-_autocast.register("matmul_4bit", frozenset({0}))  # x
+_autocast.register("matmul_4bit", _CAST)
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
@@ -44,7 +45,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, n: i
 
 def call(*op_args) -> torch.Tensor:
     """The op on its own arguments (as a backward pass holds them: checked once, by the op)."""
-    return _eager.call(torch.ops.fastlora.matmul_4bit, _implementation, *op_args)
+    return _eager.call(torch.ops.fastlora.matmul_4bit, _implementation, *op_args, autograd=Matmul4bitFunction,
+                       cast=_CAST)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -65,3 +67,18 @@ def _backward(ctx, grad: torch.Tensor):
 
 
 torch.library.register_autograd("fastlora::matmul_4bit", _backward, setup_context=_setup_context)
+
+
+class Matmul4bitFunction(torch.autograd.Function):
+    """The op's autograd for eager calls that skip the dispatcher (`_eager.call`), on all of
+    the op's arguments: the same implementation, `_setup_context` and `_backward`."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        y = _implementation(*args)
+        _setup_context(ctx, args, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad)
