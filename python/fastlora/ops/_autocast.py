@@ -35,10 +35,16 @@ def cast_args(dtype: torch.dtype, args: tuple, cast: frozenset[int]) -> tuple:
     return tuple(cast_args)
 
 
+_AUTOCAST_KEYS: dict[str, torch._C.DispatchKeySet] = {}
+
+
 def below(device_type: str):
     """A guard under which `device_type`'s autocast is skipped, as inside an autocast kernel."""
-    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
-    return torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key))
+    keys = _AUTOCAST_KEYS.get(device_type)
+    if keys is None:
+        key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+        keys = _AUTOCAST_KEYS[device_type] = torch._C.DispatchKeySet(key)
+    return torch._C._ExcludeDispatchKeyGuard(keys)
 
 
 def _autocast_kernel(op, device_type: str, dispatch_key, cast: frozenset[int]):

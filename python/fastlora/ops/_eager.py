@@ -96,3 +96,21 @@ def call(op: Callable, implementation: Callable, *args, autograd: type[torch.aut
     casted = _autocast.cast_args(torch.get_autocast_dtype(device_type), args, cast)
     with _autocast.below(device_type):
         return autograd.apply(*casted)
+
+
+def autograd_function(name: str, implementation: Callable, setup_context: Callable,
+                      backward: Callable) -> type[torch.autograd.Function]:
+    """The `torch.autograd.Function` that `call` runs in an op's place: `implementation`, then
+    `setup_context(ctx, args, output)`, and `backward(ctx, grad)`, the op's registered parts,
+    on all of the op's arguments (so torch.library's default-filling is not needed)."""
+
+    def forward(ctx, *args):
+        y = implementation(*args)
+        setup_context(ctx, args, y)
+        return y
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"The op's autograd where `{__name__}.call` skips the dispatcher.",
+        "forward": staticmethod(forward),
+        "backward": staticmethod(lambda ctx, grad: backward(ctx, grad)),
+    })

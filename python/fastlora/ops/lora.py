@@ -101,16 +101,4 @@ def _backward(ctx, grad: torch.Tensor):
 torch.library.register_autograd("fastlora::lora_linear_4bit", _backward, setup_context=_setup_context)
 
 
-class LoraLinear4bitFunction(torch.autograd.Function):
-    """The op's autograd for eager calls that skip the dispatcher (`_eager.call`), on all of
-    the op's arguments: the same implementation, `_setup_context` and `_backward`."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        y = _implementation(*args)
-        _setup_context(ctx, args, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _backward(ctx, grad)
+LoraLinear4bitFunction = _eager.autograd_function("LoraLinear4bitFunction", _implementation, _setup_context, _backward)
