@@ -183,28 +183,39 @@ unsafe fn rows_dot<const ROWS: usize>(
     for r in 0..bytes.len() / row_bytes {
         let src = bytes.as_ptr().add(r * row_bytes);
         let row_scales = scales.as_ptr().add(r * blocks_per_row);
-        // Two accumulation chains per activation row, the same for any number of rows, so
-        // a row's result does not depend on the rows computed with it (four chains measured
-        // no faster for one row, and leave four rows too few registers).
-        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+        // Four accumulation chains per activation row (a chunk's two halves, and the chunks
+        // of a block taken in pairs), the same for any number of rows, so a row's result
+        // does not depend on the rows computed with it. With two, one row waits on the
+        // FMA's latency: one chunk per four cycles.
+        let mut acc = [[_mm512_setzero_ps(); 4]; ROWS];
+        let chunk = |j: usize, scaled: __m512, acc: &mut [[__m512; 4]; ROWS], pair: usize| {
+            let (high, low) = decode16(src.add(j), scaled);
+            for m in 0..ROWS {
+                let xm = x[m].add(2 * j);
+                acc[m][2 * pair] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xm), acc[m][2 * pair]);
+                acc[m][2 * pair + 1] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xm.add(16)), acc[m][2 * pair + 1]);
+            }
+        };
+        // Past the last row this names memory that is not ours: a prefetch never faults.
+        let prefetch = |j: usize| _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(j + PREFETCH_BYTES) as *const i8);
         for b in 0..blocks_per_row {
             // The block's scale applied to the 16-entry table once, not to each product.
             let scaled = _mm512_mul_ps(table, _mm512_set1_ps(*row_scales.add(b)));
-            let mut j = b * block_bytes;
-            while j < (b + 1) * block_bytes {
-                // Past the last row this names memory that is not ours: a prefetch never faults.
-                _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(j + PREFETCH_BYTES) as *const i8);
-                let (high, low) = decode16(src.add(j), scaled);
-                for m in 0..ROWS {
-                    let xm = x[m].add(2 * j);
-                    acc[m][0] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xm), acc[m][0]);
-                    acc[m][1] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xm.add(16)), acc[m][1]);
-                }
-                j += CHUNK_BYTES;
+            let (mut j, end) = (b * block_bytes, (b + 1) * block_bytes);
+            while j + 2 * CHUNK_BYTES <= end {
+                prefetch(j);
+                chunk(j, scaled, &mut acc, 0);
+                chunk(j + CHUNK_BYTES, scaled, &mut acc, 1);
+                j += 2 * CHUNK_BYTES;
+            }
+            if j < end {
+                prefetch(j);
+                chunk(j, scaled, &mut acc, 0);
             }
         }
         for (m, a) in acc.iter().enumerate() {
-            *dst.add(r * out_stride + m) = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            *dst.add(r * out_stride + m) = _mm512_reduce_add_ps(sum);
         }
     }
 }
