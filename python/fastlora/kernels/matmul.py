@@ -464,14 +464,15 @@ def gemv_config(n: int, k: int, m: int, device: torch.device) -> tuple[int, int,
         block_out, block_bytes, warps = _INTERPRETER_BLOCK_OUT, _INTERPRETER_BLOCK_RED // 2, 4
         programs = triton.cdiv(n, block_out) * m
         return block_out, block_bytes, warps, max(1, min(4 // programs, triton.cdiv(k_bytes, block_bytes)))
+    sms = _sms(device)
     if k_bytes <= 128:
         block_out, block_bytes, warps = _GEMV_TILES[2]
-    elif triton.cdiv(n, 32) * m >= 4 * _sms(device):
+    elif triton.cdiv(n, 32) * m >= 4 * sms:
         block_out, block_bytes, warps = _GEMV_TILES[1]
     else:
         block_out, block_bytes, warps = _GEMV_TILES[0]
     programs = triton.cdiv(n, block_out) * m
-    split = max(1, min(_sms(device) // programs, k_bytes // (2 * block_bytes)))
+    split = max(1, min(sms // programs, k_bytes // (2 * block_bytes)))
     return block_out, block_bytes, warps, split
 
 
