@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import inspect
 import json
 import os
 import platform
@@ -271,6 +272,12 @@ def model_decode_case(prompt: int, tokens: int, hidden: int, layers: int, r: int
     models, vocab = _llama_models(hidden, layers, r, use_cache=True, **shape)
     ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
 
+    # transformers 5.2x renamed the KV cache argument and output `past_key_values` -> `cache`
+    # (the old name warns, and goes in 5.40); peft's wrapper passes either through.
+    from transformers import LlamaForCausalLM
+
+    cache = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
     def decode(model: nn.Module) -> Impl:
         model.eval()
 
@@ -279,7 +286,7 @@ def model_decode_case(prompt: int, tokens: int, hidden: int, layers: int, r: int
                 out = model(input_ids=ids, use_cache=True)
                 for _ in range(tokens - 1):
                     token = out.logits[:, -1:].argmax(-1)
-                    out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+                    out = model(input_ids=token, use_cache=True, **{cache: getattr(out, cache)})
             return out.logits[:, -1].argmax(-1)
 
         return run
