@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
-use super::{CHUNK_BYTES, PREFETCH_BYTES};
+use super::{CHUNK_BYTES, GROUP_BYTES, PREFETCH_BYTES};
 
 /// The 16 bytes at `ptr` widened to 32-bit lanes.
 #[inline]
@@ -179,14 +179,56 @@ unsafe fn rows_dot<const ROWS: usize>(
     let table = _mm512_loadu_ps(table.as_ptr());
     let x: [*const f32; ROWS] = std::array::from_fn(|m| xs[m].as_ptr());
     let blocks_per_row = row_bytes / block_bytes;
+    // A row's whole 64-byte groups, then (rows of blocks of 16 or 32 bytes) the rest in chunks.
+    // A group starts on a block boundary, and a block of 64 bytes or more holds whole groups.
+    let groups = row_bytes / GROUP_BYTES;
+    let lanes_per_block = block_bytes / 4;
+    // Which of a group's scales each lane takes, where its blocks are of 16 bytes (4 lanes each).
+    let quarters = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     let dst = out.as_mut_ptr();
     for r in 0..bytes.len() / row_bytes {
         let src = bytes.as_ptr().add(r * row_bytes);
         let row_scales = scales.as_ptr().add(r * blocks_per_row);
-        // Four accumulation chains per activation row (a chunk's two halves, and the chunks
-        // of a block taken in pairs), the same for any number of rows, so a row's result
-        // does not depend on the rows computed with it. With two, one row waits on the
-        // FMA's latency: one chunk per four cycles.
+        // Each group's code values times x, summed over the group in two chains, are scaled
+        // once per lane (by its block's scale) into one sum per row. One permute per 16
+        // weights (the group shifted by 4 bits at a time): with a widening load per 16 bytes
+        // the permutes, on one port, bound the kernel.
+        let mut total = [_mm512_setzero_ps(); ROWS];
+        for g in 0..groups {
+            let at = g * GROUP_BYTES;
+            // Past the last row this names memory that is not ours: a prefetch never faults.
+            _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(at + PREFETCH_BYTES) as *const i8);
+            let codes = _mm512_loadu_si512(src.add(at) as *const __m512i);
+            let first = row_scales.add(at / block_bytes);
+            let scale = match lanes_per_block {
+                4 => _mm512_permutexvar_ps(quarters, _mm512_maskz_loadu_ps(0xf, first)),
+                8 => _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(*first), _mm512_set1_ps(*first.add(1))),
+                _ => _mm512_set1_ps(*first),
+            };
+            let mut part = [[_mm512_setzero_ps(); 2]; ROWS];
+            macro_rules! nibble {
+                ($i:literal, $shift:literal) => {
+                    let w = _mm512_permutexvar_ps(_mm512_srli_epi32::<$shift>(codes), table);
+                    for m in 0..ROWS {
+                        let xm = _mm512_loadu_ps(x[m].add(2 * at + 16 * $i));
+                        part[m][$i % 2] = _mm512_fmadd_ps(w, xm, part[m][$i % 2]);
+                    }
+                };
+            }
+            nibble!(0, 0);
+            nibble!(1, 4);
+            nibble!(2, 8);
+            nibble!(3, 12);
+            nibble!(4, 16);
+            nibble!(5, 20);
+            nibble!(6, 24);
+            nibble!(7, 28);
+            for m in 0..ROWS {
+                total[m] = _mm512_fmadd_ps(_mm512_add_ps(part[m][0], part[m][1]), scale, total[m]);
+            }
+        }
+        // The rest, 16 bytes at a time: the block's scale applied to the table once. Four
+        // chains per row (a chunk's halves, a block's chunks in pairs).
         let mut acc = [[_mm512_setzero_ps(); 4]; ROWS];
         let chunk = |j: usize, scaled: __m512, acc: &mut [[__m512; 4]; ROWS], pair: usize| {
             let (high, low) = decode16(src.add(j), scaled);
@@ -196,26 +238,21 @@ unsafe fn rows_dot<const ROWS: usize>(
                 acc[m][2 * pair + 1] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xm.add(16)), acc[m][2 * pair + 1]);
             }
         };
-        // Past the last row this names memory that is not ours: a prefetch never faults.
-        let prefetch = |j: usize| _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(j + PREFETCH_BYTES) as *const i8);
-        for b in 0..blocks_per_row {
-            // The block's scale applied to the 16-entry table once, not to each product.
+        for b in groups * GROUP_BYTES / block_bytes..blocks_per_row {
             let scaled = _mm512_mul_ps(table, _mm512_set1_ps(*row_scales.add(b)));
             let (mut j, end) = (b * block_bytes, (b + 1) * block_bytes);
             while j + 2 * CHUNK_BYTES <= end {
-                prefetch(j);
                 chunk(j, scaled, &mut acc, 0);
                 chunk(j + CHUNK_BYTES, scaled, &mut acc, 1);
                 j += 2 * CHUNK_BYTES;
             }
             if j < end {
-                prefetch(j);
                 chunk(j, scaled, &mut acc, 0);
             }
         }
         for (m, a) in acc.iter().enumerate() {
-            let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-            *dst.add(r * out_stride + m) = _mm512_reduce_add_ps(sum);
+            let rest = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            *dst.add(r * out_stride + m) = _mm512_reduce_add_ps(_mm512_add_ps(total[m], rest));
         }
     }
 }

@@ -214,25 +214,52 @@ const PREFETCH_BYTES: usize = 4096;
 /// Packed bytes per chunk of the fused dot kernels (32 weights).
 pub const CHUNK_BYTES: usize = 16;
 
-/// Lays out an activation row (length a multiple of 32) for `isa`'s [`fused_rows_dot`]: in
-/// each chunk of 32 elements (16 packed bytes), the order in which that set's decode
-/// produces weights ([`dot_slot`]).
+/// Packed bytes per group of the AVX-512 fused dot: one 64-byte load, whose 16 lanes of 32
+/// bits hold 8 codes each (128 weights).
+pub const GROUP_BYTES: usize = 64;
+
+/// Lays out an activation row (length a multiple of 32) for `isa`'s [`fused_rows_dot`], in
+/// the order in which that set's decode produces weights: on AVX-512, each whole group of
+/// 128 elements from the row's start by [`group_slot`], the rest (and on the other sets the
+/// whole row) chunk by chunk of 32 elements by [`dot_slot`].
 pub fn dot_layout(isa: Isa, x: &[f32]) -> Vec<f32> {
     assert_eq!(x.len() % (2 * CHUNK_BYTES), 0);
     let mut out = vec![0.0f32; x.len()];
-    for (chunk_out, chunk) in out.chunks_exact_mut(2 * CHUNK_BYTES).zip(x.chunks_exact(2 * CHUNK_BYTES)) {
+    let grouped = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => x.len() / (2 * GROUP_BYTES) * (2 * GROUP_BYTES),
+        _ => 0,
+    };
+    let (group_out, chunk_out) = out.split_at_mut(grouped);
+    for (g_out, g) in group_out.chunks_exact_mut(2 * GROUP_BYTES).zip(x.chunks_exact(2 * GROUP_BYTES)) {
+        for j in 0..GROUP_BYTES {
+            g_out[group_slot(j, false)] = g[2 * j];
+            g_out[group_slot(j, true)] = g[2 * j + 1];
+        }
+    }
+    for (c_out, chunk) in chunk_out.chunks_exact_mut(2 * CHUNK_BYTES).zip(x[grouped..].chunks_exact(2 * CHUNK_BYTES)) {
         for j in 0..CHUNK_BYTES {
-            chunk_out[dot_slot(isa, j, false)] = chunk[2 * j];
-            chunk_out[dot_slot(isa, j, true)] = chunk[2 * j + 1];
+            c_out[dot_slot(isa, j, false)] = chunk[2 * j];
+            c_out[dot_slot(isa, j, true)] = chunk[2 * j + 1];
         }
     }
     out
 }
 
+/// Where [`dot_layout`] puts the element of byte `j` of an AVX-512 group: its low nibble (odd
+/// element) when `low`, else its high nibble (even element). Byte `j` is byte `j % 4` of lane
+/// `j / 4`; the kernel's `i`-th permute (the group shifted right by `4 i` bits) looks up
+/// nibble `i` of every lane, so slot `16 i + lane`.
+#[inline(always)]
+pub fn group_slot(j: usize, low: bool) -> usize {
+    let nibble = 2 * (j % 4) + usize::from(!low);
+    16 * nibble + j / 4
+}
+
 /// Where [`dot_layout`] puts the element of byte `j` of a chunk: its low nibble (odd
 /// element) when `low`, else its high nibble (even element). Scalar: element order. AVX2:
-/// groups of 8 holding 4 odd elements then 4 even ones (its byte-shuffle decode). AVX-512:
-/// the 16 even elements, then the 16 odd ones (its two `vpermps`).
+/// groups of 8 holding 4 odd elements then 4 even ones (its byte-shuffle decode). AVX-512
+/// (past the row's whole groups): the 16 even elements, then the 16 odd ones (its two `vpermps`).
 #[inline(always)]
 pub fn dot_slot(isa: Isa, j: usize, low: bool) -> usize {
     match isa {

@@ -86,7 +86,9 @@ fn every_isa_dot_layout_is_a_permutation_of_each_chunk() {
 fn every_isa_fused_dot_matches_the_plain_definition() {
     let mut rng = Rng::new(2);
     for book in [&NF4_BOOK, &FP4_BOOK] {
-        for (block_bytes, blocks, weight_rows) in [(16usize, 1usize, 1usize), (32, 3, 2), (64, 2, 5), (2048, 1, 3)] {
+        for (block_bytes, blocks, weight_rows) in
+            [(16usize, 1usize, 1usize), (16, 5, 2), (32, 3, 2), (32, 4, 3), (32, 9, 2), (64, 2, 5), (2048, 1, 3)]
+        {
             let row_bytes = block_bytes * blocks;
             let bytes = rng.bytes(row_bytes * weight_rows);
             let scales = rng.floats(blocks * weight_rows, 2.0);
