@@ -1227,6 +1227,70 @@ def test_the_decoding_call_takes_inference_tensors(gen):
             fastlora.matmul_4bit(x, packed, state, bias)
 
 
+def assert_fp32_lora_close(y: torch.Tensor, x: torch.Tensor, layer: "fastlora.LoraLinear") -> None:
+    """y, a LoRA layer's fp32 output for x, against float64: within the error bound of its
+    fp32 sums (the base's k terms, the adapter's k + r), relative to their magnitudes."""
+    w, a, b = layer.base_layer.dequantize().double(), layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    s, xd = layer.scaling, x.double()
+    expected = xd @ w.t() + s * (xd @ a.t()) @ b.t()
+    bound = xd.abs() @ (w.abs() + s * b.abs() @ a.abs()).t()
+    if layer.base_layer.bias is not None:
+        expected, bound = expected + layer.base_layer.bias.double(), bound + layer.base_layer.bias.double().abs()
+    tol = 2 * (x.shape[-1] + a.shape[0] + 3) * 2**-24 * bound
+    err = (y.double() - expected).abs()
+    assert (err <= tol).all(), f"max error {err.max().item()} against a bound of {tol.flatten()[err.argmax()].item()}"
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (3, 2, 32)])
+def test_the_lora_decoding_call_follows_the_adapter(shape, gen):
+    """`LoraLinear`'s one-step decoding call (base, bias and adapter in one native call) gives
+    the exact values, and sees a replaced A, new data in B, an adapter of another dtype
+    (which takes the checked path), dropout in eval mode, and gradients to record."""
+    layer = fastlora.LoraLinear(fastlora.Linear4bit.from_linear(nn.Linear(32, 24)), r=4, lora_alpha=8,
+                                lora_dropout=0.1, init_lora_weights=False).eval()
+    x = rand(shape, gen=gen)
+    part = layer.base_layer.plan()._backend_part()
+
+    def check(fast: bool) -> None:
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (*shape[:-1], 24)
+        assert_fp32_lora_close(y, x, layer)
+        assert (part._adapter[0] is layer.lora_A.weight) == fast
+
+    check(True)
+    layer.lora_A.weight = nn.Parameter(rand((4, 32), gen=gen))
+    check(True)
+    layer.lora_B.weight.data = rand((24, 4), gen=gen)
+    check(True)
+    with torch.no_grad():
+        layer.lora_B.weight.mul_(-3)  # in place: the same address, read again
+    check(True)
+    layer.lora_A.weight = nn.Parameter(rand((4, 32), gen=gen).double())
+    with torch.no_grad():
+        assert part.decode(x, layer.base_layer.bias, (layer.lora_A.weight, layer.lora_B.weight, 2.0)) is None
+    layer.lora_A.weight = nn.Parameter(rand((4, 32), gen=gen))
+    check(True)
+    y = layer(x)  # gradients to record: the autograd path
+    assert y.grad_fn is not None
+    assert_fp32_lora_close(y.detach(), x, layer)
+
+
+def test_the_lora_decoding_call_takes_inference_tensors(gen):
+    """An adapter made under `torch.inference_mode()` has no version counter: it is checked on
+    every call, and a resized A then takes the checked path instead of being read past its end."""
+    with torch.inference_mode():
+        layer = fastlora.LoraLinear(fastlora.Linear4bit.from_linear(nn.Linear(64, 48)), r=8,
+                                    init_lora_weights=False)
+        x = rand((1, 64), gen=gen)
+        for _ in range(3):
+            assert_fp32_lora_close(layer(x), x, layer)
+        a = layer.lora_A.weight
+        assert layer.base_layer.plan()._backend_part().decode(x, None, (a, layer.lora_B.weight, 1.0)) is not None
+        a.resize_(4, 64)
+        assert layer.base_layer.plan()._backend_part().decode(x, None, (a, layer.lora_B.weight, 1.0)) is None
+
+
 def _quantized_lora(k=128, n=80, r=4):
     torch.manual_seed(11)
     layer = fastlora.LoraLinear(fastlora.Linear4bit.from_linear(nn.Linear(k, n, bias=True)), r=r,

@@ -98,15 +98,23 @@ def reference_logits(dense: nn.Module, model: peft.PeftModel, ids: torch.Tensor,
 
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[int]:
-    """Counts the calls of the fused 4-bit + LoRA op (one per layer and forward)."""
+    """Counts the fused 4-bit + LoRA calls (one per layer and forward): the op, or the one-step
+    decoding call where that gives the output."""
     calls = []
-    fused = WeightPlan.lora_linear
+    fused, decode = WeightPlan.lora_linear, WeightPlan.decode
 
     def counted(self, *args):
         calls.append(1)
         return fused(self, *args)
 
+    def counted_decode(self, x, bias, lora=None):
+        y = decode(self, x, bias, lora)
+        if y is not None and lora is not None:
+            calls.append(1)
+        return y
+
     monkeypatch.setattr(WeightPlan, "lora_linear", counted)
+    monkeypatch.setattr(WeightPlan, "decode", counted_decode)
     return calls
 
 

@@ -66,8 +66,9 @@ class WeightPlan:
         self._last = (setting, part)
         return part
 
-    def decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """`x @ W.T (+ bias)` for a layer's decoding call (the caller has checked that nothing
+    def decode(self, x: torch.Tensor, bias: torch.Tensor | None, lora: tuple | None = None) -> torch.Tensor | None:
+        """`x @ W.T (+ bias)` (with `lora` = (A, B, scaling), `+ scaling * (x @ A.T) @ B.T`) for
+        a layer's decoding call (the caller has checked that nothing
         compiles), in one step: eager, no autograd graph, a few rows of a contiguous CPU input
         on a backend that has a decoding call (the CPU's). None where the call is not of that
         kind, or on the first call after the backend setting changed: the caller then takes
@@ -77,7 +78,7 @@ class WeightPlan:
         setting, part = self._last
         if setting != backends.setting() or part.decode is None or not _eager.direct_on_cpu(x, bias):
             return None
-        return part.decode(x, bias)
+        return part.decode(x, bias, lora)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`x @ W.T (+ bias)` for an input of checked dtype and shape (its device is checked

@@ -23,6 +23,7 @@ from ..scales import BlockScales
 
 NAME = "cpu"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -393,7 +394,8 @@ class PreparedWeight:
     bytes and scales, so a call of up to `FUSED_MAX_ROWS` rows hands Rust only the addresses
     of its activation and output, after checking them here."""
 
-    __slots__ = ("packed", "absmax", "native", "n", "k", "blocksize", "quant_type", "_serial_rows", "_bias")
+    __slots__ = ("packed", "absmax", "native", "n", "k", "blocksize", "quant_type", "_serial_rows", "_bias",
+                 "_adapter")
 
     def __init__(self, packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
                  quant_type: str) -> None:
@@ -402,13 +404,17 @@ class PreparedWeight:
         self.native = _native.PackedWeight(as_numpy(packed), as_numpy(self.absmax), n, k, blocksize, quant_type)
         self._serial_rows = self.native.serial_rows  # calls this small never read the thread setting
         self._bias: tuple = (None, 0, 0, None)  # (tensor, address, version, dtype) of the last bias checked
+        self._adapter: tuple = (None, None, None)  # (A, B, their addresses, versions and dtype) last checked
 
-    def decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """`x @ W.T (+ bias)` in one native call when x is a contiguous `(..., k)` float tensor
-        of at most `FUSED_MAX_ROWS` rows and the bias (if any) a contiguous CPU `(n,)` tensor
-        of x's dtype (a layer's decoding call: only the output to allocate); else None. x is a
-        CPU tensor (`fastlora.ops._eager.direct_on_cpu`); a bias is checked once per tensor,
-        address and version, since a layer passes the same one every call."""
+    def decode(self, x: torch.Tensor, bias: torch.Tensor | None,
+               lora: tuple | None = None) -> torch.Tensor | None:
+        """`x @ W.T (+ bias) (+ scaling * (x @ A.T) @ B.T)` in one native call when x is a
+        contiguous `(..., k)` float tensor of at most `FUSED_MAX_ROWS` rows, the bias (if any) a
+        contiguous CPU `(n,)` tensor and `lora` = (A, B, scaling) contiguous CPU `(r, k)` and
+        `(n, r)` tensors, of x's dtype (a layer's decoding call: only the output to allocate);
+        else None. x is a CPU tensor (`fastlora.ops._eager.direct_on_cpu`); a bias and an
+        adapter are checked once per tensor, address and version, since a layer passes the
+        same ones every call."""
         shape, dtype = x.shape, x.dtype
         name = _DTYPE_NAMES.get(dtype)
         if name is None or not shape or shape[-1] != self.k or not x.is_contiguous():
@@ -432,13 +438,42 @@ class PreparedWeight:
                 self._bias = (bias, bias_ptr, version, bias_dtype)
             if bias_dtype != dtype:
                 return None
+        native_lora = None
+        if lora is not None:
+            native_lora = self._checked_adapter(*lora, dtype)
+            if native_lora is None:
+                return None
         # `empty_like` skips the parsing of a shape and a dtype keyword (1-2 us, as much as a
         # small layer's product): the output of a square weight has the input's shape.
         y = torch.empty_like(x) if self.n == self.k else torch.empty(*shape[:-1], self.n, dtype=dtype)
         if rows > self._serial_rows:
             _threads.sync()
-        self.native.matmul(x.data_ptr(), rows, y.data_ptr(), name, False, None, bias_ptr)
+        self.native.matmul(x.data_ptr(), rows, y.data_ptr(), name, False, native_lora, bias_ptr)
         return y
+
+    def _checked_adapter(self, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype) -> tuple | None:
+        """The native call's adapter argument for `decode`, or None where A and B cannot go
+        into it: not plain contiguous CPU tensors of shapes (r, k) and (n, r) in `dtype`, or
+        with gradients to record."""
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return None
+        try:
+            versions = (a._version, b._version)
+        except RuntimeError:  # inference tensors have no version counter: checked every call
+            versions = None
+        checked_a, checked_b, facts = self._adapter
+        a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
+        if versions is None or a is not checked_a or b is not checked_b or facts[:3] != (a_ptr, b_ptr, versions):
+            r = a.shape[0] if a.dim() == 2 else -1
+            if (type(a) not in _PLAIN_TYPES or type(b) not in _PLAIN_TYPES or not a.is_cpu or not b.is_cpu
+                    or a.shape != (r, self.k) or b.shape != (self.n, r) or not a.is_contiguous()
+                    or not b.is_contiguous() or a.dtype != b.dtype):
+                return None
+            facts = (a_ptr, b_ptr, versions, a.dtype, r)
+            self._adapter = (a, b, facts)
+        if facts[3] != dtype:
+            return None
+        return a_ptr, b_ptr, facts[4], float(scaling)
 
     def matmul(self, x: torch.Tensor, transposed: bool = False, lora: tuple | None = None,
                bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -38,15 +38,27 @@ def check_lora_args(r: object, lora_alpha: object, lora_dropout: object, init_lo
         raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
 
 
+def _passes_input(dropout: nn.Module) -> bool:
+    """Whether `dropout(x)` is x itself (no dropout, or not training)."""
+    return type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0))
+
+
 def fused_lora_forward(base: Linear4bit, x: torch.Tensor, dropout: nn.Module, A: torch.Tensor, B: torch.Tensor,
                        scaling: float) -> torch.Tensor:
     """`base(x) + scaling * (dropout(x) @ A.T) @ B.T` in fastlora's fused 4-bit LoRA op (the
     forward of `LoraLinear` and of PEFT's layer over a `Linear4bit`, `fastlora.peft`)."""
+    compute_dtype = base.compute_dtype
+    compiling = torch.compiler.is_compiling()  # traced: the op on the layer's tensors (a plan is eager state)
+    if not compiling and (compute_dtype is None or getattr(x, "dtype", None) == compute_dtype) \
+            and _passes_input(dropout):
+        y = base.plan().decode(x, base._parameters["bias"], (A, B, scaling))  # a decoding call, in one step
+        if y is not None:
+            return y
     check_input(x, base.in_features, base.compute_dtype)
     dtype = base.compute_dtype or x.dtype
     xc = x if x.dtype == dtype else x.to(dtype)
     x_drop = dropout(xc)
-    if torch.compiler.is_compiling():  # traced: the op on the layer's tensors (a plan is eager state)
+    if compiling:
         y = ops.lora.lora_linear_4bit(xc, x_drop, base.packed_bytes(), base.block_scales(), base.bias, A, B, scaling,
                                       base.blocksize, base.quant_type)
     else:
