@@ -233,6 +233,8 @@ pub fn dequantize_blockwise_8bit(
         quantized.len().div_ceil(blocksize),
         absmax.len()
     );
+    // As an array, a code's index needs no bounds check in the loop.
+    let code: &[f32; 256] = code.try_into().expect("checked: 256 values");
     for ((o, q), &scale) in out.chunks_mut(blocksize).zip(quantized.chunks(blocksize)).zip(absmax) {
         for (oi, &qi) in o.iter_mut().zip(q) {
             *oi = code[qi as usize] * scale + offset;
