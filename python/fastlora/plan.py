@@ -67,16 +67,16 @@ class WeightPlan:
         return part
 
     def decode(self, x: torch.Tensor, bias: torch.Tensor | None, lora: tuple | None = None) -> torch.Tensor | None:
-        """`x @ W.T (+ bias)` (with `lora` = (A, B, scaling), `+ scaling * (x @ A.T) @ B.T`) for
-        a layer's decoding call (the caller has checked that nothing
-        compiles), in one step: eager, no autograd graph, a few rows of a contiguous CPU input
-        on a backend that has a decoding call (the CPU's). None where the call is not of that
-        kind, or on the first call after the backend setting changed: the caller then takes
-        `matmul`, which checks everything and raises the usual errors. Per-call host time is
+        """`x @ W.T (+ bias)` (with `lora` = (A, B, scaling), plus `scaling * (x @ A.T) @ B.T`)
+        for a layer's decoding call (the caller has checked that nothing compiles), in one
+        step: eager, no autograd graph, a few rows of a contiguous CPU input on a backend that
+        has a decoding call (the CPU's). None where the call is not of that kind, or on the
+        first call after the backend setting changed: the caller then takes `matmul` or
+        `lora_linear`, which check everything and raise the usual errors. Per-call host time is
         what a one-row decoding step of a model pays per layer, so this path checks only what
         it relies on."""
         setting, part = self._last
-        if setting != backends.setting() or part.decode is None or not _eager.direct_on_cpu(x, bias):
+        if setting != backends.setting() or part.decode is None or not _eager.direct_on_cpu(x, bias, lora):
             return None
         return part.decode(x, bias, lora)
 

@@ -23,7 +23,6 @@ from ..scales import BlockScales
 
 NAME = "cpu"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -452,11 +451,9 @@ class PreparedWeight:
         return y
 
     def _checked_adapter(self, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype) -> tuple | None:
-        """The native call's adapter argument for `decode`, or None where A and B cannot go
-        into it: not plain contiguous CPU tensors of shapes (r, k) and (n, r) in `dtype`, or
-        with gradients to record."""
-        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-            return None
+        """The native call's adapter argument for `decode`, or None where A and B (plain
+        tensors with no gradients to record: `direct_on_cpu`) cannot go into it: not contiguous
+        CPU tensors of shapes (r, k) and (n, r) in `dtype`."""
         try:
             versions = (a._version, b._version)
         except RuntimeError:  # inference tensors have no version counter: checked every call
@@ -465,9 +462,8 @@ class PreparedWeight:
         a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
         if versions is None or a is not checked_a or b is not checked_b or facts[:3] != (a_ptr, b_ptr, versions):
             r = a.shape[0] if a.dim() == 2 else -1
-            if (type(a) not in _PLAIN_TYPES or type(b) not in _PLAIN_TYPES or not a.is_cpu or not b.is_cpu
-                    or a.shape != (r, self.k) or b.shape != (self.n, r) or not a.is_contiguous()
-                    or not b.is_contiguous() or a.dtype != b.dtype):
+            if (not a.is_cpu or not b.is_cpu or a.shape != (r, self.k) or b.shape != (self.n, r)
+                    or not a.is_contiguous() or not b.is_contiguous() or a.dtype != b.dtype):
                 return None
             facts = (a_ptr, b_ptr, versions, a.dtype, r)
             self._adapter = (a, b, facts)

@@ -54,8 +54,8 @@ def fused_lora_forward(base: Linear4bit, x: torch.Tensor, dropout: nn.Module, A:
         y = base.plan().decode(x, base._parameters["bias"], (A, B, scaling))  # a decoding call, in one step
         if y is not None:
             return y
-    check_input(x, base.in_features, base.compute_dtype)
-    dtype = base.compute_dtype or x.dtype
+    check_input(x, base.in_features, compute_dtype)
+    dtype = compute_dtype or x.dtype
     xc = x if x.dtype == dtype else x.to(dtype)
     x_drop = dropout(xc)
     if compiling:

@@ -45,10 +45,10 @@ def direct(*tensors: torch.Tensor | None) -> bool:
     return _unobserved()
 
 
-def direct_on_cpu(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """`direct(x, bias)` for a plain CPU tensor x, asked by a caller that has checked that
-    nothing compiles (a layer's decoding call: the fewest checks that decide it). The bias's
-    device is the caller's to check."""
+def direct_on_cpu(x: torch.Tensor, bias: torch.Tensor | None, lora: tuple | None = None) -> bool:
+    """`direct(x, bias)` (with `lora` = (A, B, scaling), `direct(x, bias, A, B)`) for a plain
+    CPU tensor x, asked by a caller that has checked that nothing compiles (a layer's decoding
+    call: the fewest checks that decide it). The other tensors' devices are the caller's to check."""
     if type(x) is not torch.Tensor or not x.is_cpu:
         return False
     grad = torch.is_grad_enabled()
@@ -56,6 +56,12 @@ def direct_on_cpu(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
         return False
     if bias is not None and type(bias) not in _PLAIN_TYPES:
         return False
+    if lora is not None:
+        a, b = lora[0], lora[1]
+        if type(a) not in _PLAIN_TYPES or type(b) not in _PLAIN_TYPES:
+            return False
+        if grad and (a.requires_grad or b.requires_grad):
+            return False
     return _unobserved()
 
 
