@@ -3,6 +3,21 @@
 
 use half::{bf16, f16};
 
+/// fp32 values, borrowed or widened (`widen`).
+pub type Widened<'a> = std::borrow::Cow<'a, [f32]>;
+
+/// `v` as fp32: borrowed when it already is, else widened into a new buffer.
+pub fn widen<T: Element>(v: &[T]) -> Widened<'_> {
+    match T::as_f32(v) {
+        Some(v) => std::borrow::Cow::Borrowed(v),
+        None => {
+            let mut out = vec![0.0f32; v.len()];
+            T::widen_into(v, &mut out);
+            std::borrow::Cow::Owned(out)
+        }
+    }
+}
+
 pub trait Element: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;

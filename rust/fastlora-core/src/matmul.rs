@@ -9,7 +9,7 @@
 //! caller dequantizes weight tiles and multiplies them with a GEMM, as the Python package
 //! does with torch's BLAS (whose threads are the ones the rest of a training step runs on).
 
-use crate::element::Element;
+use crate::element::{widen, Element, Widened};
 use crate::error::{ensure, Error};
 use crate::format::Packed4bit;
 use crate::parallel;
@@ -38,6 +38,28 @@ fn rows_of(len: usize, width: usize, name: &str) -> Result<usize, Error> {
     Ok(len / width)
 }
 
+/// A LoRA adapter's term `scale * (x @ a.T) @ b.T`, for `a` of shape `(r, k)` and `b` of
+/// shape `(n, r)`, row-major.
+pub struct LoraTerm<'a, T> {
+    pub a: &'a [T],
+    pub b: &'a [T],
+    pub r: usize,
+    pub scale: f32,
+}
+
+/// What a layer's decoding call adds to `x @ W.T`: an adapter's term and a bias of `n`
+/// values. Each task adds them to the output rows it has just computed, in fp32, so the
+/// output is rounded once and the small products run on every thread while those rows are
+/// in cache (after the product, on one thread, they cost a third of a 576x576 product).
+pub struct Addends<'a, T> {
+    pub lora: Option<LoraTerm<'a, T>>,
+    pub bias: Option<&'a [T]>,
+}
+
+impl<T> Addends<'_, T> {
+    pub const NONE: Self = Addends { lora: None, bias: None };
+}
+
 /// `y = x @ W.T` with `x` of shape `(m, k)` and `y` of shape `(m, n)`, row-major.
 pub fn matmul_4bit<T: Element>(
     isa: Isa,
@@ -47,12 +69,27 @@ pub fn matmul_4bit<T: Element>(
     k: usize,
     y: &mut [T],
 ) -> Result<(), Error> {
+    matmul_4bit_plus(isa, x, weight, n, k, &Addends::NONE, y)
+}
+
+/// `y = x @ W.T + scale * (x @ a.T) @ b.T + bias`, the terms after the product present
+/// where `addends` has them.
+pub fn matmul_4bit_plus<T: Element>(
+    isa: Isa,
+    x: &[T],
+    weight: &Packed4bit<'_>,
+    n: usize,
+    k: usize,
+    addends: &Addends<'_, T>,
+    y: &mut [T],
+) -> Result<(), Error> {
     check_shapes(weight, n, k)?;
     let m = rows_of(x.len(), k, "x")?;
     ensure!(y.len() == m * n, "y must hold {} values for shape ({m}, {n}), got {}", m * n, y.len());
     if m == 0 {
         return Ok(());
     }
+    let add = AddendsF32::new(isa, x, k, n, addends)?;
     // Results are produced weight row by weight row: y transposed, shape (n, m).
     let mut y_t = vec![0.0f32; n * m];
     let rows_per_task = (n / (8 * parallel::threads())).clamp(1, 64);
@@ -80,6 +117,7 @@ pub fn matmul_4bit<T: Element>(
                 let column = g * MAX_ROWS;
                 simd::fused_rows_dot(isa, book, bytes, scales, half, block_bytes, xs, &mut out[column..], m);
             }
+            add.add_to_rows(isa, first, m, out);
         });
     } else {
         let mut x32 = vec![0.0f32; x.len()];
@@ -90,9 +128,10 @@ pub fn matmul_4bit<T: Element>(
                 let r = t * rows_per_task + i;
                 decode_span(isa, weight, r * k, &mut w_row, false);
                 for (q, o) in out_row.iter_mut().enumerate() {
-                    *o = dot(&x32[q * k..(q + 1) * k], &w_row);
+                    *o = dot(isa, &x32[q * k..(q + 1) * k], &w_row);
                 }
             }
+            add.add_to_rows(isa, t * rows_per_task, m, out);
         });
     }
     let mut row = vec![0.0f32; n];
@@ -103,6 +142,56 @@ pub fn matmul_4bit<T: Element>(
         T::narrow_from(&row, y_row);
     }
     Ok(())
+}
+
+/// [`Addends`] in fp32, checked: the adapter's down-projection `u = x @ a.T` (`m` rows of
+/// `r`, computed once) and `b` and the bias widened.
+struct AddendsF32<'a> {
+    lora: Option<(Vec<f32>, Widened<'a>, usize, f32)>,
+    bias: Option<Widened<'a>>,
+}
+
+impl<'a> AddendsF32<'a> {
+    fn new<T: Element>(isa: Isa, x: &[T], k: usize, n: usize, addends: &Addends<'a, T>) -> Result<Self, Error> {
+        let lora = match &addends.lora {
+            None => None,
+            Some(LoraTerm { a, b, r, scale }) => {
+                let r = *r;
+                ensure!(r > 0, "the adapter's rank must be positive");
+                ensure!(a.len() == r * k, "A must hold {} values for shape ({r}, {k}), got {}", r * k, a.len());
+                ensure!(b.len() == n * r, "B must hold {} values for shape ({n}, {r}), got {}", n * r, b.len());
+                let (x32, a32) = (widen(x), widen(a));
+                let u: Vec<f32> = x32
+                    .chunks_exact(k)
+                    .flat_map(|row| a32.chunks_exact(k).map(move |a_row| dot(isa, row, a_row)))
+                    .collect();
+                Some((u, widen(b), r, *scale))
+            }
+        };
+        if let Some(bias) = addends.bias {
+            ensure!(bias.len() == n, "bias must hold {n} values, got {}", bias.len());
+        }
+        Ok(AddendsF32 { lora, bias: addends.bias.map(widen) })
+    }
+
+    /// Adds the terms into `out`: rows `first..` of the transposed output, `m` values each.
+    fn add_to_rows(&self, isa: Isa, first: usize, m: usize, out: &mut [f32]) {
+        let rows = out.len() / m;
+        if let Some(bias) = &self.bias {
+            for (column, b) in out.chunks_exact_mut(m).zip(&bias[first..first + rows]) {
+                column.iter_mut().for_each(|v| *v += b);
+            }
+        }
+        if let Some((u, b, r, scale)) = &self.lora {
+            let mut sums = vec![0.0f32; rows];
+            for q in 0..m {
+                simd::dots(isa, &u[q * r..(q + 1) * r], &b[first * r..(first + rows) * r], &mut sums);
+                for (i, s) in sums.iter().enumerate() {
+                    out[i * m + q] += scale * s;
+                }
+            }
+        }
+    }
 }
 
 /// `dx = dy @ W` with `dy` of shape `(m, n)` and `dx` of shape `(m, k)`, row-major: the

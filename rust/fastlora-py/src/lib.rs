@@ -9,7 +9,7 @@ mod threads;
 
 use threads::run;
 
-use fastlora_core::{lora, matmul, quantize, simd, Element, Error, Packed4bit, QuantType};
+use fastlora_core::{lora, matmul, quantize, simd, Error, Packed4bit, QuantType};
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use numpy::{PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
@@ -311,19 +311,20 @@ fn lora_batched(
     let (x, a, b) = (Input::new(x, dtype)?, Input::new(a, dtype)?, Input::new(b, dtype)?);
     let mut output = Output::new(y, dtype)?;
     let ops = indices.len().saturating_mul(r.saturating_mul(k + o)) / MACS_PER_OP;
+    let isa = simd::active();
     match (&x, &a, &b, &mut output) {
         (Input::F32(x), Input::F32(a), Input::F32(b), Output::F32(y)) => {
             let (x, a, b, y) = (slice(x, "x")?, slice(a, "A")?, slice(b, "B")?, slice_mut(y, "y")?);
-            run(py, ops, || lora::lora_batched(x, a, b, indices, scaling, k, r, o, y))
+            run(py, ops, || lora::lora_batched(isa, x, a, b, indices, scaling, k, r, o, y))
         }
         (Input::Bits(x, Dtype::Bf16), Input::Bits(a, _), Input::Bits(b, _), Output::Bits(y, _)) => {
             half_bits!(bf16, (x, a, b, y), |x, a, b, y| run(py, ops, || {
-                lora::lora_batched(x, a, b, indices, scaling, k, r, o, y)
+                lora::lora_batched(isa, x, a, b, indices, scaling, k, r, o, y)
             }))
         }
         (Input::Bits(x, _), Input::Bits(a, _), Input::Bits(b, _), Output::Bits(y, _)) => {
             half_bits!(f16, (x, a, b, y), |x, a, b, y| run(py, ops, || {
-                lora::lora_batched(x, a, b, indices, scaling, k, r, o, y)
+                lora::lora_batched(isa, x, a, b, indices, scaling, k, r, o, y)
             }))
         }
         _ => Err(PyValueError::new_err("x, A, B and y must share one dtype")),
@@ -474,17 +475,20 @@ impl PackedWeight {
         let weight = self.weight(packed, absmax)?;
         let (n, k) = (self.n, self.k);
         let (inner, outer) = if transposed { (n, k) } else { (k, n) };
+        if transposed && (lora.is_some() || bias.is_some()) {
+            return Err(PyValueError::new_err("the transposed product takes no adapter or bias"));
+        }
         let isa = simd::active();
         let x_len = rows.checked_mul(inner).ok_or_else(|| PyValueError::new_err("rows overflow"))?;
         let y_len = rows.checked_mul(outer).ok_or_else(|| PyValueError::new_err("rows overflow"))?;
         let ops = x_len.saturating_mul(outer) / MACS_PER_OP;
         with_raw!(dtype, (x, x_len), (y, y_len), {
-            let adapter = match lora {
+            let lora = match lora {
                 None => None,
-                Some((a, b, r, scaling)) => {
+                Some((a, b, r, scale)) => {
                     // SAFETY: as for x: addresses of checked (r, k) and (n, r) tensors of this dtype.
                     let (a, b) = unsafe { (raw_slice(a, r * k, "A")?, raw_slice(b, n * r, "B")?) };
-                    Some((a, b, r, scaling))
+                    Some(matmul::LoraTerm { a, b, r, scale })
                 }
             };
             // SAFETY: as for x: the address of a checked (n,) tensor of this dtype.
@@ -496,20 +500,7 @@ impl PackedWeight {
                 if transposed {
                     matmul::matmul_4bit_t(isa, x, &weight, n, k, y)
                 } else {
-                    matmul::matmul_4bit(isa, x, &weight, n, k, y)?;
-                    if let Some((a, b, r, scaling)) = adapter {
-                        let mut u = vec![Default::default(); rows * r];
-                        lora::lora_down(x, a, k, r, &mut u)?;
-                        lora::lora_up_add(&u, b, r, n, scaling, y)?;
-                    }
-                    if let Some(bias) = bias {
-                        for row in y.chunks_exact_mut(n) {
-                            for (v, b) in row.iter_mut().zip(bias) {
-                                *v = Element::from_f32(v.to_f32() + b.to_f32());
-                            }
-                        }
-                    }
-                    Ok(())
+                    matmul::matmul_4bit_plus(isa, x, &weight, n, k, &matmul::Addends { lora, bias }, y)
                 }
             })
         })

@@ -81,6 +81,74 @@ fn forward_matches_dense_product_of_the_dequantized_weight() {
 }
 
 #[test]
+fn addends_match_the_dense_adapter_and_bias() {
+    let mut rng = Rng::new(23);
+    for &(m, n, k, blocksize) in SHAPES {
+        for r in [1usize, 16, 17] {
+            let fx = Fixture::new(&mut rng, n, k, blocksize, QuantType::Nf4);
+            let (x, a, b, bias) =
+                (rng.floats(m * k, 1.0), rng.floats(r * k, 1.0), rng.floats(n * r, 1.0), rng.floats(n, 1.0));
+            let base = dense_matmul(&x, &fx.dense, m, k, n, true);
+            let u = dense_matmul(&x, &a, m, k, r, true);
+            let up = dense_matmul(&u, &b, m, r, n, true);
+            for with_bias in [false, true] {
+                let expected: Vec<f32> =
+                    (0..m * n).map(|i| base[i] + 0.75 * up[i] + if with_bias { bias[i % n] } else { 0.0 }).collect();
+                let addends = Addends {
+                    lora: Some(LoraTerm { a: &a, b: &b, r, scale: 0.75 }),
+                    bias: with_bias.then_some(bias.as_slice()),
+                };
+                for isa in available() {
+                    let mut y = vec![f32::NAN; m * n];
+                    matmul_4bit_plus(isa, &x, &fx.weight(), n, k, &addends, &mut y).unwrap();
+                    let what = format!("{} {m}x{n}x{k} r={r} bias={with_bias}", isa.name());
+                    assert_close(&y, &expected, 1e-4, 1e-4 * (k * r) as f32, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bias_alone_is_added_and_bf16_is_rounded_once() {
+    let mut rng = Rng::new(24);
+    let (m, n, k) = (3, 10, 128);
+    let fx = Fixture::new(&mut rng, n, k, 64, QuantType::Fp4);
+    let x: Vec<bf16> = rng.floats(m * k, 1.0).into_iter().map(bf16::from_f32).collect();
+    let bias: Vec<bf16> = rng.floats(n, 1.0).into_iter().map(bf16::from_f32).collect();
+    let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let base = dense_matmul(&x32, &fx.dense, m, k, n, true);
+    for isa in available() {
+        let mut y = vec![bf16::NAN; m * n];
+        let addends = Addends { lora: None, bias: Some(bias.as_slice()) };
+        matmul_4bit_plus(isa, &x, &fx.weight(), n, k, &addends, &mut y).unwrap();
+        for (i, v) in y.iter().enumerate() {
+            let sum = base[i] + bias[i % n].to_f32();
+            // One rounding of an fp32 sum that is itself within fp32 error of the exact one.
+            assert!((v.to_f32() - sum).abs() <= sum.abs() / 256.0 + 1e-4, "{} at {i}: {v} vs {sum}", isa.name());
+        }
+    }
+}
+
+#[test]
+fn addends_of_the_wrong_length_are_errors() {
+    let mut rng = Rng::new(25);
+    let fx = Fixture::new(&mut rng, 4, 64, 64, QuantType::Nf4);
+    let x = rng.floats(64, 1.0);
+    let mut y = vec![0.0f32; 4];
+    let (a, b, bias) = (vec![1.0f32; 2 * 64], vec![1.0f32; 4 * 2], vec![1.0f32; 3]);
+    for (lora, bias) in [
+        (Some(LoraTerm { a: &a[1..], b: &b[..], r: 2, scale: 1.0 }), None),
+        (Some(LoraTerm { a: &a[..], b: &b[1..], r: 2, scale: 1.0 }), None),
+        (Some(LoraTerm { a: &a[..0], b: &b[..0], r: 0, scale: 1.0 }), None),
+        (None, Some(&bias[..])),
+    ] {
+        let addends = Addends { lora, bias };
+        assert!(matmul_4bit_plus(Isa::Scalar, &x, &fx.weight(), 4, 64, &addends, &mut y).is_err());
+    }
+}
+
+#[test]
 fn backward_matches_dense_product_of_the_dequantized_weight() {
     let mut rng = Rng::new(21);
     for &(m, n, k, blocksize) in SHAPES.iter().chain(&[(3usize, 4usize, 1536usize, 512usize)]) {

@@ -302,3 +302,30 @@ unsafe fn row_axpy<const ROWS: usize>(
         }
     }
 }
+
+/// [`super::dot`] on AVX2: two chains of 8-lane fused multiply-adds, a scalar tail, one
+/// horizontal sum.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `a` and `b` must have the same length.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (pa, pb, len) = (a.as_ptr(), b.as_ptr(), a.len());
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= len {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), s1);
+        i += 16;
+    }
+    if i + 8 <= len {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+        i += 8;
+    }
+    let s = _mm256_add_ps(s0, s1);
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    let tail: f32 = a[i..].iter().zip(&b[i..]).map(|(x, y)| x * y).sum();
+    _mm_cvtss_f32(s) + tail
+}

@@ -312,3 +312,69 @@ unsafe fn row_axpy<const ROWS: usize>(
         }
     }
 }
+
+/// [`super::dot`] on AVX-512: two chains of 16-lane fused multiply-adds, the tail in one
+/// masked load (which reads nothing past the slices), one horizontal sum.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `a` and `b` must have the same length.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (pa, pb, len) = (a.as_ptr(), b.as_ptr(), a.len());
+    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i + 32 <= len {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), s1);
+        i += 32;
+    }
+    if i + 16 <= len {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+        i += 16;
+    }
+    if i < len {
+        let mask: __mmask16 = (1u16 << (len - i)) - 1;
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, pa.add(i)), _mm512_maskz_loadu_ps(mask, pb.add(i)), s1);
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+}
+
+/// [`super::dots`] on AVX-512, 16 rows at a time: each row's lane-wise products in one
+/// register (an adapter's rank is usually 8-64: one to four fused multiply-adds), then one
+/// tree of permutes and adds turns the 16 registers into the 16 sums, lane `i` row `i`
+/// (30 permutes for 16 sums, where a horizontal sum per row takes 8 steps).
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `rows` must hold `out.len()` rows of `u.len()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn dots(u: &[f32], rows: &[f32], out: &mut [f32]) {
+    let r = u.len();
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let chunks = r.div_ceil(16);
+    let tail: __mmask16 = if r.is_multiple_of(16) { 0xffff } else { (1u16 << (r % 16)) - 1 };
+    for (block, out16) in out.chunks_mut(16).enumerate() {
+        let mut p = [_mm512_setzero_ps(); 16];
+        for (i, pi) in p.iter_mut().enumerate().take(out16.len()) {
+            let row = rows.as_ptr().add((block * 16 + i) * r);
+            for c in 0..chunks {
+                let mask = if c + 1 == chunks { tail } else { 0xffff };
+                let (uc, bc) =
+                    (_mm512_maskz_loadu_ps(mask, u.as_ptr().add(16 * c)), _mm512_maskz_loadu_ps(mask, row.add(16 * c)));
+                *pi = _mm512_fmadd_ps(uc, bc, *pi);
+            }
+        }
+        // Each level adds neighbouring lanes of two registers: lanes 0-7 of the result hold
+        // the first's pair sums, lanes 8-15 the second's, so after four levels lane i is row i.
+        let mut width = 16;
+        while width > 1 {
+            for i in 0..width / 2 {
+                let (a, b) = (p[2 * i], p[2 * i + 1]);
+                p[i] = _mm512_add_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b));
+            }
+            width /= 2;
+        }
+        let mask: __mmask16 = if out16.len() == 16 { 0xffff } else { (1u16 << out16.len()) - 1 };
+        _mm512_mask_storeu_ps(out16.as_mut_ptr(), mask, p[0]);
+    }
+}

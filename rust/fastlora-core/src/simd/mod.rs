@@ -346,18 +346,38 @@ pub fn fused_row_axpy(
     }
 }
 
-/// fp32 dot product of two equal-length slices (the fallback paths' inner loop).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums let the compiler vectorize without reassociating.
-    let mut acc = [0.0f32; 8];
-    let whole = a.len() / 8 * 8;
-    for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += ca[i] * cb[i];
+/// fp32 dot product of two equal-length slices on `isa`: the LoRA products' inner loop (a
+/// rank-16 up-projection is one 16-long dot per output value, so the final horizontal sum
+/// costs as much as the products) and the fallback paths'.
+pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
+    match isa {
+        Isa::Scalar => scalar::dot(a, b),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx2` and `Avx512` are only used where `detected()` found them; the
+        // lengths were checked above.
+        Isa::Avx2 => unsafe { avx2::dot(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512 => unsafe { avx512::dot(a, b) },
+    }
+}
+
+/// `out[i] = dot(u, rows[i * r..(i + 1) * r])` for `r = u.len()`: the up-projection of a
+/// LoRA adapter (`rows` its `B`), whose short rows make a dot per output value mostly
+/// horizontal sum.
+pub fn dots(isa: Isa, u: &[f32], rows: &[f32], out: &mut [f32]) {
+    assert!(!u.is_empty() && rows.len() == u.len() * out.len(), "dots: rows must hold out.len() rows of u.len()");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only used where `detected()` found it; lengths were checked above.
+        Isa::Avx512 => unsafe { avx512::dots(u, rows, out) },
+        _ => {
+            for (o, row) in out.iter_mut().zip(rows.chunks_exact(u.len())) {
+                *o = dot(isa, u, row);
+            }
         }
     }
-    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -80,3 +80,16 @@ pub fn fused_row_axpy(
         }
     }
 }
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums let the compiler vectorize without reassociating.
+    let mut acc = [0.0f32; 8];
+    let whole = a.len() / 8 * 8;
+    for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}

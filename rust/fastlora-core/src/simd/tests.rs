@@ -109,7 +109,7 @@ fn every_isa_fused_dot_matches_the_plain_definition() {
                 let mut expected = vec![f32::NAN; weight_rows * stride];
                 for r in 0..weight_rows {
                     for (q, x) in plain.iter().enumerate() {
-                        expected[r * stride + q] = dot(x, &weights[2 * r * row_bytes..2 * (r + 1) * row_bytes]);
+                        expected[r * stride + q] = scalar::dot(x, &weights[2 * r * row_bytes..2 * (r + 1) * row_bytes]);
                     }
                 }
                 for isa in available() {
@@ -161,13 +161,17 @@ fn every_isa_fused_axpy_matches_scalar() {
 }
 
 #[test]
-fn dot_matches_f64_sum() {
+fn every_isa_dot_matches_the_f64_sum() {
     let mut rng = Rng::new(4);
-    for len in [0usize, 1, 8, 13, 1000] {
+    // Every tail length of both kernels, a rank-16 row, and a long one.
+    for len in (0usize..=33).chain([48, 576, 1000]) {
         let a = rng.floats(len, 1.0);
         let b = rng.floats(len, 1.0);
         let expected: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        assert!((dot(&a, &b) as f64 - expected).abs() < 1e-4);
+        for isa in available() {
+            let got = dot(isa, &a, &b) as f64;
+            assert!((got - expected).abs() < 1e-4, "{isa:?} len {len}: {got} vs {expected}");
+        }
     }
 }
 
@@ -185,5 +189,25 @@ fn the_isa_settings_cap_force_and_refuse() {
     for isa in Isa::all().into_iter().filter(|&isa| isa > detected()) {
         let lacking = choose(Some(isa.name()), false).unwrap_err();
         assert!(lacking.contains("this CPU does not have"), "{lacking}");
+    }
+}
+
+#[test]
+fn every_isa_dots_match_the_f64_sums() {
+    let mut rng = Rng::new(5);
+    // Ranks below, at and past one register; row counts below, at and past a block of 16.
+    for r in [1usize, 7, 16, 17, 64] {
+        for rows in [1usize, 15, 16, 33] {
+            let u = rng.floats(r, 1.0);
+            let b = rng.floats(rows * r, 1.0);
+            for isa in available() {
+                let mut out = vec![f32::NAN; rows];
+                dots(isa, &u, &b, &mut out);
+                for (i, &got) in out.iter().enumerate() {
+                    let expected: f64 = (0..r).map(|t| u[t] as f64 * b[i * r + t] as f64).sum();
+                    assert!((got as f64 - expected).abs() < 1e-4, "{isa:?} r={r} rows={rows} row {i}");
+                }
+            }
+        }
     }
 }
