@@ -297,8 +297,8 @@ class LoraLinear(AtomicLoad, nn.Module):
         return y + term.view(y.shape).to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The submodules and weights from their dicts: nn.Module's `__getattr__` costs about
-        # a microsecond per name, as much as a small layer's one-row product.
+        # The submodules and weights from their dicts, not through nn.Module's `__getattr__`
+        # (a fraction of a microsecond per name, on a call of a few microseconds).
         modules = self._modules
         base = modules["base_layer"]
         if self.row_adapters is not None:

@@ -89,19 +89,14 @@ pub fn matmul_4bit_plus<T: Element>(
     if m == 0 {
         return Ok(());
     }
-    let add = AddendsF32::new(isa, x, k, n, addends)?;
+    // fp32 activations are read in place; 16-bit ones widened once, for the product and the adapter.
+    let x32 = widen(x);
+    let add = AddendsF32::new(isa, &x32, k, n, addends)?;
     // Results are produced weight row by weight row: y transposed, shape (n, m).
     let mut y_t = vec![0.0f32; n * m];
     let rows_per_task = (n / (8 * parallel::threads())).clamp(1, 64);
     if weight.rows_are_block_aligned(k) {
-        let laid: Vec<Vec<f32>> = x
-            .chunks_exact(k)
-            .map(|row| {
-                let mut row32 = vec![0.0f32; k];
-                T::widen_into(row, &mut row32);
-                simd::dot_layout(isa, &row32)
-            })
-            .collect();
+        let laid: Vec<Vec<f32>> = x32.chunks_exact(k).map(|row| simd::dot_layout(isa, row)).collect();
         let half = k / 2;
         let block_bytes = weight.blocksize / 2;
         let blocks_per_row = k / weight.blocksize;
@@ -120,8 +115,6 @@ pub fn matmul_4bit_plus<T: Element>(
             add.add_to_rows(isa, first, m, out);
         });
     } else {
-        let mut x32 = vec![0.0f32; x.len()];
-        T::widen_into(x, &mut x32);
         parallel::for_each_chunk_mut(&mut y_t, rows_per_task * m, |t, out| {
             let mut w_row = vec![0.0f32; k];
             for (i, out_row) in out.chunks_mut(m).enumerate() {
@@ -152,7 +145,8 @@ struct AddendsF32<'a> {
 }
 
 impl<'a> AddendsF32<'a> {
-    fn new<T: Element>(isa: Isa, x: &[T], k: usize, n: usize, addends: &Addends<'a, T>) -> Result<Self, Error> {
+    /// `x32`: the activations in fp32.
+    fn new<T: Element>(isa: Isa, x32: &[f32], k: usize, n: usize, addends: &Addends<'a, T>) -> Result<Self, Error> {
         let lora = match &addends.lora {
             None => None,
             Some(LoraTerm { a, b, r, scale }) => {
@@ -160,7 +154,7 @@ impl<'a> AddendsF32<'a> {
                 ensure!(r > 0, "the adapter's rank must be positive");
                 ensure!(a.len() == r * k, "A must hold {} values for shape ({r}, {k}), got {}", r * k, a.len());
                 ensure!(b.len() == n * r, "B must hold {} values for shape ({n}, {r}), got {}", n * r, b.len());
-                let (x32, a32) = (widen(x), widen(a));
+                let a32 = widen(a);
                 let u: Vec<f32> = x32
                     .chunks_exact(k)
                     .flat_map(|row| a32.chunks_exact(k).map(move |a_row| dot(isa, row, a_row)))
