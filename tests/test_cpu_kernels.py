@@ -510,11 +510,57 @@ def test_many_bf16_rows_multiply_a_bf16_weight_only_where_the_cpu_has_native_bf1
     y = _cpu.product(x, packed, state.absmax, n, k, 64, "nf4", transposed)
     assert y.dtype == torch.bfloat16
     w = exact.to(torch.bfloat16) if native else exact
-    # One tile (a small weight): the very GEMM torch runs on that weight.
-    assert torch.equal(y, (x.to(w.dtype) @ (w if transposed else w.t())).to(torch.bfloat16))
+    if native and _cpu.BF16_GEMM and not transposed:  # Rust's bf16 GEMM: its own sums of the rounded weight
+        assert_bf16_product_close(y, x, w)
+    else:  # one tile (a small weight): the very GEMM torch runs on that weight
+        assert torch.equal(y, (x.to(w.dtype) @ (w if transposed else w.t())).to(torch.bfloat16))
     other = exact if native else exact.to(torch.bfloat16)
     assert not torch.equal(y, (x.to(other.dtype) @ (other if transposed else other.t())).to(torch.bfloat16))
     assert_matmul_close(y, x, exact, transposed=transposed)
+
+
+def assert_bf16_product_close(y, x, w_bf16):
+    """y = x @ w.T for a bf16 weight, summed in fp32 and rounded to bf16 once: within half a
+    bf16 unit of the float64 product plus fp32 summation error."""
+    expected = x.double() @ w_bf16.double().t()
+    bound = x.double().abs() @ w_bf16.double().abs().t()
+    err = (y.double() - expected).abs()
+    tol = expected.abs() * 2**-8 + bound * 1e-6
+    assert (err <= tol).all(), f"max error {err.max().item()} vs tolerance {tol[err > tol].min().item()}"
+
+
+@pytest.mark.skipif(not _cpu.BF16_GEMM, reason="Rust's bf16 GEMM needs AVX512-BF16")
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("m,n,k,blocksize", [(17, 70, 128, 64), (23, 130, 200, 32), (40, 64, 4160, 128),
+                                             (7, 3, 98, 4096), (1030, 65, 64, 64)])
+def test_the_bf16_gemm_against_float64_of_the_rounded_weight(quant_type, m, n, k, blocksize):
+    """The native bf16 GEMM into a poisoned output: ragged panels of 64 columns and of 6 rows,
+    rows that straddle blocks (k % 32 != 0: decoded row by row), two panel depths, two passes."""
+    packed, state = fastlora.quantize_4bit(random_weight((n, k)), blocksize=blocksize, quant_type=quant_type,
+                                           compress_statistics=False)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    _native.matmul_4bit_bf16(_cpu.as_numpy(x), _cpu.as_numpy(packed), _cpu.as_numpy(state.absmax), n, k, blocksize,
+                             quant_type, _cpu.as_numpy(y))
+    assert_bf16_product_close(y, x, dense_fp32(packed, state).to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not _cpu.BF16_GEMM, reason="Rust's bf16 GEMM needs AVX512-BF16")
+def test_the_bf16_gemm_refuses_bad_shapes_with_a_clear_error():
+    packed, state = fastlora.quantize_4bit(random_weight((4, 64)), compress_statistics=False)
+    args = (_cpu.as_numpy(packed), _cpu.as_numpy(state.absmax))
+    x, y = torch.randn(3, 64).to(torch.bfloat16), torch.empty(3, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="y holds 8"):
+        _native.matmul_4bit_bf16(_cpu.as_numpy(x), *args, 4, 64, 64, "nf4", _cpu.as_numpy(y[:2]))
+    with pytest.raises(ValueError, match="128 elements need 64"):
+        _native.matmul_4bit_bf16(_cpu.as_numpy(x), *args, 2, 64, 64, "nf4", _cpu.as_numpy(y))
+    with pytest.raises(ValueError, match="not a whole number of rows"):
+        _native.matmul_4bit_bf16(_cpu.as_numpy(x[:2, :40].contiguous()), *args, 4, 64, 64, "nf4", _cpu.as_numpy(y))
+    odd, odd_state = fastlora.quantize_4bit(random_weight((2, 63)), compress_statistics=False)
+    with pytest.raises(ValueError, match="even number of columns"):
+        _native.matmul_4bit_bf16(_cpu.as_numpy(torch.randn(1, 63).to(torch.bfloat16)), _cpu.as_numpy(odd),
+                                 _cpu.as_numpy(odd_state.absmax), 2, 63, 64, "nf4",
+                                 _cpu.as_numpy(torch.empty(1, 2, dtype=torch.bfloat16)))
 
 
 _THREAD_POOL_OUTPUTS = """

@@ -62,6 +62,16 @@ def matmul_4bit(
     y: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
     dtype: str,
 ) -> None: ...
+def matmul_4bit_bf16(
+    x: npt.NDArray[np.uint16],
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    n: int,
+    k: int,
+    blocksize: int,
+    quant_type: str,
+    y: npt.NDArray[np.uint16],
+) -> None: ...
 def lora_batched(
     x: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
     a: npt.NDArray[np.float32] | npt.NDArray[np.uint16],

@@ -14,6 +14,7 @@ pub mod codebook;
 pub mod element;
 pub mod error;
 pub mod format;
+pub mod gemm_bf16;
 pub mod lora;
 pub mod matmul;
 pub mod parallel;

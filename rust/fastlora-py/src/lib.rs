@@ -9,7 +9,7 @@ mod threads;
 
 use threads::run;
 
-use fastlora_core::{lora, matmul, quantize, simd, Error, Packed4bit, QuantType};
+use fastlora_core::{gemm_bf16, lora, matmul, quantize, simd, Error, Packed4bit, QuantType};
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use numpy::{PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
@@ -275,6 +275,29 @@ fn matmul_4bit(
     }))
 }
 
+/// `y = x @ W.T` for bf16 `x` and `y` (`uint16` arrays of bf16 bits) by the bf16 GEMM that
+/// dequantizes in its packing (`gemm_bf16`), where the CPU has AVX512-BF16 (`native_bf16`).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn matmul_4bit_bf16(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, u16>,
+    packed: PyReadonlyArray1<'_, u8>,
+    absmax: PyReadonlyArray1<'_, f32>,
+    n: usize,
+    k: usize,
+    blocksize: usize,
+    quant_type: &str,
+    mut y: PyReadwriteArray1<'_, u16>,
+) -> PyResult<()> {
+    let numel = n.checked_mul(k).ok_or_else(|| PyValueError::new_err("weight shape overflows"))?;
+    let weight = packed_weight(slice(&packed, "packed")?, slice(&absmax, "absmax")?, numel, blocksize, quant_type)?;
+    let x: &[bf16] = slice(&x, "x")?.reinterpret_cast();
+    let y: &mut [bf16] = slice_mut(&mut y, "y")?.reinterpret_cast_mut();
+    let ops = x.len().saturating_mul(n) / MACS_PER_OP;
+    run(py, ops, || gemm_bf16::matmul_4bit_bf16(simd::active(), x, &weight, n, k, y))
+}
+
 /// Calls `$body` with three read-only `uint16` arrays and one writable one viewed as `&[$t]`
 /// and `&mut [$t]` (bf16 or f16: `half`'s bit casts are not generic outside the crate).
 macro_rules! half_bits {
@@ -524,6 +547,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_blockwise_8bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_blockwise_8bit, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul_4bit_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(lora_batched, m)?)?;
     m.add_class::<PackedWeight>()?;
     m.add("FUSED_MAX_ROWS", matmul::FUSED_MAX_ROWS)?;

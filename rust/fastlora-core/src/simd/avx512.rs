@@ -16,7 +16,7 @@ use super::{CHUNK_BYTES, GROUP_BYTES, PREFETCH_BYTES};
 /// The 16 bytes at `ptr` widened to 32-bit lanes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn widen16(ptr: *const u8) -> __m512i {
+pub(super) unsafe fn widen16(ptr: *const u8) -> __m512i {
     _mm512_cvtepu8_epi32(_mm_loadu_si128(ptr as *const __m128i))
 }
 
@@ -92,7 +92,7 @@ pub unsafe fn decode_blocks(
 /// `half::bf16::from_f32` rounds, each in the upper 16 bits of its 32-bit lane.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn round_to_bf16_high(v: __m512) -> __m512i {
+pub(super) unsafe fn round_to_bf16_high(v: __m512) -> __m512i {
     let bits = _mm512_castps_si512(v);
     let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
     let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
@@ -100,10 +100,33 @@ unsafe fn round_to_bf16_high(v: __m512) -> __m512i {
     _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(bits, _mm512_set1_epi32(0x0040_0000)))
 }
 
+/// A block's 16 products `table[code] * scale` rounded to bf16, as two tables of 32-bit lanes:
+/// each value in the low half of its lane (for high nibbles, the even elements) and in the
+/// high half (for low nibbles).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn bf16_pair_tables(table: __m512, scale: f32) -> (__m512i, __m512i) {
+    let rounded = round_to_bf16_high(_mm512_mul_ps(table, _mm512_set1_ps(scale)));
+    (_mm512_srli_epi32::<16>(rounded), _mm512_and_si512(rounded, _mm512_set1_epi32(0xffff_0000u32 as i32)))
+}
+
+/// The 16 bytes at `ptr` as 32 bf16 values in element order ([`bf16_pair_tables`]' lookups
+/// OR'd: element 2j, the high nibble, in the low half of 32-bit lane j, little-endian).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn decode_bf16_pairs(ptr: *const u8, even_table: __m512i, odd_table: __m512i) -> __m512i {
+    let codes = widen16(ptr);
+    // An integer OR: `_mm512_or_ps` needs AVX-512 DQ, and as a call outside this function's
+    // features it spilled every value of the loop to the stack.
+    _mm512_or_si512(
+        _mm512_permutexvar_epi32(_mm512_srli_epi32::<4>(codes), even_table),
+        _mm512_permutexvar_epi32(codes, odd_table),
+    )
+}
+
 /// [`super::decode_blocks_bf16`] on AVX-512. Each block's 16 products `table[code] * scale`
-/// are rounded to bf16 once, into two tables: each bf16 value in the low half of its 32-bit
-/// lane (for high nibbles, the even elements) and in the high half (for low nibbles); the
-/// two lookups of 16 bytes OR into 32 bf16 values in element order, one 64-byte store.
+/// are rounded to bf16 once, into [`bf16_pair_tables`]; each 16 bytes decode into 32 bf16
+/// values in element order, one 64-byte store.
 ///
 /// # Safety
 /// As [`decode_blocks`].
@@ -117,24 +140,14 @@ pub unsafe fn decode_blocks_bf16(
     stream: bool,
 ) {
     let table_v = _mm512_loadu_ps(table.as_ptr());
-    let high_half = _mm512_set1_epi32(0xffff_0000u32 as i32);
     let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr() as *mut f32);
     let stream = stream && (dst as usize).is_multiple_of(64);
     for (b, &scale) in scales.iter().enumerate() {
-        let rounded = round_to_bf16_high(_mm512_mul_ps(table_v, _mm512_set1_ps(scale)));
-        let even_table = _mm512_srli_epi32::<16>(rounded);
-        let odd_table = _mm512_and_si512(rounded, high_half);
+        let (even_table, odd_table) = bf16_pair_tables(table_v, scale);
         let end = ((b + 1) * block_bytes).min(bytes.len());
         let mut j = b * block_bytes;
         while j + CHUNK_BYTES <= end {
-            let codes = widen16(src.add(j));
-            // Little-endian pairs: element 2j (high nibble) in the low half of 32-bit lane j.
-            // (An integer OR: `_mm512_or_ps` needs AVX-512 DQ, and as a call outside this
-            // function's features it spilled every value of the loop to the stack.)
-            let pairs = _mm512_or_si512(
-                _mm512_permutexvar_epi32(_mm512_srli_epi32::<4>(codes), even_table),
-                _mm512_permutexvar_epi32(codes, odd_table),
-            );
+            let pairs = decode_bf16_pairs(src.add(j), even_table, odd_table);
             // 32 bf16 values fill the 64 bytes of 16 fp32 slots.
             store(dst.add(j), _mm512_castsi512_ps(pairs), stream);
             j += CHUNK_BYTES;

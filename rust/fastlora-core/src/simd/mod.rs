@@ -30,6 +30,8 @@ macro_rules! by_rows {
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512_bf16;
 pub mod scalar;
 
 /// The largest number of activation rows one fused kernel call handles at once.

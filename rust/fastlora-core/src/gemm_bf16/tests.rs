@@ -1,0 +1,114 @@
+use super::*;
+use crate::codebook::QuantType;
+use crate::quantize::{dequantize_4bit, quantize_4bit};
+use crate::testutil::Rng;
+
+/// The widest set, where it has the bf16 GEMM (else the CPU cannot run these tests).
+fn gemm_isa() -> Option<Isa> {
+    simd::available().into_iter().rev().find(|&isa| available(isa))
+}
+
+struct Case {
+    packed: Vec<u8>,
+    absmax: Vec<f32>,
+    /// The weight dequantized to bf16 by the scalar definition.
+    rounded: Vec<bf16>,
+    x: Vec<bf16>,
+    n: usize,
+    k: usize,
+    blocksize: usize,
+    qt: QuantType,
+}
+
+impl Case {
+    fn new(rng: &mut Rng, m: usize, n: usize, k: usize, blocksize: usize, qt: QuantType) -> Self {
+        let values = rng.floats(n * k, 1.0);
+        let mut packed = vec![0u8; (n * k).div_ceil(2)];
+        let mut absmax = vec![0.0f32; (n * k).div_ceil(blocksize)];
+        quantize_4bit(&values, blocksize, qt, &mut packed, &mut absmax).unwrap();
+        let mut rounded = vec![bf16::ZERO; n * k];
+        let weight = Packed4bit::new(&packed, &absmax, n * k, blocksize, qt).unwrap();
+        dequantize_4bit(Isa::Scalar, &weight, 0, &mut rounded).unwrap();
+        let x = rng.floats(m * k, 2.0).into_iter().map(bf16::from_f32).collect();
+        Case { packed, absmax, rounded, x, n, k, blocksize, qt }
+    }
+
+    fn weight(&self) -> Packed4bit<'_> {
+        Packed4bit::new(&self.packed, &self.absmax, self.n * self.k, self.blocksize, self.qt).unwrap()
+    }
+
+    /// Each output against the f64 sum over the rounded weight: within the bf16 rounding of
+    /// the result (half a unit in its last place) and fp32 summation's error.
+    fn check(&self, y: &[bf16], what: &str) {
+        let (n, k) = (self.n, self.k);
+        for (i, row) in self.x.chunks(k).enumerate() {
+            for j in 0..n {
+                let w = &self.rounded[j * k..(j + 1) * k];
+                let exact: f64 = row.iter().zip(w).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+                let magnitude: f64 = row.iter().zip(w).map(|(a, b)| (a.to_f64() * b.to_f64()).abs()).sum();
+                let got = y[i * n + j].to_f64();
+                let bound = exact.abs() / 256.0 + magnitude * 1e-6;
+                assert!((got - exact).abs() <= bound, "{what}: y[{i}, {j}] = {got}, expected {exact} (bound {bound})");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_bf16_gemm_matches_the_f64_product_of_the_rounded_weight() {
+    let Some(isa) = gemm_isa() else { return };
+    let mut rng = Rng::new(71);
+    // (m, n, k, blocksize): one row and one column; ragged panels of columns and rows
+    // (n % 64, m % 6); rows that straddle blocks and a last run of pairs short of 16; two
+    // panel depths (k > PANEL_DEPTH); two passes over the weight (m > PASS_MAX_ROWS).
+    let shapes =
+        [(1, 1, 2, 64), (7, 70, 128, 64), (13, 130, 200, 64), (5, 17, 98, 32), (6, 64, 4160, 128), (1100, 65, 64, 64)];
+    for (m, n, k, blocksize) in shapes {
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            let case = Case::new(&mut rng, m, n, k, blocksize, qt);
+            let mut y = vec![bf16::NAN; m * n];
+            matmul_4bit_bf16(isa, &case.x, &case.weight(), n, k, &mut y).unwrap();
+            case.check(&y, &format!("{qt:?} m={m} n={n} k={k} blocksize={blocksize}"));
+        }
+    }
+}
+
+#[test]
+fn the_panel_layout_is_the_transpose_of_the_rows_in_pairs() {
+    let Some(_) = gemm_isa() else { return };
+    let mut rng = Rng::new(72);
+    for pairs in [1, 16, 37] {
+        let data: Vec<Vec<u32>> = (0..16).map(|_| (0..pairs).map(|_| rng.next_u64() as u32).collect()).collect();
+        let rows: [&[u32]; 16] = std::array::from_fn(|r| data[r].as_slice());
+        let mut panel = vec![u32::MAX; pairs * PANEL_COLUMNS];
+        // SAFETY: the CPU has AVX-512 (gemm_isa); the panel holds pairs * PANEL_COLUMNS values.
+        unsafe { lay_out_16_rows(&rows, pairs, panel.as_mut_ptr()) };
+        for p in 0..pairs {
+            for r in 0..16 {
+                assert_eq!(panel[p * PANEL_COLUMNS + r], data[r][p], "pairs={pairs} p={p} r={r}");
+            }
+            assert!(panel[p * PANEL_COLUMNS + 16..(p + 1) * PANEL_COLUMNS].iter().all(|&v| v == u32::MAX));
+        }
+    }
+}
+
+#[test]
+fn the_bf16_gemm_refuses_what_it_cannot_multiply() {
+    let mut rng = Rng::new(73);
+    let case = Case::new(&mut rng, 2, 3, 64, 64, QuantType::Nf4);
+    let mut y = vec![bf16::ZERO; 6];
+    let err = matmul_4bit_bf16(Isa::Scalar, &case.x, &case.weight(), 3, 64, &mut y).unwrap_err();
+    assert!(err.to_string().contains("AVX512-BF16"), "{err}");
+    let Some(isa) = gemm_isa() else { return };
+    let weight = case.weight();
+    let err = matmul_4bit_bf16(isa, &case.x, &weight, 3, 64, &mut y[..5]).unwrap_err();
+    assert!(err.to_string().contains("y holds 5"), "{err}");
+    let err = matmul_4bit_bf16(isa, &case.x[..127], &weight, 3, 64, &mut y).unwrap_err();
+    assert!(err.to_string().contains("not a whole number of rows"), "{err}");
+    let err = matmul_4bit_bf16(isa, &case.x, &weight, 6, 32, &mut y).unwrap_err();
+    assert!(err.to_string().contains("y holds 6"), "{err}");
+    let odd = Case::new(&mut rng, 1, 3, 7, 64, QuantType::Nf4);
+    let mut y = vec![bf16::ZERO; 3];
+    let err = matmul_4bit_bf16(isa, &odd.x, &odd.weight(), 3, 7, &mut y).unwrap_err();
+    assert!(err.to_string().contains("even number of columns"), "{err}");
+}
