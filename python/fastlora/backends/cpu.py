@@ -282,8 +282,11 @@ def product(
 # (AMX or AVX512-BF16), torch's bf16 GEMM (oneDNN) runs several times faster than its fp32
 # one; elsewhere it widens internally and runs slower than fp32.
 NATIVE_BF16 = _native.native_bf16()
-# Whether Rust's bf16 GEMM (`_gemm_bf16`, AVX512-BF16) runs on this CPU: the same CPUs.
-BF16_GEMM = _native.native_bf16()
+# Whether the many-row bf16 forward product runs on Rust's bf16 GEMM (`_gemm_bf16`,
+# AVX512-BF16): on native-bf16 CPUs without AMX. With AMX, torch's bf16 GEMM (oneDNN) runs on
+# its tiles, several times the `vdpbf16ps` throughput Rust's kernel is bound by, and keeps the
+# product (the Rust GEMM was measured on an AMD Zen 5 only, benches/CPU_NOTES.md).
+BF16_GEMM = _native.native_bf16() and not _native.amx_bf16()
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -44,6 +44,11 @@ fn native_bf16() -> bool {
 
 /// The CPU's vendor string from CPUID ("GenuineIntel", "AuthenticAMD", ...); empty off x86-64.
 #[pyfunction]
+fn amx_bf16() -> bool {
+    simd::amx_bf16()
+}
+
+#[pyfunction]
 fn cpu_vendor() -> String {
     #[cfg(target_arch = "x86_64")]
     {
@@ -541,6 +546,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(native_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(amx_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_vendor, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;

@@ -94,6 +94,20 @@ pub fn native_bf16() -> bool {
     false
 }
 
+/// Whether the CPU has AMX-BF16 tiles (CPUID leaf 7, EDX bit 22: `is_x86_feature_detected!`
+/// has no stable name for it), which torch's bf16 GEMM (oneDNN) runs on.
+pub fn amx_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 7 exists on every CPU with AVX2, and on older ones reads zeros.
+        #[allow(unused_unsafe)]
+        let leaf7 = unsafe { std::arch::x86_64::__cpuid_count(7, 0) };
+        leaf7.edx & (1 << 22) != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The instruction set the settings ask for on this CPU: the widest it has, at most
 /// `max_isa` (`FASTLORA_MAX_ISA`), scalar when `force_scalar`. A cap that names no set of
 /// this build, or one the CPU lacks, is an error naming the value.
