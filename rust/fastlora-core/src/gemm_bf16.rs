@@ -17,6 +17,7 @@ use half::bf16;
 
 use crate::error::{ensure, Error};
 use crate::format::Packed4bit;
+use crate::matmul::{check_shapes, rows_of};
 use crate::parallel;
 use crate::quantize::decode_span;
 #[cfg(test)]
@@ -58,15 +59,9 @@ pub fn matmul_4bit_bf16(
     y: &mut [bf16],
 ) -> Result<(), Error> {
     ensure!(available(isa), "the bf16 GEMM needs AVX-512 with AVX512-BF16");
-    ensure!(n > 0 && k > 0, "the weight shape must be positive, got ({n}, {k})");
-    ensure!(
-        n.checked_mul(k) == Some(weight.numel),
-        "weight shape ({n}, {k}) does not match its {} elements",
-        weight.numel
-    );
+    check_shapes(weight, n, k)?;
     ensure!(k.is_multiple_of(2), "the bf16 GEMM needs an even number of columns, got {k}");
-    ensure!(x.len().is_multiple_of(k), "x holds {} values, not a whole number of rows of {k}", x.len());
-    let m = x.len() / k;
+    let m = rows_of(x.len(), k, "x")?;
     ensure!(y.len() == m * n, "y holds {} values, expected {m} x {n}", y.len());
     #[cfg(target_arch = "x86_64")]
     {
@@ -137,12 +132,11 @@ unsafe fn multiply_panel(
             let depth = PANEL_DEPTH.min(k - depth_start);
             let pairs = depth / 2;
             if aligned {
+                let starts: [usize; PANEL_COLUMNS] = std::array::from_fn(|c| (first_column + c) * k + depth_start);
                 for group in 0..PANEL_COLUMNS / 16 {
-                    let starts: Vec<usize> = (16 * group..columns.min(16 * group + 16))
-                        .map(|c| (first_column + c) * k + depth_start)
-                        .collect();
+                    let live = &starts[16 * group..columns.clamp(16 * group, 16 * group + 16)];
                     let (table, panel) = (weight.quant_type.code(), s.panel.as_mut_ptr().add(16 * group));
-                    decode_16_rows(table, weight.packed, weight.absmax, weight.blocksize, &starts, depth / 32, panel);
+                    decode_16_rows(table, weight.packed, weight.absmax, weight.blocksize, live, depth / 32, panel);
                 }
             } else {
                 for (c, row) in s.rows.chunks_mut(PANEL_DEPTH).take(columns).enumerate() {

@@ -7,7 +7,8 @@
 //! [`simd::MAX_ROWS`] activation rows per decode; other shapes decode one weight row at a
 //! time into a small buffer. Meant for few rows (up to [`FUSED_MAX_ROWS`]); with more, a
 //! caller dequantizes weight tiles and multiplies them with a GEMM, as the Python package
-//! does with torch's BLAS (whose threads are the ones the rest of a training step runs on).
+//! does with torch's BLAS (whose threads are the ones the rest of a training step runs on),
+//! or, for bf16 on CPUs with AVX512-BF16 and no AMX, calls [`crate::gemm_bf16`].
 
 use crate::element::{widen, Element, Widened};
 use crate::error::{ensure, Error};
@@ -23,7 +24,7 @@ const COLUMNS_PER_TASK: usize = 512;
 /// tiles with `quantize::dequantize_4bit` for torch's BLAS).
 pub const FUSED_MAX_ROWS: usize = 16;
 
-fn check_shapes(weight: &Packed4bit<'_>, n: usize, k: usize) -> Result<(), Error> {
+pub(crate) fn check_shapes(weight: &Packed4bit<'_>, n: usize, k: usize) -> Result<(), Error> {
     ensure!(n > 0 && k > 0, "the weight shape must be positive, got ({n}, {k})");
     ensure!(
         n.checked_mul(k) == Some(weight.numel),
@@ -33,7 +34,7 @@ fn check_shapes(weight: &Packed4bit<'_>, n: usize, k: usize) -> Result<(), Error
     Ok(())
 }
 
-fn rows_of(len: usize, width: usize, name: &str) -> Result<usize, Error> {
+pub(crate) fn rows_of(len: usize, width: usize, name: &str) -> Result<usize, Error> {
     ensure!(len.is_multiple_of(width), "{name} holds {len} values, not a whole number of rows of {width}");
     Ok(len / width)
 }
