@@ -510,8 +510,8 @@ def test_many_bf16_rows_multiply_a_bf16_weight_only_where_the_cpu_has_native_bf1
     y = _cpu.product(x, packed, state.absmax, n, k, 64, "nf4", transposed)
     assert y.dtype == torch.bfloat16
     w = exact.to(torch.bfloat16) if native else exact
-    if native and _cpu.BF16_GEMM and not transposed:  # Rust's bf16 GEMM: its own sums of the rounded weight
-        assert_bf16_product_close(y, x, w)
+    if native and _cpu.BF16_GEMM:  # Rust's bf16 GEMM: its own sums of the rounded weight
+        assert_bf16_product_close(y, x, w.t() if transposed else w)
     else:  # one tile (a small weight): the very GEMM torch runs on that weight
         assert torch.equal(y, (x.to(w.dtype) @ (w if transposed else w.t())).to(torch.bfloat16))
     other = exact if native else exact.to(torch.bfloat16)
@@ -541,8 +541,24 @@ def test_the_bf16_gemm_against_float64_of_the_rounded_weight(quant_type, m, n, k
     x = torch.randn(m, k).to(torch.bfloat16)
     y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
     _native.matmul_4bit_bf16(_cpu.as_numpy(x), _cpu.as_numpy(packed), _cpu.as_numpy(state.absmax), n, k, blocksize,
-                             quant_type, _cpu.as_numpy(y))
+                             quant_type, False, _cpu.as_numpy(y))
     assert_bf16_product_close(y, x, dense_fp32(packed, state).to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not _cpu.BF16_GEMM, reason="Rust's bf16 GEMM needs AVX512-BF16")
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("m,n,k,blocksize", [(17, 70, 160, 64), (23, 130, 200, 32), (40, 4160, 64, 128),
+                                             (7, 4, 98, 4096), (1030, 64, 96, 64)])
+def test_the_transposed_bf16_gemm_against_float64_of_the_rounded_weight(quant_type, m, n, k, blocksize):
+    """`x @ W` (the input gradient) by the native bf16 GEMM into a poisoned output: a last
+    panel of 32 columns, k % 32 != 0 (decoded span by span), two panel depths, two passes."""
+    packed, state = fastlora.quantize_4bit(random_weight((n, k)), blocksize=blocksize, quant_type=quant_type,
+                                           compress_statistics=False)
+    dy = torch.randn(m, n).to(torch.bfloat16)
+    y = torch.full((m, k), float("nan"), dtype=torch.bfloat16)
+    _native.matmul_4bit_bf16(_cpu.as_numpy(dy), _cpu.as_numpy(packed), _cpu.as_numpy(state.absmax), n, k, blocksize,
+                             quant_type, True, _cpu.as_numpy(y))
+    assert_bf16_product_close(y, dy, dense_fp32(packed, state).t().to(torch.bfloat16))
 
 
 @pytest.mark.skipif(not _cpu.BF16_GEMM, reason="Rust's bf16 GEMM needs AVX512-BF16")
@@ -551,15 +567,24 @@ def test_the_bf16_gemm_refuses_bad_shapes_with_a_clear_error():
     args = (_cpu.as_numpy(packed), _cpu.as_numpy(state.absmax))
     x, y = torch.randn(3, 64).to(torch.bfloat16), torch.empty(3, 4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="y holds 8"):
-        _native.matmul_4bit_bf16(_cpu.as_numpy(x), *args, 4, 64, 64, "nf4", _cpu.as_numpy(y[:2]))
+        _native.matmul_4bit_bf16(_cpu.as_numpy(x), *args, 4, 64, 64, "nf4", False, _cpu.as_numpy(y[:2]))
     with pytest.raises(ValueError, match="128 elements need 64"):
-        _native.matmul_4bit_bf16(_cpu.as_numpy(x), *args, 2, 64, 64, "nf4", _cpu.as_numpy(y))
+        _native.matmul_4bit_bf16(_cpu.as_numpy(x), *args, 2, 64, 64, "nf4", False, _cpu.as_numpy(y))
     with pytest.raises(ValueError, match="not a whole number of rows"):
-        _native.matmul_4bit_bf16(_cpu.as_numpy(x[:2, :40].contiguous()), *args, 4, 64, 64, "nf4", _cpu.as_numpy(y))
+        _native.matmul_4bit_bf16(_cpu.as_numpy(x[:2, :40].contiguous()), *args, 4, 64, 64, "nf4", False,
+                                 _cpu.as_numpy(y))
+    with pytest.raises(ValueError, match="expected 3 x 64"):  # x @ W: y has the weight's 64 columns
+        _native.matmul_4bit_bf16(_cpu.as_numpy(torch.randn(3, 4).to(torch.bfloat16)), *args, 4, 64, 64, "nf4",
+                                 True, _cpu.as_numpy(y))
+    odd, odd_state = fastlora.quantize_4bit(random_weight((3, 64)), compress_statistics=False)
+    with pytest.raises(ValueError, match="even number of weight rows"):
+        _native.matmul_4bit_bf16(_cpu.as_numpy(torch.randn(1, 3).to(torch.bfloat16)), _cpu.as_numpy(odd),
+                                 _cpu.as_numpy(odd_state.absmax), 3, 64, 64, "nf4", True,
+                                 _cpu.as_numpy(torch.empty(1, 64, dtype=torch.bfloat16)))
     odd, odd_state = fastlora.quantize_4bit(random_weight((2, 63)), compress_statistics=False)
     with pytest.raises(ValueError, match="even number of columns"):
         _native.matmul_4bit_bf16(_cpu.as_numpy(torch.randn(1, 63).to(torch.bfloat16)), _cpu.as_numpy(odd),
-                                 _cpu.as_numpy(odd_state.absmax), 2, 63, 64, "nf4",
+                                 _cpu.as_numpy(odd_state.absmax), 2, 63, 64, "nf4", False,
                                  _cpu.as_numpy(torch.empty(1, 2, dtype=torch.bfloat16)))
 
 

@@ -71,6 +71,7 @@ def matmul_4bit_bf16(
     k: int,
     blocksize: int,
     quant_type: str,
+    transposed: bool,
     y: npt.NDArray[np.uint16],
 ) -> None: ...
 def lora_batched(

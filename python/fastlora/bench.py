@@ -2,13 +2,16 @@
 
 Each case times every implementation round-robin (so machine noise hits them alike) and
 reports medians and ratios. Memory is the growth of the peak resident set during one call,
-measured in a fresh subprocess per implementation (Linux `VmHWM`), so it counts Rust, torch
-and bitsandbytes allocations alike and no allocator cache from earlier calls hides any.
+measured in a fresh subprocess per implementation (Linux `VmHWM`) after the heap's free pages
+went back to the system, so it counts Rust, torch and bitsandbytes allocations alike and no
+allocator cache from earlier calls hides any.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import importlib
 import importlib.metadata
 import inspect
@@ -558,9 +561,22 @@ def _status_kib(key: str) -> int:
     raise OSError(f"{key} not in /proc/self/status")
 
 
+def _release_free_heap() -> None:
+    """Returns the heap's free pages to the system (glibc's `malloc_trim`). Without it a call's
+    growth depended on how much freed memory building the models happened to leave in the
+    heap: the same case measured 1.6 or 16 MiB for bitsandbytes and 15, 59 or 75 MiB for
+    fastlora in fresh processes (benches/CPU_NOTES.md)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the growth is measured against whatever the heap holds
+
+
 def memory_probe(case: str, impl: str, quick: bool) -> float:
     """Peak RSS growth (MiB) of one call of `impl` in `case`, in this (fresh) process."""
     fn = build(case, quick)[impl]
+    _release_free_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     before = _status_kib("VmRSS")

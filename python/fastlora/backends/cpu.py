@@ -283,10 +283,10 @@ def product(
 # (AMX or AVX512-BF16), torch's bf16 GEMM (oneDNN) runs several times faster than its fp32
 # one; elsewhere it widens internally and runs slower than fp32.
 NATIVE_BF16 = _native.native_bf16()
-# Whether the many-row bf16 forward product runs on Rust's bf16 GEMM (`_gemm_bf16`,
-# AVX512-BF16): on native-bf16 CPUs without AMX. With AMX, torch's bf16 GEMM (oneDNN) runs on
+# Whether the many-row bf16 products (`x @ W.T` and `x @ W`) run on Rust's bf16 GEMM
+# (`_gemm_bf16`, AVX512-BF16): on native-bf16 CPUs without AMX. With AMX, torch's bf16 GEMM (oneDNN) runs on
 # its tiles, several times the `vdpbf16ps` throughput Rust's kernel is bound by, and keeps the
-# product (the Rust GEMM was measured on an AMD Zen 5 only, benches/CPU_NOTES.md).
+# product (the Rust GEMM was measured on AMD Zen 4 and 5 only, benches/CPU_NOTES.md).
 BF16_GEMM = _native.native_bf16() and not _native.amx_bf16()
 
 
@@ -344,22 +344,22 @@ def _matmul_tiled(
     if n == 0 or k == 0:  # an empty weight: an empty product, or sums of nothing
         return torch.zeros((x2d.shape[0], k if transposed else n), dtype=dtype)
     xc = x2d.to(dtype)
-    if dtype == torch.bfloat16 and BF16_GEMM and not transposed and k % 2 == 0:
-        return _gemm_bf16(xc, packed, absmax, n, k, blocksize, quant_type)
+    if dtype == torch.bfloat16 and BF16_GEMM and (n if transposed else k) % 2 == 0:
+        return _gemm_bf16(xc, packed, absmax, n, k, blocksize, quant_type, transposed)
     tiles = _weight_tiles(packed, absmax, n, k, blocksize, quant_type, dtype)
     multiply = _onednn_tiles if dtype == torch.float32 and FP32_GEMM == "onednn" else _blas_tiles
     return multiply(xc, tiles, n, k, transposed)
 
 
 def _gemm_bf16(xc: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int,
-               quant_type: str) -> torch.Tensor:
-    """`xc @ W.T` in bf16 by Rust's GEMM that dequantizes the weight into its own packing
-    (AVX512-BF16): a tile handed to torch's GEMM is written to memory and read back, which
-    cost the product 1.10x the dense one's time (benches/CPU_NOTES.md)."""
-    y = torch.empty((xc.shape[0], n), dtype=torch.bfloat16)
+               quant_type: str, transposed: bool) -> torch.Tensor:
+    """`xc @ W.T` (`xc @ W`) in bf16 by Rust's GEMM that dequantizes the weight into its own
+    packing (AVX512-BF16): a tile handed to torch's GEMM is written to memory and read back,
+    which cost the product 1.10x the dense one's time (benches/CPU_NOTES.md)."""
+    y = torch.empty((xc.shape[0], k if transposed else n), dtype=torch.bfloat16)
     _threads.sync()
     _native.matmul_4bit_bf16(as_numpy(xc), as_numpy(packed), as_numpy(absmax), n, k, blocksize, quant_type,
-                             as_numpy(y))
+                             transposed, as_numpy(y))
     return y
 
 

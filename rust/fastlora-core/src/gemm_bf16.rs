@@ -1,15 +1,17 @@
-//! The many-row bf16 product `y = x @ W.T` on CPUs with AVX512-BF16, for a packed 4-bit
-//! weight `W` of shape `(n, k)`: a GEMM of our own whose weight packing is the dequantize.
+//! The many-row bf16 products `y = x @ W.T` and `y = x @ W` (the input gradient) on CPUs with
+//! AVX512-BF16, for a packed 4-bit weight `W` of shape `(n, k)`: a GEMM of our own whose
+//! weight packing is the dequantize.
 //!
 //! A BLAS GEMM reads its right-hand matrix once more to pack it; handing it a dequantized bf16
 //! weight means writing 2 bytes per weight to memory and reading them back, which left the
 //! tiled product (dequantize tiles, torch's bf16 GEMM) at 1.10x the dense product's time.
-//! Here each task decodes [`PANEL_COLUMNS`] weight rows, up to [`PANEL_DEPTH`] columns at a
-//! time, into the panel the kernel reads (from the packed half-byte per weight, into a
-//! buffer that stays in the core's cache) and multiplies every activation row with it,
-//! [`MAX_ROWS`] at a time, accumulating in fp32; each output is rounded to bf16 once. Where
-//! `k % 32 == 0` (every real model) the bytes decode straight into the panel's layout;
-//! other shapes decode each row, then lay the rows out.
+//! Here each task takes [`PANEL_COLUMNS`] output columns (weight rows for `x @ W.T`, weight
+//! columns for `x @ W`), decodes their weights [`PANEL_DEPTH`] summed-over elements at a time
+//! into the panel the kernel reads (from the packed half-byte per weight, into a buffer that
+//! stays in the core's cache) and multiplies every activation row with it, [`MAX_ROWS`] at
+//! a time, accumulating in fp32; each output is rounded to bf16 once. Where the weight's
+//! rows are whole 32-element chunks (`k % 32 == 0`, every real model) the bytes decode
+//! straight into the panel's layout; other shapes decode each row's span, then lay it out.
 
 use std::cell::RefCell;
 
@@ -26,10 +28,11 @@ use crate::simd::Isa;
 
 #[cfg(target_arch = "x86_64")]
 use crate::simd::avx512_bf16::{
-    decode_16_rows, lay_out_16_rows, panel_product, round_into_bf16, MAX_ROWS, PANEL_COLUMNS,
+    decode_16_rows, decode_row_pairs, lay_out_16_rows, panel_product, round_into_bf16, MAX_ROWS, PANEL_COLUMNS,
 };
 
-/// Weight columns per panel (even): 64 rows of them fill 256 KiB, a quarter of a Zen 5's L2.
+/// Summed-over elements per panel (even): 64 output columns of them fill 256 KiB, a quarter
+/// of a Zen 5's L2.
 const PANEL_DEPTH: usize = 2048;
 /// Activation bytes per pass over the weight: every panel is multiplied with all of a pass's
 /// rows, which stay in the L3 between panels (more rows pay another decode of the weight).
@@ -47,38 +50,57 @@ pub fn available(isa: Isa) -> bool {
     false
 }
 
-/// `y = x @ W.T` with bf16 `x` of shape `(m, k)` and `y` of shape `(m, n)`, row-major, the
-/// weight's values rounded to bf16 as the dequantize rounds them and the sums kept in fp32.
-/// `k` must be even (each kernel step takes two columns); an error where not [`available`].
+/// `y = x @ W.T` with bf16 `x` of shape `(m, k)` and `y` of shape `(m, n)`, or with
+/// `transposed`, `y = x @ W` with `x` of shape `(m, n)` and `y` of shape `(m, k)`; row-major,
+/// the weight's values rounded to bf16 as the dequantize rounds them and the sums kept in
+/// fp32. The summed-over dimension (`k`, or `n` when `transposed`) must be even: each kernel
+/// step takes a pair of elements. An error where not [`available`].
 pub fn matmul_4bit_bf16(
     isa: Isa,
     x: &[bf16],
     weight: &Packed4bit<'_>,
     n: usize,
     k: usize,
+    transposed: bool,
     y: &mut [bf16],
 ) -> Result<(), Error> {
     ensure!(available(isa), "the bf16 GEMM needs AVX-512 with AVX512-BF16");
     check_shapes(weight, n, k)?;
-    ensure!(k.is_multiple_of(2), "the bf16 GEMM needs an even number of columns, got {k}");
-    let m = rows_of(x.len(), k, "x")?;
-    ensure!(y.len() == m * n, "y holds {} values, expected {m} x {n}", y.len());
+    let (depth, columns) = if transposed { (n, k) } else { (k, n) };
+    if transposed {
+        ensure!(n.is_multiple_of(2), "the transposed bf16 GEMM needs an even number of weight rows, got {n}");
+    } else {
+        ensure!(k.is_multiple_of(2), "the bf16 GEMM needs an even number of columns, got {k}");
+    }
+    let m = rows_of(x.len(), depth, "x")?;
+    ensure!(y.len() == m * columns, "y holds {} values, expected {m} x {columns}", y.len());
     #[cfg(target_arch = "x86_64")]
     {
-        let pass_rows = (PASS_BYTES / (2 * k)).clamp(MAX_ROWS, PASS_MAX_ROWS);
-        let panels = n.div_ceil(PANEL_COLUMNS);
+        let shape = Shape { k, transposed, depth, columns };
+        let pass_rows = (PASS_BYTES / (2 * depth.max(1))).clamp(MAX_ROWS, PASS_MAX_ROWS);
+        let panels = columns.div_ceil(PANEL_COLUMNS);
         for first_row in (0..m).step_by(pass_rows) {
             let rows = pass_rows.min(m - first_row);
-            let x = &x[first_row * k..(first_row + rows) * k];
-            let y = Output(y[first_row * n..(first_row + rows) * n].as_mut_ptr());
+            let x = &x[first_row * depth..(first_row + rows) * depth];
+            let y = Output(y[first_row * columns..(first_row + rows) * columns].as_mut_ptr());
             parallel::for_each_task(panels, |panel| {
                 // SAFETY: `available` checked the CPU; each task writes its own columns of
                 // the pass's `rows` output rows.
-                unsafe { multiply_panel(isa, x, weight, n, k, panel * PANEL_COLUMNS, &y) }
+                unsafe { multiply_panel(isa, x, weight, &shape, panel * PANEL_COLUMNS, &y) }
             });
         }
     }
     Ok(())
+}
+
+/// Which product, of which weight: `depth` elements summed per output, `columns` outputs per
+/// activation row.
+#[cfg(target_arch = "x86_64")]
+struct Shape {
+    k: usize,
+    transposed: bool,
+    depth: usize,
+    columns: usize,
 }
 
 /// The output rows of a pass, which tasks write in disjoint columns.
@@ -91,7 +113,8 @@ unsafe impl Sync for Output {}
 /// pages' faults each time).
 #[derive(Default)]
 struct Scratch {
-    /// The panel's weight rows decoded to bf16, `PANEL_DEPTH` apart (shapes with `k % 32 != 0`).
+    /// Weight spans decoded to bf16 before their layout (shapes with `k % 32 != 0`):
+    /// `PANEL_DEPTH` apart for `x @ W.T`, a pair of `PANEL_COLUMNS` for `x @ W`.
     rows: Vec<bf16>,
     /// The panel in the kernel's layout.
     panel: Vec<u32>,
@@ -103,7 +126,7 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
-/// Output columns `first_column ..` (up to [`PANEL_COLUMNS`]) of `y = x @ W.T`.
+/// Output columns `first_column ..` (up to [`PANEL_COLUMNS`]) of the product.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F and BF16, and no other task may write these columns.
@@ -112,68 +135,141 @@ unsafe fn multiply_panel(
     isa: Isa,
     x: &[bf16],
     weight: &Packed4bit<'_>,
-    n: usize,
-    k: usize,
+    shape: &Shape,
     first_column: usize,
     y: &Output,
 ) {
-    let m = x.len() / k;
-    let columns = PANEL_COLUMNS.min(n - first_column);
+    let m = x.len() / shape.depth;
+    let columns = PANEL_COLUMNS.min(shape.columns - first_column);
     SCRATCH.with_borrow_mut(|s| {
         s.panel.resize(PANEL_COLUMNS * PANEL_DEPTH / 2, 0);
         s.sums.resize(m * PANEL_COLUMNS, 0.0);
-        let aligned = k.is_multiple_of(32);
-        if !aligned {
-            s.rows.resize(PANEL_COLUMNS * PANEL_DEPTH, bf16::ZERO);
-            // Rows past the weight's last multiply as zeros (their sums are not written out).
-            s.rows[columns * PANEL_DEPTH..].fill(bf16::ZERO);
-        }
-        for depth_start in (0..k).step_by(PANEL_DEPTH) {
-            let depth = PANEL_DEPTH.min(k - depth_start);
+        for depth_start in (0..shape.depth).step_by(PANEL_DEPTH) {
+            let depth = PANEL_DEPTH.min(shape.depth - depth_start);
             let pairs = depth / 2;
-            if aligned {
-                let starts: [usize; PANEL_COLUMNS] = std::array::from_fn(|c| (first_column + c) * k + depth_start);
-                for group in 0..PANEL_COLUMNS / 16 {
-                    let live = &starts[16 * group..columns.clamp(16 * group, 16 * group + 16)];
-                    let (table, panel) = (weight.quant_type.code(), s.panel.as_mut_ptr().add(16 * group));
-                    decode_16_rows(table, weight.packed, weight.absmax, weight.blocksize, live, depth / 32, panel);
-                }
+            if shape.transposed {
+                fill_panel_transposed(isa, weight, shape.k, depth_start, pairs, first_column, columns, s);
             } else {
-                for (c, row) in s.rows.chunks_mut(PANEL_DEPTH).take(columns).enumerate() {
-                    decode_span(isa, weight, (first_column + c) * k + depth_start, &mut row[..depth], false);
-                }
-                for group in 0..PANEL_COLUMNS / 16 {
-                    let rows: [&[u32]; 16] = std::array::from_fn(|r| {
-                        let row = &s.rows[(16 * group + r) * PANEL_DEPTH..][..2 * pairs];
-                        // SAFETY: two bf16 values are one u32 (bf16 is 2-byte aligned, u32 reads
-                        // below are unaligned loads).
-                        std::slice::from_raw_parts(row.as_ptr() as *const u32, pairs)
-                    });
-                    lay_out_16_rows(&rows, pairs, s.panel.as_mut_ptr().add(16 * group));
-                }
+                fill_panel(isa, weight, shape.k, depth_start, depth, first_column, columns, s);
             }
             let xs = x.as_ptr().add(depth_start) as *const u16;
+            let ldx = shape.depth;
             let mut i = 0;
             while i < m {
                 let r = MAX_ROWS.min(m - i);
-                let (xi, sums) = (xs.add(i * k), s.sums.as_mut_ptr().add(i * PANEL_COLUMNS));
+                let (xi, sums) = (xs.add(i * ldx), s.sums.as_mut_ptr().add(i * PANEL_COLUMNS));
                 let first = depth_start == 0;
                 let panel = s.panel.as_ptr();
                 match r {
-                    6 => panel_product::<6>(xi, k, panel, pairs, sums, PANEL_COLUMNS, first),
-                    5 => panel_product::<5>(xi, k, panel, pairs, sums, PANEL_COLUMNS, first),
-                    4 => panel_product::<4>(xi, k, panel, pairs, sums, PANEL_COLUMNS, first),
-                    3 => panel_product::<3>(xi, k, panel, pairs, sums, PANEL_COLUMNS, first),
-                    2 => panel_product::<2>(xi, k, panel, pairs, sums, PANEL_COLUMNS, first),
-                    _ => panel_product::<1>(xi, k, panel, pairs, sums, PANEL_COLUMNS, first),
+                    6 => panel_product::<6>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
+                    5 => panel_product::<5>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
+                    4 => panel_product::<4>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
+                    3 => panel_product::<3>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
+                    2 => panel_product::<2>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
+                    _ => panel_product::<1>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
                 }
                 i += r;
             }
         }
         for (i, sums) in s.sums.chunks(PANEL_COLUMNS).enumerate() {
-            round_into_bf16(sums.as_ptr(), y.0.add(i * n + first_column), columns);
+            round_into_bf16(sums.as_ptr(), y.0.add(i * shape.columns + first_column), columns);
         }
     });
+}
+
+/// The panel of `x @ W.T`: weight rows `first_column ..` (`columns` of them), their
+/// `depth` elements from column `depth_start`; rows past the weight's last are zeros.
+///
+/// # Safety
+/// As [`multiply_panel`]; `s.panel` and `s.rows` hold a whole panel.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+unsafe fn fill_panel(
+    isa: Isa,
+    weight: &Packed4bit<'_>,
+    k: usize,
+    depth_start: usize,
+    depth: usize,
+    first_column: usize,
+    columns: usize,
+    s: &mut Scratch,
+) {
+    let pairs = depth / 2;
+    if k.is_multiple_of(32) {
+        let starts: [usize; PANEL_COLUMNS] = std::array::from_fn(|c| (first_column + c) * k + depth_start);
+        for group in 0..PANEL_COLUMNS / 16 {
+            let live = &starts[16 * group..columns.clamp(16 * group, 16 * group + 16)];
+            let (table, panel) = (weight.quant_type.code(), s.panel.as_mut_ptr().add(16 * group));
+            decode_16_rows(table, weight.packed, weight.absmax, weight.blocksize, live, depth / 32, panel);
+        }
+        return;
+    }
+    s.rows.resize(PANEL_COLUMNS * PANEL_DEPTH, bf16::ZERO);
+    // Rows past the weight's last multiply as zeros (their sums are not written out).
+    s.rows[columns * PANEL_DEPTH..].fill(bf16::ZERO);
+    for (c, row) in s.rows.chunks_mut(PANEL_DEPTH).take(columns).enumerate() {
+        decode_span(isa, weight, (first_column + c) * k + depth_start, &mut row[..depth], false);
+    }
+    for group in 0..PANEL_COLUMNS / 16 {
+        let rows: [&[u32]; 16] = std::array::from_fn(|r| {
+            let row = &s.rows[(16 * group + r) * PANEL_DEPTH..][..2 * pairs];
+            // SAFETY: two bf16 values are one u32 (bf16 is 2-byte aligned, u32 reads below
+            // are unaligned loads).
+            std::slice::from_raw_parts(row.as_ptr() as *const u32, pairs)
+        });
+        lay_out_16_rows(&rows, pairs, s.panel.as_mut_ptr().add(16 * group));
+    }
+}
+
+/// The panel of `x @ W`: weight columns `first_column ..` (`columns` of them) of the `2 *
+/// pairs` weight rows from `first_row`, a pair of rows per panel row; columns past the
+/// weight's last are zeros.
+///
+/// # Safety
+/// As [`fill_panel`].
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+unsafe fn fill_panel_transposed(
+    isa: Isa,
+    weight: &Packed4bit<'_>,
+    k: usize,
+    first_row: usize,
+    pairs: usize,
+    first_column: usize,
+    columns: usize,
+    s: &mut Scratch,
+) {
+    if k.is_multiple_of(32) {
+        let (table, chunks) = (weight.quant_type.code(), columns.div_ceil(32));
+        let panel = s.panel.as_mut_ptr();
+        decode_row_pairs(
+            table,
+            weight.packed,
+            weight.absmax,
+            weight.blocksize,
+            k,
+            first_row,
+            pairs,
+            first_column,
+            chunks,
+            panel,
+        );
+        return;
+    }
+    if s.rows.len() < 2 * PANEL_COLUMNS {
+        s.rows.resize(2 * PANEL_COLUMNS, bf16::ZERO);
+    }
+    let (even, odd) = s.rows[..2 * PANEL_COLUMNS].split_at_mut(PANEL_COLUMNS);
+    even[columns..].fill(bf16::ZERO);
+    odd[columns..].fill(bf16::ZERO);
+    for (q, lanes) in s.panel.chunks_mut(PANEL_COLUMNS).take(pairs).enumerate() {
+        let start = (first_row + 2 * q) * k + first_column;
+        decode_span(isa, weight, start, &mut even[..columns], false);
+        decode_span(isa, weight, start + k, &mut odd[..columns], false);
+        for ((lane, low), high) in lanes.iter_mut().zip(even.iter()).zip(odd.iter()) {
+            *lane = u32::from(low.to_bits()) | (u32::from(high.to_bits()) << 16);
+        }
+    }
 }
 
 #[cfg(test)]

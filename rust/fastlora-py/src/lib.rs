@@ -280,8 +280,9 @@ fn matmul_4bit(
     }))
 }
 
-/// `y = x @ W.T` for bf16 `x` and `y` (`uint16` arrays of bf16 bits) by the bf16 GEMM that
-/// dequantizes in its packing (`gemm_bf16`), where the CPU has AVX512-BF16 (`native_bf16`).
+/// `y = x @ W.T` (with `transposed`, `y = x @ W`) for bf16 `x` and `y` (`uint16` arrays of
+/// bf16 bits) by the bf16 GEMM that dequantizes in its packing (`gemm_bf16`), where the CPU
+/// has AVX512-BF16 (`native_bf16`).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn matmul_4bit_bf16(
@@ -293,14 +294,15 @@ fn matmul_4bit_bf16(
     k: usize,
     blocksize: usize,
     quant_type: &str,
+    transposed: bool,
     mut y: PyReadwriteArray1<'_, u16>,
 ) -> PyResult<()> {
     let numel = n.checked_mul(k).ok_or_else(|| PyValueError::new_err("weight shape overflows"))?;
     let weight = packed_weight(slice(&packed, "packed")?, slice(&absmax, "absmax")?, numel, blocksize, quant_type)?;
     let x: &[bf16] = slice(&x, "x")?.reinterpret_cast();
     let y: &mut [bf16] = slice_mut(&mut y, "y")?.reinterpret_cast_mut();
-    let ops = x.len().saturating_mul(n) / MACS_PER_OP;
-    run(py, ops, || gemm_bf16::matmul_4bit_bf16(simd::active(), x, &weight, n, k, y))
+    let ops = x.len().saturating_mul(if transposed { k } else { n }) / MACS_PER_OP;
+    run(py, ops, || gemm_bf16::matmul_4bit_bf16(simd::active(), x, &weight, n, k, transposed, y))
 }
 
 /// Calls `$body` with three read-only `uint16` arrays and one writable one viewed as `&[$t]`

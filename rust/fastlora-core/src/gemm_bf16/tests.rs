@@ -18,10 +18,12 @@ struct Case {
     k: usize,
     blocksize: usize,
     qt: QuantType,
+    /// `x @ W` (x has `n` columns) instead of `x @ W.T`.
+    transposed: bool,
 }
 
 impl Case {
-    fn new(rng: &mut Rng, m: usize, n: usize, k: usize, blocksize: usize, qt: QuantType) -> Self {
+    fn new(rng: &mut Rng, m: usize, n: usize, k: usize, blocksize: usize, qt: QuantType, transposed: bool) -> Self {
         let values = rng.floats(n * k, 1.0);
         let mut packed = vec![0u8; (n * k).div_ceil(2)];
         let mut absmax = vec![0.0f32; (n * k).div_ceil(blocksize)];
@@ -29,24 +31,39 @@ impl Case {
         let mut rounded = vec![bf16::ZERO; n * k];
         let weight = Packed4bit::new(&packed, &absmax, n * k, blocksize, qt).unwrap();
         dequantize_4bit(Isa::Scalar, &weight, 0, &mut rounded).unwrap();
-        let x = rng.floats(m * k, 2.0).into_iter().map(bf16::from_f32).collect();
-        Case { packed, absmax, rounded, x, n, k, blocksize, qt }
+        let depth = if transposed { n } else { k };
+        let x = rng.floats(m * depth, 2.0).into_iter().map(bf16::from_f32).collect();
+        Case { packed, absmax, rounded, x, n, k, blocksize, qt, transposed }
     }
 
     fn weight(&self) -> Packed4bit<'_> {
         Packed4bit::new(&self.packed, &self.absmax, self.n * self.k, self.blocksize, self.qt).unwrap()
     }
 
+    fn multiply(&self, isa: Isa, y: &mut [bf16]) -> Result<(), Error> {
+        matmul_4bit_bf16(isa, &self.x, &self.weight(), self.n, self.k, self.transposed, y)
+    }
+
+    /// The weight as the product reads it: row `j` is what output column `j` sums over.
+    fn operand_rows(&self) -> Vec<Vec<bf16>> {
+        let (n, k) = (self.n, self.k);
+        if self.transposed {
+            (0..k).map(|j| (0..n).map(|r| self.rounded[r * k + j]).collect()).collect()
+        } else {
+            self.rounded.chunks(k).map(<[bf16]>::to_vec).collect()
+        }
+    }
+
     /// Each output against the f64 sum over the rounded weight: within the bf16 rounding of
     /// the result (half a unit in its last place) and fp32 summation's error.
     fn check(&self, y: &[bf16], what: &str) {
-        let (n, k) = (self.n, self.k);
-        for (i, row) in self.x.chunks(k).enumerate() {
-            for j in 0..n {
-                let w = &self.rounded[j * k..(j + 1) * k];
+        let w = self.operand_rows();
+        let (depth, columns) = (w[0].len(), w.len());
+        for (i, row) in self.x.chunks(depth).enumerate() {
+            for (j, w) in w.iter().enumerate() {
                 let exact: f64 = row.iter().zip(w).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
                 let magnitude: f64 = row.iter().zip(w).map(|(a, b)| (a.to_f64() * b.to_f64()).abs()).sum();
-                let got = y[i * n + j].to_f64();
+                let got = y[i * columns + j].to_f64();
                 let bound = exact.abs() / 256.0 + magnitude * 1e-6;
                 assert!((got - exact).abs() <= bound, "{what}: y[{i}, {j}] = {got}, expected {exact} (bound {bound})");
             }
@@ -65,10 +82,29 @@ fn the_bf16_gemm_matches_the_f64_product_of_the_rounded_weight() {
         [(1, 1, 2, 64), (7, 70, 128, 64), (13, 130, 200, 64), (5, 17, 98, 32), (6, 64, 4160, 128), (1100, 65, 64, 64)];
     for (m, n, k, blocksize) in shapes {
         for qt in [QuantType::Nf4, QuantType::Fp4] {
-            let case = Case::new(&mut rng, m, n, k, blocksize, qt);
+            let case = Case::new(&mut rng, m, n, k, blocksize, qt, false);
             let mut y = vec![bf16::NAN; m * n];
-            matmul_4bit_bf16(isa, &case.x, &case.weight(), n, k, &mut y).unwrap();
+            case.multiply(isa, &mut y).unwrap();
             case.check(&y, &format!("{qt:?} m={m} n={n} k={k} blocksize={blocksize}"));
+        }
+    }
+}
+
+#[test]
+fn the_transposed_bf16_gemm_matches_the_f64_product_of_the_rounded_weight() {
+    let Some(isa) = gemm_isa() else { return };
+    let mut rng = Rng::new(74);
+    // (m, n, k, blocksize): one pair of weight rows; a last panel of 32 columns (k % 64) and
+    // ragged rows (m % 6); k % 32 != 0 (decoded span by span, ragged last panel, rows that
+    // straddle blocks); two panel depths (n > PANEL_DEPTH); two passes (m > PASS_MAX_ROWS).
+    let shapes =
+        [(1, 2, 32, 64), (7, 70, 160, 64), (13, 130, 200, 64), (5, 18, 98, 32), (6, 4160, 64, 128), (1100, 64, 96, 64)];
+    for (m, n, k, blocksize) in shapes {
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            let case = Case::new(&mut rng, m, n, k, blocksize, qt, true);
+            let mut y = vec![bf16::NAN; m * k];
+            case.multiply(isa, &mut y).unwrap();
+            case.check(&y, &format!("{qt:?} transposed m={m} n={n} k={k} blocksize={blocksize}"));
         }
     }
 }
@@ -95,20 +131,30 @@ fn the_panel_layout_is_the_transpose_of_the_rows_in_pairs() {
 #[test]
 fn the_bf16_gemm_refuses_what_it_cannot_multiply() {
     let mut rng = Rng::new(73);
-    let case = Case::new(&mut rng, 2, 3, 64, 64, QuantType::Nf4);
+    let case = Case::new(&mut rng, 2, 3, 64, 64, QuantType::Nf4, false);
     let mut y = vec![bf16::ZERO; 6];
-    let err = matmul_4bit_bf16(Isa::Scalar, &case.x, &case.weight(), 3, 64, &mut y).unwrap_err();
+    let err = case.multiply(Isa::Scalar, &mut y).unwrap_err();
     assert!(err.to_string().contains("AVX512-BF16"), "{err}");
     let Some(isa) = gemm_isa() else { return };
     let weight = case.weight();
-    let err = matmul_4bit_bf16(isa, &case.x, &weight, 3, 64, &mut y[..5]).unwrap_err();
+    let err = matmul_4bit_bf16(isa, &case.x, &weight, 3, 64, false, &mut y[..5]).unwrap_err();
     assert!(err.to_string().contains("y holds 5"), "{err}");
-    let err = matmul_4bit_bf16(isa, &case.x[..127], &weight, 3, 64, &mut y).unwrap_err();
+    let err = matmul_4bit_bf16(isa, &case.x[..127], &weight, 3, 64, false, &mut y).unwrap_err();
     assert!(err.to_string().contains("not a whole number of rows"), "{err}");
-    let err = matmul_4bit_bf16(isa, &case.x, &weight, 6, 32, &mut y).unwrap_err();
+    let err = matmul_4bit_bf16(isa, &case.x, &weight, 6, 32, false, &mut y).unwrap_err();
     assert!(err.to_string().contains("y holds 6"), "{err}");
-    let odd = Case::new(&mut rng, 1, 3, 7, 64, QuantType::Nf4);
+    let odd = Case::new(&mut rng, 1, 3, 7, 64, QuantType::Nf4, false);
     let mut y = vec![bf16::ZERO; 3];
-    let err = matmul_4bit_bf16(isa, &odd.x, &odd.weight(), 3, 7, &mut y).unwrap_err();
+    let err = odd.multiply(isa, &mut y).unwrap_err();
     assert!(err.to_string().contains("even number of columns"), "{err}");
+    // x @ W sums over the weight's rows: an odd count of them, and x and y of the wrong width.
+    let odd = Case::new(&mut rng, 1, 3, 64, 64, QuantType::Nf4, true);
+    let mut y = vec![bf16::ZERO; 64];
+    let err = odd.multiply(isa, &mut y).unwrap_err();
+    assert!(err.to_string().contains("even number of weight rows"), "{err}");
+    let even = Case::new(&mut rng, 2, 4, 64, 64, QuantType::Nf4, true);
+    let err = matmul_4bit_bf16(isa, &even.x[..6], &even.weight(), 4, 64, true, &mut y).unwrap_err();
+    assert!(err.to_string().contains("not a whole number of rows"), "{err}");
+    let err = matmul_4bit_bf16(isa, &even.x, &even.weight(), 4, 64, true, &mut y).unwrap_err();
+    assert!(err.to_string().contains("expected 2 x 64"), "{err}");
 }

@@ -1,7 +1,8 @@
-//! The bf16 GEMM's two kernels on AVX-512 with AVX512-BF16 (`vdpbf16ps`: 16 fp32 lanes,
-//! each adding the products of one pair of bf16 values): laying weight rows out as the
-//! kernel reads them, and the register-blocked product of up to [`MAX_ROWS`] activation rows
-//! with one panel of [`PANEL_COLUMNS`] weight rows. `gemm_bf16` drives them.
+//! The bf16 GEMM's kernels on AVX-512 with AVX512-BF16 (`vdpbf16ps`: 16 fp32 lanes, each
+//! adding the products of one pair of bf16 values): decoding or laying weight rows out as the
+//! kernel reads them (for `x @ W.T` and for `x @ W`), and the register-blocked product of up
+//! to [`MAX_ROWS`] activation rows with one panel of [`PANEL_COLUMNS`] output columns.
+//! `gemm_bf16` drives them.
 
 use std::arch::x86_64::*;
 
@@ -82,6 +83,68 @@ pub unsafe fn decode_16_rows(
         }
         for (j, reg) in transpose_16x16(v).iter().enumerate() {
             _mm512_storeu_si512(panel.add((16 * c + j) * PANEL_COLUMNS) as *mut _, *reg);
+        }
+    }
+}
+
+/// Decodes pairs of weight rows into the panel layout for the transposed product `x @ W`,
+/// whose sums run over the weight's rows: lane `j` of panel row `q` holds column
+/// `first_column + j` of weight row `first_row + 2q` in its low half and of the next row in
+/// its high half, as the activation's pair of elements `2q, 2q + 1` is laid out. Each row
+/// gives `32 * chunks` columns (`chunks` 1 or 2) of a weight with `k` columns, decoded from
+/// the packed tensor as [`decode_16_rows`] decodes; `k` and `first_column` are multiples of
+/// 32, so every chunk lies in one block. Lanes past the chunks are zeros.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL; `panel` must hold `pairs * PANEL_COLUMNS` values
+/// from its start. (Rows past the tensor's end panic.)
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn decode_row_pairs(
+    table: &[f32; 16],
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    k: usize,
+    first_row: usize,
+    pairs: usize,
+    first_column: usize,
+    chunks: usize,
+    panel: *mut u32,
+) {
+    let table_v = _mm512_loadu_ps(table.as_ptr());
+    let shift = blocksize.trailing_zeros();
+    // unpacklo/hi interleave within 128-bit lanes: `low` lane L holds columns 8L .. 8L + 4 of
+    // the chunk, `high` 8L + 4 .. 8L + 8; these pick the lanes back into column order.
+    let first_half = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+    let second_half = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    // The even and the odd row's current block and its lookup tables.
+    let mut blocks = [usize::MAX; 2];
+    let mut tables = [(_mm512_setzero_si512(), _mm512_setzero_si512()); 2];
+    for q in 0..pairs {
+        let row_start = (first_row + 2 * q) * k + first_column;
+        let out = panel.add(q * PANEL_COLUMNS);
+        for c in 0..2 {
+            if c >= chunks {
+                _mm512_storeu_si512(out.add(32 * c) as *mut _, _mm512_setzero_si512());
+                _mm512_storeu_si512(out.add(32 * c + 16) as *mut _, _mm512_setzero_si512());
+                continue;
+            }
+            let mut rows = [_mm512_setzero_si512(); 2];
+            for (r, reg) in rows.iter_mut().enumerate() {
+                let element = row_start + r * k + 32 * c;
+                let block = element >> shift;
+                if block != blocks[r] {
+                    blocks[r] = block;
+                    tables[r] = bf16_pair_tables(table_v, absmax[block]);
+                }
+                let bytes = &packed[element / 2..element / 2 + 16];
+                *reg = decode_bf16_pairs(bytes.as_ptr(), tables[r].0, tables[r].1);
+            }
+            let low = _mm512_unpacklo_epi16(rows[0], rows[1]);
+            let high = _mm512_unpackhi_epi16(rows[0], rows[1]);
+            _mm512_storeu_si512(out.add(32 * c) as *mut _, _mm512_permutex2var_epi64(low, first_half, high));
+            _mm512_storeu_si512(out.add(32 * c + 16) as *mut _, _mm512_permutex2var_epi64(low, second_half, high));
         }
     }
 }
