@@ -77,7 +77,7 @@ pub fn matmul_4bit_bf16(
     #[cfg(target_arch = "x86_64")]
     {
         let shape = Shape { k, transposed, depth, columns };
-        let pass_rows = (PASS_BYTES / (2 * depth.max(1))).clamp(MAX_ROWS, PASS_MAX_ROWS);
+        let pass_rows = (PASS_BYTES / (2 * depth)).clamp(MAX_ROWS, PASS_MAX_ROWS);
         let panels = columns.div_ceil(PANEL_COLUMNS);
         for first_row in (0..m).step_by(pass_rows) {
             let rows = pass_rows.min(m - first_row);
@@ -181,7 +181,7 @@ unsafe fn multiply_panel(
 /// `depth` elements from column `depth_start`; rows past the weight's last are zeros.
 ///
 /// # Safety
-/// As [`multiply_panel`]; `s.panel` and `s.rows` hold a whole panel.
+/// As [`multiply_panel`]; `s.panel` holds a whole panel.
 #[allow(clippy::too_many_arguments)]
 #[cfg(target_arch = "x86_64")]
 unsafe fn fill_panel(
