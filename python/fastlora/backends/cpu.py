@@ -211,8 +211,8 @@ def lora_batched(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: tor
 
 
 # Up to this many activation rows the fused Rust kernel (weight decoded in registers) runs;
-# above, Rust dequantizes weight tiles and torch's BLAS multiplies them (`_matmul_tiled`), or
-# the bf16 forward product runs on Rust's bf16 GEMM (`BF16_GEMM`).
+# above, Rust dequantizes weight tiles and torch's BLAS multiplies them (`_matmul_tiled`), or the
+# many-row bf16 products run on Rust's bf16 GEMM (`BF16_GEMM`).
 FUSED_MAX_ROWS = _native.FUSED_MAX_ROWS
 # Bytes of weight dequantized at a time on the tiled path (in the GEMM's dtype), forward and
 # transposed alike: transient memory stays at one tile, and the GEMMs stay wide enough for
