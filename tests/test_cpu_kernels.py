@@ -531,34 +531,26 @@ def assert_bf16_product_close(y, x, w_bf16):
 
 @pytest.mark.skipif(not _cpu.BF16_GEMM, reason="Rust's bf16 GEMM needs AVX512-BF16")
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-@pytest.mark.parametrize("m,n,k,blocksize", [(17, 70, 128, 64), (23, 130, 200, 32), (40, 64, 4160, 128),
-                                             (7, 3, 98, 4096), (1030, 65, 64, 64)])
-def test_the_bf16_gemm_against_float64_of_the_rounded_weight(quant_type, m, n, k, blocksize):
-    """The native bf16 GEMM into a poisoned output: ragged panels of 64 columns and of 6 rows,
-    rows that straddle blocks (k % 32 != 0: decoded row by row), two panel depths, two passes."""
+@pytest.mark.parametrize("transposed,m,n,k,blocksize", [
+    # x @ W.T: ragged panels of 64 columns and of 6 rows, rows that straddle blocks (k % 32 != 0:
+    # decoded row by row), two panel depths, two passes.
+    (False, 17, 70, 128, 64), (False, 23, 130, 200, 32), (False, 40, 64, 4160, 128), (False, 7, 3, 98, 4096),
+    (False, 1030, 65, 64, 64),
+    # x @ W (the input gradient): a last panel of 32 columns, k % 32 != 0 (decoded span by
+    # span), two panel depths, two passes.
+    (True, 17, 70, 160, 64), (True, 23, 130, 200, 32), (True, 40, 4160, 64, 128), (True, 7, 4, 98, 4096),
+    (True, 1030, 64, 96, 64),
+])
+def test_the_bf16_gemm_against_float64_of_the_rounded_weight(quant_type, transposed, m, n, k, blocksize):
+    """The native bf16 GEMM, either direction, into a poisoned output."""
     packed, state = fastlora.quantize_4bit(random_weight((n, k)), blocksize=blocksize, quant_type=quant_type,
                                            compress_statistics=False)
-    x = torch.randn(m, k).to(torch.bfloat16)
-    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    x = torch.randn(m, n if transposed else k).to(torch.bfloat16)
+    y = torch.full((m, k if transposed else n), float("nan"), dtype=torch.bfloat16)
     _native.matmul_4bit_bf16(_cpu.as_numpy(x), _cpu.as_numpy(packed), _cpu.as_numpy(state.absmax), n, k, blocksize,
-                             quant_type, False, _cpu.as_numpy(y))
-    assert_bf16_product_close(y, x, dense_fp32(packed, state).to(torch.bfloat16))
-
-
-@pytest.mark.skipif(not _cpu.BF16_GEMM, reason="Rust's bf16 GEMM needs AVX512-BF16")
-@pytest.mark.parametrize("quant_type", QUANT_TYPES)
-@pytest.mark.parametrize("m,n,k,blocksize", [(17, 70, 160, 64), (23, 130, 200, 32), (40, 4160, 64, 128),
-                                             (7, 4, 98, 4096), (1030, 64, 96, 64)])
-def test_the_transposed_bf16_gemm_against_float64_of_the_rounded_weight(quant_type, m, n, k, blocksize):
-    """`x @ W` (the input gradient) by the native bf16 GEMM into a poisoned output: a last
-    panel of 32 columns, k % 32 != 0 (decoded span by span), two panel depths, two passes."""
-    packed, state = fastlora.quantize_4bit(random_weight((n, k)), blocksize=blocksize, quant_type=quant_type,
-                                           compress_statistics=False)
-    dy = torch.randn(m, n).to(torch.bfloat16)
-    y = torch.full((m, k), float("nan"), dtype=torch.bfloat16)
-    _native.matmul_4bit_bf16(_cpu.as_numpy(dy), _cpu.as_numpy(packed), _cpu.as_numpy(state.absmax), n, k, blocksize,
-                             quant_type, True, _cpu.as_numpy(y))
-    assert_bf16_product_close(y, dy, dense_fp32(packed, state).t().to(torch.bfloat16))
+                             quant_type, transposed, _cpu.as_numpy(y))
+    w = dense_fp32(packed, state).to(torch.bfloat16)
+    assert_bf16_product_close(y, x, w.t() if transposed else w)
 
 
 @pytest.mark.skipif(not _cpu.BF16_GEMM, reason="Rust's bf16 GEMM needs AVX512-BF16")

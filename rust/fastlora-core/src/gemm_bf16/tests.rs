@@ -71,42 +71,38 @@ impl Case {
     }
 }
 
-#[test]
-fn the_bf16_gemm_matches_the_f64_product_of_the_rounded_weight() {
+/// Each (m, n, k, blocksize) in both codes, into a poisoned output, against the f64 product.
+fn multiply_and_check(seed: u64, shapes: &[(usize, usize, usize, usize)], transposed: bool) {
     let Some(isa) = gemm_isa() else { return };
-    let mut rng = Rng::new(71);
-    // (m, n, k, blocksize): one row and one column; ragged panels of columns and rows
-    // (n % 64, m % 6); rows that straddle blocks and a last run of pairs short of 16; two
-    // panel depths (k > PANEL_DEPTH); two passes over the weight (m > PASS_MAX_ROWS).
-    let shapes =
-        [(1, 1, 2, 64), (7, 70, 128, 64), (13, 130, 200, 64), (5, 17, 98, 32), (6, 64, 4160, 128), (1100, 65, 64, 64)];
-    for (m, n, k, blocksize) in shapes {
+    let mut rng = Rng::new(seed);
+    for &(m, n, k, blocksize) in shapes {
         for qt in [QuantType::Nf4, QuantType::Fp4] {
-            let case = Case::new(&mut rng, m, n, k, blocksize, qt, false);
-            let mut y = vec![bf16::NAN; m * n];
+            let case = Case::new(&mut rng, m, n, k, blocksize, qt, transposed);
+            let mut y = vec![bf16::NAN; m * if transposed { k } else { n }];
             case.multiply(isa, &mut y).unwrap();
-            case.check(&y, &format!("{qt:?} m={m} n={n} k={k} blocksize={blocksize}"));
+            case.check(&y, &format!("{qt:?} transposed={transposed} m={m} n={n} k={k} blocksize={blocksize}"));
         }
     }
 }
 
 #[test]
+fn the_bf16_gemm_matches_the_f64_product_of_the_rounded_weight() {
+    // (m, n, k, blocksize): one row and one column; ragged panels of columns and rows
+    // (n % 64, m % 6); rows that straddle blocks and a last run of pairs short of 16; two
+    // panel depths (k > PANEL_DEPTH); two passes over the weight (m > PASS_MAX_ROWS).
+    let shapes =
+        [(1, 1, 2, 64), (7, 70, 128, 64), (13, 130, 200, 64), (5, 17, 98, 32), (6, 64, 4160, 128), (1100, 65, 64, 64)];
+    multiply_and_check(71, &shapes, false);
+}
+
+#[test]
 fn the_transposed_bf16_gemm_matches_the_f64_product_of_the_rounded_weight() {
-    let Some(isa) = gemm_isa() else { return };
-    let mut rng = Rng::new(74);
     // (m, n, k, blocksize): one pair of weight rows; a last panel of 32 columns (k % 64) and
     // ragged rows (m % 6); k % 32 != 0 (decoded span by span, ragged last panel, rows that
     // straddle blocks); two panel depths (n > PANEL_DEPTH); two passes (m > PASS_MAX_ROWS).
     let shapes =
         [(1, 2, 32, 64), (7, 70, 160, 64), (13, 130, 200, 64), (5, 18, 98, 32), (6, 4160, 64, 128), (1100, 64, 96, 64)];
-    for (m, n, k, blocksize) in shapes {
-        for qt in [QuantType::Nf4, QuantType::Fp4] {
-            let case = Case::new(&mut rng, m, n, k, blocksize, qt, true);
-            let mut y = vec![bf16::NAN; m * k];
-            case.multiply(isa, &mut y).unwrap();
-            case.check(&y, &format!("{qt:?} transposed m={m} n={n} k={k} blocksize={blocksize}"));
-        }
-    }
+    multiply_and_check(74, &shapes, true);
 }
 
 #[test]
