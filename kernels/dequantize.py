@@ -1,0 +1,1 @@
+../python/fastlora/kernels/dequantize.py
