@@ -554,6 +554,73 @@ def test_the_bf16_gemm_against_float64_of_the_rounded_weight(quant_type, transpo
 
 
 @pytest.mark.skipif(not _cpu.BF16_GEMM, reason="Rust's bf16 GEMM needs AVX512-BF16")
+@pytest.mark.parametrize("transposed,m,n,k", [(False, 23, 130, 200), (False, 1030, 65, 64), (True, 23, 130, 200),
+                                              (True, 40, 4160, 64)])
+@pytest.mark.parametrize("rank", [2, 16])
+def test_the_bf16_gemm_adds_a_low_rank_term_before_rounding(transposed, m, n, k, rank):
+    """x @ W.T + scale * u @ factor.T (x @ W + scale * u @ factor): ragged panels and rows,
+    two passes, two panel depths, into a poisoned output."""
+    packed, state = fastlora.quantize_4bit(random_weight((n, k)), compress_statistics=False)
+    x = torch.randn(m, n if transposed else k).to(torch.bfloat16)
+    u = torch.randn(m, rank).to(torch.bfloat16)
+    factor = torch.randn((rank, k) if transposed else (n, rank)).to(torch.bfloat16)
+    y = torch.full((m, k if transposed else n), float("nan"), dtype=torch.bfloat16)
+    _native.matmul_4bit_bf16(_cpu.as_numpy(x), _cpu.as_numpy(packed), _cpu.as_numpy(state.absmax), n, k, 64, "nf4",
+                             transposed, _cpu.as_numpy(y), (_cpu.as_numpy(u), _cpu.as_numpy(factor), rank, 0.75))
+    w = dense_fp32(packed, state).to(torch.bfloat16)
+    # One product over [x, 0.75 u] and [W, factor] stacked along the summed-over dimension.
+    operand = torch.cat([w.t() if transposed else w, (factor.t() if transposed else factor).to(torch.bfloat16)], 1)
+    assert_bf16_product_close(y, torch.cat([x.double(), 0.75 * u.double()], 1), operand.double())
+
+
+@pytest.mark.skipif(not _cpu.BF16_GEMM, reason="Rust's bf16 GEMM needs AVX512-BF16")
+@pytest.mark.parametrize("rank", [4, 5])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_a_many_row_bf16_lora_product_adds_its_terms_in_the_bf16_gemm(monkeypatch, rank, nested, dropout):
+    """The LoRA op's many-row bf16 products with bf16 adapters (as autocast casts them): at an
+    even rank the up-projection rides in Rust's GEMM, and without dropout so does dx's
+    `g @ B @ A` in the transposed one (an odd rank: torch's addmm); with a bias; against float64."""
+    seen = []
+    gemm = _native.matmul_4bit_bf16
+    monkeypatch.setattr(_native, "matmul_4bit_bf16", lambda *args: seen.append(args[-1] is not None) or gemm(*args))
+    n, k, m, scaling = 70, 192, _cpu.FUSED_MAX_ROWS + 7, 2.0
+    packed, state = fastlora.quantize_4bit(random_weight((n, k)), blocksize=64, compress_statistics=nested)
+    x = torch.randn(3, m, k).to(torch.bfloat16).requires_grad_()
+    x_drop = torch.randn(3, m, k).to(torch.bfloat16).requires_grad_() if dropout else x
+    A, B, bias = (torch.randn(shape).to(torch.bfloat16) for shape in ((rank, k), (n, rank), (n,)))
+    y = fastlora.ops.lora.lora_linear_4bit(x, x_drop, packed, state.block_scales(), bias, A, B, scaling, 64, "nf4")
+    assert y.shape == (3, m, n) and y.dtype == torch.bfloat16 and seen == [rank % 2 == 0]
+    w = dense_fp32(packed, state).to(torch.bfloat16).double()
+    even = rank % 2 == 0
+
+    def assert_close(got, expected, bound, extra=0):
+        # Rounded once by the GEMM (once more where a bias is added, `extra`); torch's bf16
+        # addmm also rounds its rank-r product, an error relative to the terms' magnitude.
+        tol = (expected.abs() + extra + (0 if even else bound)) * 2**-7 + bound * 1e-6
+        err = (got.double() - expected).abs()
+        assert (err <= tol).all(), f"max error {err.max().item()}"
+
+    u = (x_drop.detach().reshape(-1, k) @ A.t()).double()  # the bf16 up-projection, as both paths round it
+    x2d, b64 = x.detach().reshape(-1, k).double(), bias.double()
+    expected = x2d @ w.t() + scaling * u @ B.double().t() + b64
+    bound = x2d.abs() @ w.abs().t() + scaling * u.abs() @ B.double().abs().t()
+    assert_close(y.detach().reshape(-1, n), expected, bound, b64.abs())
+
+    del seen[:]
+    g = torch.randn(3, m, n).to(torch.bfloat16)
+    y.backward(g)
+    assert seen == [even and not dropout]
+    g2d = g.reshape(-1, n)
+    g_u = ((g2d @ B) * scaling).double()  # as the backward rounds it, in the adapter's dtype
+    dx = g2d.double() @ w
+    dx_bound = g2d.double().abs() @ w.abs()
+    if not dropout:
+        dx, dx_bound = dx + g_u @ A.double(), dx_bound + g_u.abs() @ A.double().abs()
+    assert_close(x.grad.reshape(-1, k), dx, dx_bound, 0 if even else dx_bound)
+
+
+@pytest.mark.skipif(not _cpu.BF16_GEMM, reason="Rust's bf16 GEMM needs AVX512-BF16")
 def test_the_bf16_gemm_refuses_bad_shapes_with_a_clear_error():
     packed, state = fastlora.quantize_4bit(random_weight((4, 64)), compress_statistics=False)
     args = (_cpu.as_numpy(packed), _cpu.as_numpy(state.absmax))
@@ -573,6 +640,11 @@ def test_the_bf16_gemm_refuses_bad_shapes_with_a_clear_error():
         _native.matmul_4bit_bf16(_cpu.as_numpy(torch.randn(1, 3).to(torch.bfloat16)), _cpu.as_numpy(odd),
                                  _cpu.as_numpy(odd_state.absmax), 3, 64, 64, "nf4", True,
                                  _cpu.as_numpy(torch.empty(1, 64, dtype=torch.bfloat16)))
+    u, factor = (_cpu.as_numpy(torch.randn(shape).to(torch.bfloat16)) for shape in ((3, 3), (4, 3)))
+    for rank, message in ((3, "even rank, got 3"), (2, "u holds 9 values, expected 3 x 2")):
+        with pytest.raises(ValueError, match=message):
+            _native.matmul_4bit_bf16(_cpu.as_numpy(x), *args, 4, 64, 64, "nf4", False, _cpu.as_numpy(y),
+                                     (u, factor, rank, 1.0))
     odd, odd_state = fastlora.quantize_4bit(random_weight((2, 63)), compress_statistics=False)
     with pytest.raises(ValueError, match="even number of columns"):
         _native.matmul_4bit_bf16(_cpu.as_numpy(torch.randn(1, 63).to(torch.bfloat16)), _cpu.as_numpy(odd),

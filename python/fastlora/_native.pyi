@@ -73,6 +73,7 @@ def matmul_4bit_bf16(
     quant_type: str,
     transposed: bool,
     y: npt.NDArray[np.uint16],
+    low_rank: tuple[npt.NDArray[np.uint16], npt.NDArray[np.uint16], int, float] | None = None,
 ) -> None: ...
 def lora_batched(
     x: npt.NDArray[np.float32] | npt.NDArray[np.uint16],

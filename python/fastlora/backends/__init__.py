@@ -10,7 +10,8 @@
   without a GPU.
 
 Each backend module implements the same functions (`quantize_4bit`, `dequantize_4bit`,
-`quantize_blockwise`, `dequantize_blockwise`, `matmul_4bit`, `lora_linear_4bit`) on checked
+`quantize_blockwise`, `dequantize_blockwise`, `matmul_4bit`, `matmul_4bit_low_rank`,
+`lora_linear_4bit`) on checked
 arguments, block scales as a `fastlora.scales.BlockScales`. The ops (`fastlora.ops`) and the
 call plans (`fastlora.plan`) pick one with `select`; nothing else branches on the backend.
 
@@ -79,3 +80,10 @@ def select(device: torch.device) -> ModuleType:
         )
     return triton
 
+
+def add_low_rank(y2d: torch.Tensor, u: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
+    """`y2d += scale * u @ down` in place, the product in u's dtype (a LoRA term in the
+    adapter's): the backends' low-rank term where their kernel does not take it."""
+    if y2d.dtype == u.dtype:  # no temporary of y's size
+        return y2d.addmm_(u, down, alpha=scale)
+    return y2d.add_((u @ down).to(y2d.dtype), alpha=scale)

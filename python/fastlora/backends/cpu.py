@@ -20,6 +20,7 @@ import torch
 
 from .. import _native, _threads
 from ..scales import BlockScales
+from . import add_low_rank
 
 NAME = "cpu"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -243,11 +244,29 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, n: i
 def lora_linear_4bit(x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor, scales: BlockScales,
                      bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scaling: float, blocksize: int,
                      quant_type: str) -> torch.Tensor:
-    """The 4-bit product in Rust, bias and the LoRA term (in the adapter's dtype) in torch."""
+    """The 4-bit product and the LoRA term's up-projection (`matmul_4bit_low_rank`), the
+    down-projection (in the adapter's dtype) and the bias in torch."""
     n, k = B.shape[0], A.shape[1]
-    y = product(x, packed, fp32_scales(scales), n, k, blocksize, quant_type, False)
-    # y is this call's own fresh tensor: the LoRA term and the bias are added into it.
-    _add_in_torch(y.view(-1, n), x_drop.reshape(-1, k), (A, B, scaling), bias)
+    u = x_drop.reshape(-1, k).to(A.dtype) @ A.t()
+    y = matmul_4bit_low_rank(x, packed, scales, n, k, blocksize, quant_type, False, u, B, scaling)
+    # y is this call's own fresh tensor: the bias is added into it.
+    return y if bias is None else y.add_(bias.to(y.dtype))
+
+
+def matmul_4bit_low_rank(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
+                         quant_type: str, transposed: bool, u: torch.Tensor, factor: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """`matmul_4bit` plus `scale * u @ factor.T` (`scale * u @ factor` when `transposed`; the
+    factor in the weight's orientation, LoRA's B or A): in the fp32 sums of Rust's bf16 GEMM
+    where the product runs there (`_low_rank_on_gemm`), else added in torch in u's dtype."""
+    inner, outer = (n, k) if transposed else (k, n)
+    x2d = x.reshape(-1, inner)
+    if _low_rank_on_gemm(x2d, u, factor, inner):
+        y = _gemm_bf16(x2d.contiguous(), packed, fp32_scales(scales), n, k, blocksize, quant_type, transposed,
+                       (u.contiguous(), factor.contiguous(), scale))
+        return y.reshape(*x.shape[:-1], outer)
+    y = product(x, packed, fp32_scales(scales), n, k, blocksize, quant_type, transposed)
+    add_low_rank(y.view(-1, outer), u, factor if transposed else factor.t(), scale)
     return y
 
 
@@ -352,15 +371,31 @@ def _matmul_tiled(
 
 
 def _gemm_bf16(xc: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int,
-               quant_type: str, transposed: bool) -> torch.Tensor:
+               quant_type: str, transposed: bool, low_rank: tuple | None = None) -> torch.Tensor:
     """`xc @ W.T` (`xc @ W`) in bf16 by Rust's GEMM that dequantizes the weight into its own
     packing (AVX512-BF16): a tile handed to torch's GEMM is written to memory and read back,
-    which cost the product 1.10x the dense one's time (benches/CPU_NOTES.md)."""
+    which cost the product 1.10x the dense one's time (benches/CPU_NOTES.md). `low_rank` =
+    (u, factor, scale), bf16: `scale * u @ factor.T` (`scale * u @ factor`) added before the
+    output's rounding."""
     y = torch.empty((xc.shape[0], k if transposed else n), dtype=torch.bfloat16)
+    term = None
+    if low_rank is not None:
+        u, factor, scale = low_rank
+        term = (as_numpy(u), as_numpy(factor), u.shape[1], scale)
     _threads.sync()
     _native.matmul_4bit_bf16(as_numpy(xc), as_numpy(packed), as_numpy(absmax), n, k, blocksize, quant_type,
-                             transposed, as_numpy(y))
+                             transposed, as_numpy(y), term)
     return y
+
+
+def _low_rank_on_gemm(x2d: torch.Tensor, u: torch.Tensor, factor: torch.Tensor, inner: int) -> bool:
+    """Whether a low-rank term (`matmul_4bit_low_rank`) rides in Rust's bf16 GEMM: a
+    many-row bf16 product on `BF16_GEMM`, bf16 `u` and factor (LoRA's, as autocast casts
+    the adapter) of even rank. It then adds into the GEMM's fp32 sums instead of a rank-r
+    `addmm_` that reads and writes the whole bf16 output again (benches/CPU_NOTES.md)."""
+    rank = u.shape[-1]
+    return (BF16_GEMM and x2d.dtype == u.dtype == factor.dtype == torch.bfloat16 and rank > 0 and rank % 2 == 0
+            and inner % 2 == 0 and factor.numel() > 0 and x2d.shape[0] > FUSED_MAX_ROWS)
 
 
 def _weight_tiles(packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int, quant_type: str,
@@ -539,11 +574,7 @@ def _add_in_torch(y: torch.Tensor, x2d: torch.Tensor, lora: tuple | None, bias: 
     """`y += scaling * (x2d @ A.T) @ B.T` (in the adapter's dtype) and `y += bias`, in place."""
     if lora is not None:
         a, b, scaling = lora
-        u = x2d.to(a.dtype) @ a.t()
-        if y.dtype == a.dtype:  # no (m, n) temporary
-            y.addmm_(u, b.t(), alpha=scaling)
-        else:
-            y.add_((u @ b.t()).to(y.dtype), alpha=scaling)
+        add_low_rank(y, x2d.to(a.dtype) @ a.t(), b.t(), scaling)
     if bias is not None:
         y.add_(bias.to(y.dtype))
     return y

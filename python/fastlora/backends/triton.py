@@ -13,6 +13,7 @@ from ..kernels import lora as _lora
 from ..kernels import lora_batched as _lora_batched
 from ..kernels import matmul as _matmul
 from ..scales import BlockScales
+from . import add_low_rank
 
 NAME = "triton"
 
@@ -45,6 +46,16 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, n: i
                 quant_type: str, transposed: bool) -> torch.Tensor:
     return _matmul.matmul_4bit(x, packed, scales.absmax, n, k, blocksize, quant_type, transposed,
                                nested=scales.nested)
+
+
+def matmul_4bit_low_rank(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, n: int, k: int, blocksize: int,
+                         quant_type: str, transposed: bool, u: torch.Tensor, factor: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """`matmul_4bit` plus `scale * u @ factor.T` (`scale * u @ factor` when `transposed`),
+    added after the product in u's dtype."""
+    y = matmul_4bit(x, packed, scales, n, k, blocksize, quant_type, transposed)
+    add_low_rank(y.view(-1, k if transposed else n), u, factor if transposed else factor.t(), scale)
+    return y
 
 
 def lora_linear_4bit(x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor, scales: BlockScales,

@@ -4,7 +4,8 @@ x_drop (dropout's output, which autograd carries back to x), bias, A and B.
 
 Backward forms the rank-r products first (`g @ B`, then `@ A`), never `B @ A`, and the
 adapter's gradients before `dx`, which comes from the transposed 4-bit product
-(`fastlora.ops.matmul`): only the packed weight and its scales are saved for it. The LoRA
+(`fastlora.ops.matmul`, or the backend's `matmul_4bit_low_rank` with the `g @ B @ A` term
+inside): only the packed weight and its scales are saved for it. The LoRA
 term runs in the adapter's dtype (fp32 adapters over a bf16 base, as PEFT does) and is added
 to y in y's dtype.
 """
@@ -80,19 +81,22 @@ def _backward(ctx, grad: torch.Tensor):
         if needs_A:
             grad_A = torch.mm(g_u.t(), xd)
         del xd, g_lora
-    if needs_x:
-        grad_x = matmul.call(grad, packed, absmax, n, k, blocksize, quant_type, True, nested_absmax, nested_code,
-                             nested_offset, nested_blocksize)
-    if needs_x_drop and ctx.x_drop_is_x and grad_x is not None:
-        # Added into dx in place (rounded once) instead of a second (m, k) gradient that
-        # autograd would allocate and sum into dx; with no (m, k) temporary where dx has the
-        # adapter's dtype.
-        flat = grad_x.view(-1, k)
-        if flat.dtype == A.dtype:
-            flat.addmm_(g_u, A)
+    op_args = (packed, absmax, n, k, blocksize, quant_type, True, nested_absmax, nested_code, nested_offset,
+               nested_blocksize)
+    if needs_x and needs_x_drop and ctx.x_drop_is_x:
+        # dx's two terms in one tensor instead of a second (m, k) gradient that autograd would
+        # allocate and sum into dx: `g_u @ A` in the backend's product where it takes it (its
+        # fp32 sums, one rounding), else added into it in place.
+        if _eager.direct(grad, g_u, A):
+            scales = BlockScales.from_op_args(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+            grad_x = backends.select(grad.device).matmul_4bit_low_rank(
+                grad, packed, scales, n, k, blocksize, quant_type, True, g_u, A, 1.0)
         else:
-            flat.add_(g_u @ A)
-    elif needs_x_drop:
+            grad_x = matmul.call(grad, *op_args)
+            backends.add_low_rank(grad_x.view(-1, k), g_u, A, 1.0)
+    elif needs_x:
+        grad_x = matmul.call(grad, *op_args)
+    if needs_x_drop and not ctx.x_drop_is_x:
         grad_x_drop = (g_u @ A).to(x_drop.dtype).reshape(x_drop.shape)
     grads = (grad_x, grad_x_drop, None, None, grad_bias, grad_A, grad_B)
     return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))

@@ -12,6 +12,8 @@
 //! a time, accumulating in fp32; each output is rounded to bf16 once. Where the weight's
 //! rows are whole 32-element chunks (`k % 32 == 0`, every real model) the bytes decode
 //! straight into the panel's layout; other shapes decode each row's span, then lay it out.
+//! A [`LowRank`] term (LoRA's) is multiplied into the same fp32 sums first, from a small
+//! panel of its factor, so the output is rounded once and never read back.
 
 use std::cell::RefCell;
 
@@ -50,11 +52,25 @@ pub fn available(isa: Isa) -> bool {
     false
 }
 
+/// A rank-`rank` term added to the product's fp32 sums before their one rounding: `scale *
+/// u @ factor.T` beside `x @ W.T` (u `(m, rank)`, factor `(n, rank)`: LoRA's `x @ A.T` and
+/// `B`), `scale * u @ factor` beside `x @ W` (factor `(rank, k)`: `dy @ B` and `A`). The
+/// factor has the weight's orientation with `rank` for the summed-over dimension.
+pub struct LowRank<'a> {
+    pub u: &'a [bf16],
+    pub factor: &'a [bf16],
+    /// Even: the kernel takes pairs of elements.
+    pub rank: usize,
+    pub scale: f32,
+}
+
 /// `y = x @ W.T` with bf16 `x` of shape `(m, k)` and `y` of shape `(m, n)`, or with
 /// `transposed`, `y = x @ W` with `x` of shape `(m, n)` and `y` of shape `(m, k)`; row-major,
 /// the weight's values rounded to bf16 as the dequantize rounds them and the sums kept in
-/// fp32. The summed-over dimension (`k`, or `n` when `transposed`) must be even: each kernel
-/// step takes a pair of elements. An error where not [`available`].
+/// fp32, `low_rank`'s term added to them. The summed-over dimension (`k`, or `n` when
+/// `transposed`) must be even: each kernel step takes a pair of elements. An error where not
+/// [`available`].
+#[allow(clippy::too_many_arguments)]
 pub fn matmul_4bit_bf16(
     isa: Isa,
     x: &[bf16],
@@ -62,6 +78,7 @@ pub fn matmul_4bit_bf16(
     n: usize,
     k: usize,
     transposed: bool,
+    low_rank: Option<&LowRank<'_>>,
     y: &mut [bf16],
 ) -> Result<(), Error> {
     ensure!(available(isa), "the bf16 GEMM needs AVX-512 with AVX512-BF16");
@@ -74,6 +91,16 @@ pub fn matmul_4bit_bf16(
     }
     let m = rows_of(x.len(), depth, "x")?;
     ensure!(y.len() == m * columns, "y holds {} values, expected {m} x {columns}", y.len());
+    if let Some(term) = low_rank {
+        let rank = term.rank;
+        ensure!(rank > 0 && rank.is_multiple_of(2), "the low-rank term needs an even rank, got {rank}");
+        ensure!(term.u.len() == m * rank, "u holds {} values, expected {m} x {rank}", term.u.len());
+        ensure!(
+            term.factor.len() == columns * rank,
+            "factor holds {} values, expected {columns} x {rank}",
+            term.factor.len()
+        );
+    }
     #[cfg(target_arch = "x86_64")]
     {
         let shape = Shape { k, transposed, depth, columns };
@@ -83,10 +110,11 @@ pub fn matmul_4bit_bf16(
             let rows = pass_rows.min(m - first_row);
             let x = &x[first_row * depth..(first_row + rows) * depth];
             let y = Output(y[first_row * columns..(first_row + rows) * columns].as_mut_ptr());
+            let term = low_rank.map(|t| (&t.u[first_row * t.rank..(first_row + rows) * t.rank], t));
             parallel::for_each_task(panels, |panel| {
                 // SAFETY: `available` checked the CPU; each task writes its own columns of
                 // the pass's `rows` output rows.
-                unsafe { multiply_panel(isa, x, weight, &shape, panel * PANEL_COLUMNS, &y) }
+                unsafe { multiply_panel(isa, x, weight, &shape, term, panel * PANEL_COLUMNS, &y) }
             });
         }
     }
@@ -118,6 +146,8 @@ struct Scratch {
     rows: Vec<bf16>,
     /// The panel in the kernel's layout.
     panel: Vec<u32>,
+    /// The low-rank factor's panel, in the same layout.
+    factor_panel: Vec<u32>,
     /// fp32 sums, `PANEL_COLUMNS` per activation row.
     sums: Vec<f32>,
 }
@@ -126,7 +156,8 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
-/// Output columns `first_column ..` (up to [`PANEL_COLUMNS`]) of the product.
+/// Output columns `first_column ..` (up to [`PANEL_COLUMNS`]) of the product, with the
+/// pass's rows of the low-rank term's `u`.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F and BF16, and no other task may write these columns.
@@ -136,6 +167,7 @@ unsafe fn multiply_panel(
     x: &[bf16],
     weight: &Packed4bit<'_>,
     shape: &Shape,
+    low_rank: Option<(&[bf16], &LowRank<'_>)>,
     first_column: usize,
     y: &Output,
 ) {
@@ -144,6 +176,12 @@ unsafe fn multiply_panel(
     SCRATCH.with_borrow_mut(|s| {
         s.panel.resize(PANEL_COLUMNS * PANEL_DEPTH / 2, 0);
         s.sums.resize(m * PANEL_COLUMNS, 0.0);
+        if let Some((u, term)) = low_rank {
+            fill_factor_panel(term, shape, first_column, columns, &mut s.factor_panel);
+            let pairs = term.rank / 2;
+            multiply_rows(u.as_ptr() as *const u16, term.rank, s.factor_panel.as_ptr(), pairs, m, &mut s.sums, true);
+            s.sums.iter_mut().for_each(|v| *v *= term.scale);
+        }
         for depth_start in (0..shape.depth).step_by(PANEL_DEPTH) {
             let depth = PANEL_DEPTH.min(shape.depth - depth_start);
             let pairs = depth / 2;
@@ -153,28 +191,63 @@ unsafe fn multiply_panel(
                 fill_panel(isa, weight, shape.k, depth_start, depth, first_column, columns, s);
             }
             let xs = x.as_ptr().add(depth_start) as *const u16;
-            let ldx = shape.depth;
-            let mut i = 0;
-            while i < m {
-                let r = MAX_ROWS.min(m - i);
-                let (xi, sums) = (xs.add(i * ldx), s.sums.as_mut_ptr().add(i * PANEL_COLUMNS));
-                let first = depth_start == 0;
-                let panel = s.panel.as_ptr();
-                match r {
-                    6 => panel_product::<6>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
-                    5 => panel_product::<5>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
-                    4 => panel_product::<4>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
-                    3 => panel_product::<3>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
-                    2 => panel_product::<2>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
-                    _ => panel_product::<1>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
-                }
-                i += r;
-            }
+            let first = depth_start == 0 && low_rank.is_none();
+            multiply_rows(xs, shape.depth, s.panel.as_ptr(), pairs, m, &mut s.sums, first);
         }
         for (i, sums) in s.sums.chunks(PANEL_COLUMNS).enumerate() {
             round_into_bf16(sums.as_ptr(), y.0.add(i * shape.columns + first_column), columns);
         }
     });
+}
+
+/// `sums` (`PANEL_COLUMNS` per row) of `m` rows of `x` (`ldx` apart) times a panel of
+/// `pairs` pairs: set where `first`, else added to.
+///
+/// # Safety
+/// As [`multiply_panel`]; `x` covers the rows' `2 * pairs` elements.
+#[cfg(target_arch = "x86_64")]
+unsafe fn multiply_rows(
+    x: *const u16,
+    ldx: usize,
+    panel: *const u32,
+    pairs: usize,
+    m: usize,
+    sums: &mut [f32],
+    first: bool,
+) {
+    let mut i = 0;
+    while i < m {
+        let r = MAX_ROWS.min(m - i);
+        let (xi, sums) = (x.add(i * ldx), sums.as_mut_ptr().add(i * PANEL_COLUMNS));
+        match r {
+            6 => panel_product::<6>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
+            5 => panel_product::<5>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
+            4 => panel_product::<4>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
+            3 => panel_product::<3>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
+            2 => panel_product::<2>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
+            _ => panel_product::<1>(xi, ldx, panel, pairs, sums, PANEL_COLUMNS, first),
+        }
+        i += r;
+    }
+}
+
+/// The low-rank factor's panel for output columns `first_column ..` (`columns` of them):
+/// pairs of its `rank` elements, columns past the last zeros.
+#[cfg(target_arch = "x86_64")]
+fn fill_factor_panel(term: &LowRank<'_>, shape: &Shape, first_column: usize, columns: usize, panel: &mut Vec<u32>) {
+    let (rank, factor) = (term.rank, term.factor);
+    // Element `d` of output column `c`: along B's rows for `x @ W.T`, down A's columns for `x @ W`.
+    let at = |d: usize, c: usize| {
+        let index = if shape.transposed { d * shape.columns + c } else { c * rank + d };
+        u32::from(factor[index].to_bits())
+    };
+    panel.clear();
+    panel.resize(rank / 2 * PANEL_COLUMNS, 0);
+    for (p, lanes) in panel.chunks_mut(PANEL_COLUMNS).enumerate() {
+        for (lane, c) in lanes.iter_mut().zip(first_column..first_column + columns) {
+            *lane = at(2 * p, c) | (at(2 * p + 1, c) << 16);
+        }
+    }
 }
 
 /// The panel of `x @ W.T`: weight rows `first_column ..` (`columns` of them), their

@@ -282,8 +282,10 @@ fn matmul_4bit(
 
 /// `y = x @ W.T` (with `transposed`, `y = x @ W`) for bf16 `x` and `y` (`uint16` arrays of
 /// bf16 bits) by the bf16 GEMM that dequantizes in its packing (`gemm_bf16`), where the CPU
-/// has AVX512-BF16 (`native_bf16`).
+/// has AVX512-BF16 (`native_bf16`); `low_rank` = `(u, factor, rank, scale)` (bf16 bits) adds
+/// `scale * u @ factor.T` (`scale * u @ factor`) before the rounding.
 #[pyfunction]
+#[pyo3(signature = (x, packed, absmax, n, k, blocksize, quant_type, transposed, y, low_rank=None))]
 #[allow(clippy::too_many_arguments)]
 fn matmul_4bit_bf16(
     py: Python<'_>,
@@ -296,13 +298,23 @@ fn matmul_4bit_bf16(
     quant_type: &str,
     transposed: bool,
     mut y: PyReadwriteArray1<'_, u16>,
+    low_rank: Option<(PyReadonlyArray1<'_, u16>, PyReadonlyArray1<'_, u16>, usize, f32)>,
 ) -> PyResult<()> {
     let numel = n.checked_mul(k).ok_or_else(|| PyValueError::new_err("weight shape overflows"))?;
     let weight = packed_weight(slice(&packed, "packed")?, slice(&absmax, "absmax")?, numel, blocksize, quant_type)?;
     let x: &[bf16] = slice(&x, "x")?.reinterpret_cast();
     let y: &mut [bf16] = slice_mut(&mut y, "y")?.reinterpret_cast_mut();
+    let term = match &low_rank {
+        Some((u, factor, rank, scale)) => Some(gemm_bf16::LowRank {
+            u: slice(u, "u")?.reinterpret_cast(),
+            factor: slice(factor, "factor")?.reinterpret_cast(),
+            rank: *rank,
+            scale: *scale,
+        }),
+        None => None,
+    };
     let ops = x.len().saturating_mul(if transposed { k } else { n }) / MACS_PER_OP;
-    run(py, ops, || gemm_bf16::matmul_4bit_bf16(simd::active(), x, &weight, n, k, transposed, y))
+    run(py, ops, || gemm_bf16::matmul_4bit_bf16(simd::active(), x, &weight, n, k, transposed, term.as_ref(), y))
 }
 
 /// Calls `$body` with three read-only `uint16` arrays and one writable one viewed as `&[$t]`

@@ -20,10 +20,25 @@ struct Case {
     qt: QuantType,
     /// `x @ W` (x has `n` columns) instead of `x @ W.T`.
     transposed: bool,
+    /// The low-rank term's `u`, factor, rank and scale (rank 0: none).
+    u: Vec<bf16>,
+    factor: Vec<bf16>,
+    rank: usize,
+    scale: f32,
 }
 
 impl Case {
-    fn new(rng: &mut Rng, m: usize, n: usize, k: usize, blocksize: usize, qt: QuantType, transposed: bool) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        rng: &mut Rng,
+        m: usize,
+        n: usize,
+        k: usize,
+        blocksize: usize,
+        qt: QuantType,
+        transposed: bool,
+        rank: usize,
+    ) -> Self {
         let values = rng.floats(n * k, 1.0);
         let mut packed = vec![0u8; (n * k).div_ceil(2)];
         let mut absmax = vec![0.0f32; (n * k).div_ceil(blocksize)];
@@ -32,8 +47,10 @@ impl Case {
         let weight = Packed4bit::new(&packed, &absmax, n * k, blocksize, qt).unwrap();
         dequantize_4bit(Isa::Scalar, &weight, 0, &mut rounded).unwrap();
         let depth = if transposed { n } else { k };
-        let x = rng.floats(m * depth, 2.0).into_iter().map(bf16::from_f32).collect();
-        Case { packed, absmax, rounded, x, n, k, blocksize, qt, transposed }
+        let mut bf16s = |count: usize, scale: f32| rng.floats(count, scale).into_iter().map(bf16::from_f32).collect();
+        let x = bf16s(m * depth, 2.0);
+        let (u, factor) = (bf16s(m * rank, 1.0), bf16s(rank * if transposed { k } else { n }, 0.5));
+        Case { packed, absmax, rounded, x, n, k, blocksize, qt, transposed, u, factor, rank, scale: 0.75 }
     }
 
     fn weight(&self) -> Packed4bit<'_> {
@@ -41,7 +58,9 @@ impl Case {
     }
 
     fn multiply(&self, isa: Isa, y: &mut [bf16]) -> Result<(), Error> {
-        matmul_4bit_bf16(isa, &self.x, &self.weight(), self.n, self.k, self.transposed, y)
+        let term = LowRank { u: &self.u, factor: &self.factor, rank: self.rank, scale: self.scale };
+        let term = (self.rank > 0).then_some(&term);
+        matmul_4bit_bf16(isa, &self.x, &self.weight(), self.n, self.k, self.transposed, term, y)
     }
 
     /// The weight as the product reads it: row `j` is what output column `j` sums over.
@@ -54,15 +73,31 @@ impl Case {
         }
     }
 
-    /// Each output against the f64 sum over the rounded weight: within the bf16 rounding of
-    /// the result (half a unit in its last place) and fp32 summation's error.
+    /// The low-rank term's `(exact, magnitude)` in output `(i, j)`.
+    fn low_rank_term(&self, i: usize, j: usize) -> (f64, f64) {
+        let columns = self.factor.len() / self.rank.max(1);
+        let (mut exact, mut magnitude) = (0.0, 0.0);
+        for d in 0..self.rank {
+            let f = if self.transposed { self.factor[d * columns + j] } else { self.factor[j * self.rank + d] };
+            let term = f64::from(self.scale) * self.u[i * self.rank + d].to_f64() * f.to_f64();
+            exact += term;
+            magnitude += term.abs();
+        }
+        (exact, magnitude)
+    }
+
+    /// Each output against the f64 sum over the rounded weight (and the low-rank term):
+    /// within the bf16 rounding of the result (half a unit in its last place) and fp32
+    /// summation's error.
     fn check(&self, y: &[bf16], what: &str) {
         let w = self.operand_rows();
         let (depth, columns) = (w[0].len(), w.len());
         for (i, row) in self.x.chunks(depth).enumerate() {
             for (j, w) in w.iter().enumerate() {
-                let exact: f64 = row.iter().zip(w).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
-                let magnitude: f64 = row.iter().zip(w).map(|(a, b)| (a.to_f64() * b.to_f64()).abs()).sum();
+                let (low_rank, low_rank_magnitude) = self.low_rank_term(i, j);
+                let exact: f64 = row.iter().zip(w).map(|(a, b)| a.to_f64() * b.to_f64()).sum::<f64>() + low_rank;
+                let magnitude: f64 =
+                    row.iter().zip(w).map(|(a, b)| (a.to_f64() * b.to_f64()).abs()).sum::<f64>() + low_rank_magnitude;
                 let got = y[i * columns + j].to_f64();
                 let bound = exact.abs() / 256.0 + magnitude * 1e-6;
                 assert!((got - exact).abs() <= bound, "{what}: y[{i}, {j}] = {got}, expected {exact} (bound {bound})");
@@ -71,16 +106,18 @@ impl Case {
     }
 }
 
-/// Each (m, n, k, blocksize) in both codes, into a poisoned output, against the f64 product.
-fn multiply_and_check(seed: u64, shapes: &[(usize, usize, usize, usize)], transposed: bool) {
+/// Each (m, n, k, blocksize) in both codes, with a low-rank term of `rank` (0: none), into a
+/// poisoned output, against the f64 product.
+fn multiply_and_check(seed: u64, shapes: &[(usize, usize, usize, usize)], transposed: bool, rank: usize) {
     let Some(isa) = gemm_isa() else { return };
     let mut rng = Rng::new(seed);
     for &(m, n, k, blocksize) in shapes {
         for qt in [QuantType::Nf4, QuantType::Fp4] {
-            let case = Case::new(&mut rng, m, n, k, blocksize, qt, transposed);
+            let case = Case::new(&mut rng, m, n, k, blocksize, qt, transposed, rank);
             let mut y = vec![bf16::NAN; m * if transposed { k } else { n }];
             case.multiply(isa, &mut y).unwrap();
-            case.check(&y, &format!("{qt:?} transposed={transposed} m={m} n={n} k={k} blocksize={blocksize}"));
+            let what = format!("{qt:?} transposed={transposed} rank={rank} m={m} n={n} k={k} blocksize={blocksize}");
+            case.check(&y, &what);
         }
     }
 }
@@ -92,7 +129,19 @@ fn the_bf16_gemm_matches_the_f64_product_of_the_rounded_weight() {
     // panel depths (k > PANEL_DEPTH); two passes over the weight (m > PASS_MAX_ROWS).
     let shapes =
         [(1, 1, 2, 64), (7, 70, 128, 64), (13, 130, 200, 64), (5, 17, 98, 32), (6, 64, 4160, 128), (1100, 65, 64, 64)];
-    multiply_and_check(71, &shapes, false);
+    multiply_and_check(71, &shapes, false, 0);
+}
+
+#[test]
+fn the_low_rank_term_is_added_before_the_rounding() {
+    // Ranks of one pair and of LoRA's usual 16; a ragged last panel, ragged rows, two panel
+    // depths (the term is in the first one's sums), two passes (u's rows follow the pass).
+    let shapes = [(7, 70, 128, 64), (6, 64, 4160, 128), (1100, 65, 64, 64)];
+    let transposed = [(7, 70, 160, 64), (6, 4160, 64, 128), (1100, 64, 96, 64)];
+    for rank in [2, 16] {
+        multiply_and_check(75, &shapes, false, rank);
+        multiply_and_check(76, &transposed, true, rank);
+    }
 }
 
 #[test]
@@ -102,7 +151,7 @@ fn the_transposed_bf16_gemm_matches_the_f64_product_of_the_rounded_weight() {
     // straddle blocks); two panel depths (n > PANEL_DEPTH); two passes (m > PASS_MAX_ROWS).
     let shapes =
         [(1, 2, 32, 64), (7, 70, 160, 64), (13, 130, 200, 64), (5, 18, 98, 32), (6, 4160, 64, 128), (1100, 64, 96, 64)];
-    multiply_and_check(74, &shapes, true);
+    multiply_and_check(74, &shapes, true, 0);
 }
 
 #[test]
@@ -127,30 +176,42 @@ fn the_panel_layout_is_the_transpose_of_the_rows_in_pairs() {
 #[test]
 fn the_bf16_gemm_refuses_what_it_cannot_multiply() {
     let mut rng = Rng::new(73);
-    let case = Case::new(&mut rng, 2, 3, 64, 64, QuantType::Nf4, false);
+    let case = Case::new(&mut rng, 2, 3, 64, 64, QuantType::Nf4, false, 0);
     let mut y = vec![bf16::ZERO; 6];
     let err = case.multiply(Isa::Scalar, &mut y).unwrap_err();
     assert!(err.to_string().contains("AVX512-BF16"), "{err}");
     let Some(isa) = gemm_isa() else { return };
     let weight = case.weight();
-    let err = matmul_4bit_bf16(isa, &case.x, &weight, 3, 64, false, &mut y[..5]).unwrap_err();
+    let err = matmul_4bit_bf16(isa, &case.x, &weight, 3, 64, false, None, &mut y[..5]).unwrap_err();
     assert!(err.to_string().contains("y holds 5"), "{err}");
-    let err = matmul_4bit_bf16(isa, &case.x[..127], &weight, 3, 64, false, &mut y).unwrap_err();
+    let err = matmul_4bit_bf16(isa, &case.x[..127], &weight, 3, 64, false, None, &mut y).unwrap_err();
     assert!(err.to_string().contains("not a whole number of rows"), "{err}");
-    let err = matmul_4bit_bf16(isa, &case.x, &weight, 6, 32, false, &mut y).unwrap_err();
+    let err = matmul_4bit_bf16(isa, &case.x, &weight, 6, 32, false, None, &mut y).unwrap_err();
     assert!(err.to_string().contains("y holds 6"), "{err}");
-    let odd = Case::new(&mut rng, 1, 3, 7, 64, QuantType::Nf4, false);
+    let odd = Case::new(&mut rng, 1, 3, 7, 64, QuantType::Nf4, false, 0);
     let mut y = vec![bf16::ZERO; 3];
     let err = odd.multiply(isa, &mut y).unwrap_err();
     assert!(err.to_string().contains("even number of columns"), "{err}");
     // x @ W sums over the weight's rows: an odd count of them, and x and y of the wrong width.
-    let odd = Case::new(&mut rng, 1, 3, 64, 64, QuantType::Nf4, true);
+    let odd = Case::new(&mut rng, 1, 3, 64, 64, QuantType::Nf4, true, 0);
     let mut y = vec![bf16::ZERO; 64];
     let err = odd.multiply(isa, &mut y).unwrap_err();
     assert!(err.to_string().contains("even number of weight rows"), "{err}");
-    let even = Case::new(&mut rng, 2, 4, 64, 64, QuantType::Nf4, true);
-    let err = matmul_4bit_bf16(isa, &even.x[..6], &even.weight(), 4, 64, true, &mut y).unwrap_err();
+    let even = Case::new(&mut rng, 2, 4, 64, 64, QuantType::Nf4, true, 0);
+    let err = matmul_4bit_bf16(isa, &even.x[..6], &even.weight(), 4, 64, true, None, &mut y).unwrap_err();
     assert!(err.to_string().contains("not a whole number of rows"), "{err}");
-    let err = matmul_4bit_bf16(isa, &even.x, &even.weight(), 4, 64, true, &mut y).unwrap_err();
+    let err = matmul_4bit_bf16(isa, &even.x, &even.weight(), 4, 64, true, None, &mut y).unwrap_err();
     assert!(err.to_string().contains("expected 2 x 64"), "{err}");
+    // The low-rank term: an odd rank, u and the factor of the wrong size.
+    let mut y = vec![bf16::ZERO; 6];
+    let (u, factor) = (vec![bf16::ONE; 4], vec![bf16::ONE; 6]);
+    let term = |u, factor, rank| LowRank { u, factor, rank, scale: 1.0 };
+    for (term, message) in [
+        (term(&u[..3], &factor[..3], 1), "even rank, got 1"),
+        (term(&u[..3], &factor, 2), "u holds 3 values, expected 2 x 2"),
+        (term(&u, &factor[..5], 2), "factor holds 5 values, expected 3 x 2"),
+    ] {
+        let err = matmul_4bit_bf16(isa, &case.x, &weight, 3, 64, false, Some(&term), &mut y).unwrap_err();
+        assert!(err.to_string().contains(message), "{err}");
+    }
 }
