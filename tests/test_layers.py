@@ -919,6 +919,48 @@ def test_autograd_calls_skip_the_dispatcher_with_the_same_graph(monkeypatch, aut
             assert a is not None and a.abs().sum() > 0 and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("early_stop", [True, False])
+@pytest.mark.parametrize("last", ["lora", "linear4bit"])
+def test_a_checkpointed_region_does_not_recompute_its_last_product(monkeypatch, autocast, early_stop, last, gen):
+    """Under non-reentrant checkpointing the ops' saved tensors are saved ahead of their
+    products (`fastlora.ops._eager`): the recomputation stops before the region's last 4-bit
+    product (a LoRA layer's, or a frozen `Linear4bit`'s), and every gradient, over two
+    backward passes of a retained graph, equals the uncheckpointed one bit for bit."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    from fastlora.backends import cpu as _cpu
+
+    products = []
+    product = _cpu.product
+    monkeypatch.setattr(_cpu, "product", lambda x, *args: products.append(args[-1]) or product(x, *args))
+    model = tiny_lora_model() if last == "linear4bit" else _dropout_lora_model()[:3]
+    x = rand((6, 32), gen=gen)
+
+    def step(checkpointed: bool):
+        for p in model.parameters():
+            p.grad = None
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(3)  # the same dropout mask in the forward and its recomputation
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), set_checkpoint_early_stop(early_stop):
+            y = checkpoint(model, xg, use_reentrant=False) if checkpointed else model(xg)
+            loss = y.float().square().sum()
+            del products[:]
+            loss.backward(retain_graph=True)
+            recomputed = products.count(False)
+            loss.backward()
+        return y, [xg.grad] + [p.grad for p in model.parameters() if p.requires_grad], recomputed
+
+    y, grads, _ = step(False)
+    checkpointed, checkpointed_grads, recomputed = step(True)
+    layers = sum(isinstance(m, (fastlora.LoraLinear, fastlora.Linear4bit)) for m in model)
+    # Every layer's forward product ran again but the last's (without early stop: all of them).
+    assert recomputed == (layers - 1 if early_stop else layers)
+    assert torch.equal(y, checkpointed) and len(grads) >= 5  # x and two adapters at least
+    for a, b in zip(grads, checkpointed_grads, strict=True):
+        assert a is not None and a.abs().sum() > 0 and torch.equal(a, b)
+
+
 def compare_compiled(backend: str, dtype: torch.dtype, gen, rtol: float, atol: float) -> None:
     torch._dynamo.reset()
     model = tiny_lora_model()

@@ -11,10 +11,17 @@ the backend's implementation itself where no graph is recorded and autocast is o
 otherwise the op's `torch.autograd.Function` (the same forward, `setup_context` and
 `backward`) on the arguments autocast would cast. Every op and call plan goes through `call`,
 `direct` or `direct_on_cpu`.
+
+Under activation checkpointing (torch's non-reentrant `checkpoint`), that Function's saved
+tensors are saved ahead of its product, in a graph node of their own (`_SavedAhead`): the
+recomputation stops as soon as the last tensor backward needs is saved again, so the region's
+last 4-bit product (a decoder layer's `down_proj`, whose output no backward reads) is not
+recomputed, where saving at the end of the op would have run it first.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -32,6 +39,9 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 _CHECKABLE = None not in (_dispatch_modes, _function_modes, _functorch, _any_autocast)
 # What `torch.jit.is_tracing()` returns outside TorchScript, without its Python wrapper.
 _is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
+# The innermost saved-tensor hooks (pack, unpack), or None; private, so where it is missing
+# (another torch version) nothing is saved ahead.
+_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
 def direct(*tensors: torch.Tensor | None) -> bool:
@@ -98,25 +108,112 @@ def call(op: Callable, implementation: Callable, *args, autograd: type[torch.aut
         return op(*args)
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
-        return autograd.apply(*args)
+        return _apply(autograd, args)
     casted = _autocast.cast_args(torch.get_autocast_dtype(device_type), args, cast)
     with _autocast.below(device_type):
-        return autograd.apply(*casted)
+        return _apply(autograd, casted)
+
+
+def _checkpointing() -> bool:
+    """Whether saved tensors are packed by torch's non-reentrant checkpoint (its forward or
+    its recomputation)."""
+    if _saved_tensor_hooks is None:
+        return False
+    hooks = _saved_tensor_hooks(False)
+    return hooks is not None and getattr(hooks[0], "_checkpoint_internal", False)
+
+
+class _Recorder:
+    """Stands in for the ctx in an op's `setup_context` run before its product: keeps what it
+    saves and sets, for the Function's ctx to take (`_Pending`)."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "fields", {})
+        object.__setattr__(self, "tensors", ())
+
+    def save_for_backward(self, *tensors) -> None:
+        object.__setattr__(self, "tensors", tensors)
+
+    def __setattr__(self, name: str, value) -> None:
+        self.fields[name] = value
+
+
+class _SavedAhead(torch.autograd.Function):
+    """Saves an op's tensors in a node of its own, before the op computes; its output (an
+    empty token) joins nothing, and the op's backward reads the node's `saved_tensors`.
+    `anchor`, an input of the op that requires grad, makes it a graph node whatever is saved
+    (the 4-bit product saves only frozen tensors)."""
+
+    @staticmethod
+    def forward(ctx, anchor, *tensors):
+        ctx.save_for_backward(*tensors)
+        return torch.empty(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) * len(ctx.needs_input_grad)
+
+
+# The saved-ahead node and recorded fields for the Function being applied on this thread.
+_pending = threading.local()
+
+
+def _apply(autograd: type[torch.autograd.Function], args: tuple):
+    """`autograd.apply(*args)`, its saved tensors saved ahead under checkpointing."""
+    anchor = next((a for a in args if isinstance(a, torch.Tensor) and a.requires_grad), None)
+    if anchor is None or not torch.is_grad_enabled() or not _checkpointing():
+        return autograd.apply(*args)  # (without a gradient to compute nothing is saved)
+    recorder = _Recorder()
+    autograd.op_setup_context(recorder, args, None)
+    node = _SavedAhead.apply(anchor, *recorder.tensors).grad_fn
+    _pending.ahead = (node, recorder.fields)
+    try:
+        return autograd.apply(*args)
+    finally:
+        _pending.ahead = None
+
+
+class _SavedAheadContext:
+    """The ctx that an op's `backward` reads where its tensors were saved ahead."""
+
+    def __init__(self, ctx) -> None:
+        self._ctx = ctx
+
+    @property
+    def saved_tensors(self) -> tuple:
+        return self._ctx.saved_ahead.saved_tensors
+
+    def __getattr__(self, name: str):
+        return getattr(self._ctx, name)
 
 
 def autograd_function(name: str, implementation: Callable, setup_context: Callable,
                       backward: Callable) -> type[torch.autograd.Function]:
     """The `torch.autograd.Function` that `call` runs in an op's place: `implementation`, then
     `setup_context(ctx, args, output)`, and `backward(ctx, grad)`, the op's registered parts,
-    on all of the op's arguments (so torch.library's default-filling is not needed)."""
+    on all of the op's arguments (so torch.library's default-filling is not needed). Under
+    checkpointing (`_apply`) `setup_context` has run before, on a `_Recorder`: the ctx takes
+    its fields and reads the saved tensors from the saved-ahead node."""
 
     def forward(ctx, *args):
+        ahead = getattr(_pending, "ahead", None)
+        _pending.ahead = None  # only this Function's own forward takes it, not one nested in it
         y = implementation(*args)
-        setup_context(ctx, args, y)
+        if ahead is None:
+            ctx.saved_ahead = None
+            setup_context(ctx, args, y)
+        else:
+            ctx.saved_ahead, fields = ahead
+            for field, value in fields.items():
+                setattr(ctx, field, value)
         return y
+
+    def run_backward(ctx, grad):
+        return backward(ctx if ctx.saved_ahead is None else _SavedAheadContext(ctx), grad)
 
     return type(name, (torch.autograd.Function,), {
         "__doc__": f"The op's autograd where `{__name__}.call` skips the dispatcher.",
         "forward": staticmethod(forward),
-        "backward": staticmethod(lambda ctx, grad: backward(ctx, grad)),
+        "backward": staticmethod(run_backward),
+        "op_setup_context": staticmethod(setup_context),  # not `setup_context`: torch would call it itself
     })
