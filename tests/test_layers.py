@@ -961,6 +961,20 @@ def test_a_checkpointed_region_does_not_recompute_its_last_product(monkeypatch, 
         assert a is not None and a.abs().sum() > 0 and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_second_backward_through_a_4bit_op_raises_as_torch_does(checkpointed, gen):
+    """Saved ahead (under checkpointing) or not, the op's tensors are gone after a backward
+    without retain_graph: a second one raises torch's error (here nothing else saves)."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = fastlora.LoraLinear(fastlora.Linear4bit(32, 48), r=4, init_lora_weights=False)
+    x = rand((5, 32), gen=gen).requires_grad_()
+    loss = (checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
 def compare_compiled(backend: str, dtype: torch.dtype, gen, rtol: float, atol: float) -> None:
     torch._dynamo.reset()
     model = tiny_lora_model()

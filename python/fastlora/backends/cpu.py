@@ -363,7 +363,7 @@ def _matmul_tiled(
     if n == 0 or k == 0:  # an empty weight: an empty product, or sums of nothing
         return torch.zeros((x2d.shape[0], k if transposed else n), dtype=dtype)
     xc = x2d.to(dtype)
-    if dtype == torch.bfloat16 and BF16_GEMM and (n if transposed else k) % 2 == 0:
+    if _bf16_gemm_runs(dtype, n if transposed else k):
         return _gemm_bf16(xc, packed, absmax, n, k, blocksize, quant_type, transposed)
     tiles = _weight_tiles(packed, absmax, n, k, blocksize, quant_type, dtype)
     multiply = _onednn_tiles if dtype == torch.float32 and FP32_GEMM == "onednn" else _blas_tiles
@@ -388,14 +388,20 @@ def _gemm_bf16(xc: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: 
     return y
 
 
+def _bf16_gemm_runs(dtype: torch.dtype, inner: int) -> bool:
+    """Whether a many-row product in `dtype` (`gemm_dtype`'s) summing over `inner` elements
+    runs on Rust's bf16 GEMM."""
+    return dtype == torch.bfloat16 and BF16_GEMM and inner % 2 == 0
+
+
 def _low_rank_on_gemm(x2d: torch.Tensor, u: torch.Tensor, factor: torch.Tensor, inner: int) -> bool:
     """Whether a low-rank term (`matmul_4bit_low_rank`) rides in Rust's bf16 GEMM: a
-    many-row bf16 product on `BF16_GEMM`, bf16 `u` and factor (LoRA's, as autocast casts
-    the adapter) of even rank. It then adds into the GEMM's fp32 sums instead of a rank-r
+    nonempty many-row bf16 product there, bf16 `u` and factor (LoRA's, as autocast casts the
+    adapter) of even rank. It then adds into the GEMM's fp32 sums instead of a rank-r
     `addmm_` that reads and writes the whole bf16 output again (benches/CPU_NOTES.md)."""
     rank = u.shape[-1]
-    return (BF16_GEMM and x2d.dtype == u.dtype == factor.dtype == torch.bfloat16 and rank > 0 and rank % 2 == 0
-            and inner % 2 == 0 and factor.numel() > 0 and x2d.shape[0] > FUSED_MAX_ROWS)
+    return (x2d.shape[0] > FUSED_MAX_ROWS and x2d.numel() > 0 and factor.numel() > 0 and rank % 2 == 0
+            and _bf16_gemm_runs(x2d.dtype, inner) and u.dtype == factor.dtype == torch.bfloat16)
 
 
 def _weight_tiles(packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int, quant_type: str,

@@ -42,6 +42,10 @@ _is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 # The innermost saved-tensor hooks (pack, unpack), or None; private, so where it is missing
 # (another torch version) nothing is saved ahead.
 _saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+# The pack hooks of torch's non-reentrant checkpoint (its forward, its recomputation), by name
+# where a torch marks them no other way.
+_CHECKPOINT_PACK_HOOKS = ("_checkpoint_hook.__init__.<locals>.pack_hook",
+                          "_recomputation_hook.__init__.<locals>.pack_hook")
 
 
 def direct(*tensors: torch.Tensor | None) -> bool:
@@ -120,12 +124,19 @@ def _checkpointing() -> bool:
     if _saved_tensor_hooks is None:
         return False
     hooks = _saved_tensor_hooks(False)
-    return hooks is not None and getattr(hooks[0], "_checkpoint_internal", False)
+    if hooks is None:
+        return False
+    pack = hooks[0]
+    return bool(getattr(pack, "_checkpoint_internal", False)) or (
+        getattr(pack, "__module__", None) == "torch.utils.checkpoint"
+        and getattr(pack, "__qualname__", None) in _CHECKPOINT_PACK_HOOKS)
 
 
 class _Recorder:
     """Stands in for the ctx in an op's `setup_context` run before its product: keeps what it
-    saves and sets, for the Function's ctx to take (`_Pending`)."""
+    saves and the fields it sets, for the Function's ctx to take. So that `setup_context` may
+    only save inputs (the output is None here) and set fields: anything else of a ctx is an
+    AttributeError under checkpointing."""
 
     def __init__(self) -> None:
         object.__setattr__(self, "fields", {})
@@ -150,7 +161,7 @@ class _SavedAhead(torch.autograd.Function):
         return torch.empty(0)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # never runs: the token joins nothing
         return (None,) * len(ctx.needs_input_grad)
 
 
@@ -165,8 +176,9 @@ def _apply(autograd: type[torch.autograd.Function], args: tuple):
         return autograd.apply(*args)  # (without a gradient to compute nothing is saved)
     recorder = _Recorder()
     autograd.op_setup_context(recorder, args, None)
-    node = _SavedAhead.apply(anchor, *recorder.tensors).grad_fn
-    _pending.ahead = (node, recorder.fields)
+    # The token, not its node: a tensor owns its grad_fn in every torch, a node's ctx not.
+    token = _SavedAhead.apply(anchor, *recorder.tensors)
+    _pending.ahead = (token, recorder.fields)
     try:
         return autograd.apply(*args)
     finally:
@@ -181,7 +193,11 @@ class _SavedAheadContext:
 
     @property
     def saved_tensors(self) -> tuple:
-        return self._ctx.saved_ahead.saved_tensors
+        # The op's own (empty) saved tensors first: after a backward without retain_graph
+        # they are freed, and reading them raises torch's error for a second backward, which
+        # the saved-ahead node, whose backward never runs, would not.
+        _ = self._ctx.saved_tensors
+        return self._ctx.saved_ahead.grad_fn.saved_tensors
 
     def __getattr__(self, name: str):
         return getattr(self._ctx, name)

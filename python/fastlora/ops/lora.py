@@ -4,8 +4,9 @@ x_drop (dropout's output, which autograd carries back to x), bias, A and B.
 
 Backward forms the rank-r products first (`g @ B`, then `@ A`), never `B @ A`, and the
 adapter's gradients before `dx`, which comes from the transposed 4-bit product
-(`fastlora.ops.matmul`, or the backend's `matmul_4bit_low_rank` with the `g @ B @ A` term
-inside): only the packed weight and its scales are saved for it. The LoRA
+(`fastlora.ops.matmul`, or without dropout the backend's `matmul_4bit_low_rank`, which adds
+dx's `g @ B @ A` term in the product's sums on the CPU's bf16 GEMM, after it elsewhere): only
+the packed weight and its scales are saved for it. The LoRA
 term runs in the adapter's dtype (fp32 adapters over a bf16 base, as PEFT does) and is added
 to y in y's dtype.
 """
@@ -87,7 +88,7 @@ def _backward(ctx, grad: torch.Tensor):
         # dx's two terms in one tensor instead of a second (m, k) gradient that autograd would
         # allocate and sum into dx: `g_u @ A` in the backend's product where it takes it (its
         # fp32 sums, one rounding), else added into it in place.
-        if _eager.direct(grad, g_u, A):
+        if _eager.direct(grad, g_u, A, packed, absmax, nested_absmax, nested_code, nested_offset):
             scales = BlockScales.from_op_args(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
             grad_x = backends.select(grad.device).matmul_4bit_low_rank(
                 grad, packed, scales, n, k, blocksize, quant_type, True, g_u, A, 1.0)
