@@ -306,7 +306,7 @@ NATIVE_BF16 = _native.native_bf16()
 # (`_gemm_bf16`, AVX512-BF16): on native-bf16 CPUs without AMX. With AMX, torch's bf16 GEMM (oneDNN) runs on
 # its tiles, several times the `vdpbf16ps` throughput Rust's kernel is bound by, and keeps the
 # product (the Rust GEMM was measured on AMD Zen 4 and 5 only, benches/CPU_NOTES.md).
-BF16_GEMM = _native.native_bf16() and not _native.amx_bf16()
+BF16_GEMM = NATIVE_BF16 and not _native.amx_bf16()
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
