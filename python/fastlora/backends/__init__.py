@@ -81,9 +81,15 @@ def select(device: torch.device) -> ModuleType:
     return triton
 
 
-def add_low_rank(y2d: torch.Tensor, u: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
-    """`y2d += scale * u @ down` in place, the product in u's dtype (a LoRA term in the
-    adapter's): the backends' low-rank term where their kernel does not take it."""
+def add_low_rank(y: torch.Tensor, u: torch.Tensor, factor: torch.Tensor, scale: float,
+                 transposed: bool = False) -> torch.Tensor:
+    """`y += scale * u @ factor.T` (`scale * u @ factor` when `transposed`: the factor in a
+    4-bit weight's orientation, LoRA's B or A) in place over y's rows, the product in u's
+    dtype (a LoRA term in the adapter's): the backends' low-rank term where their kernel does
+    not take it. Returns y."""
+    y2d, down = y.view(-1, y.shape[-1]), factor if transposed else factor.t()
     if y2d.dtype == u.dtype:  # no temporary of y's size
-        return y2d.addmm_(u, down, alpha=scale)
-    return y2d.add_((u @ down).to(y2d.dtype), alpha=scale)
+        y2d.addmm_(u, down, alpha=scale)
+    else:
+        y2d.add_((u @ down).to(y2d.dtype), alpha=scale)
+    return y

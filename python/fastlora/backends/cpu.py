@@ -265,9 +265,8 @@ def matmul_4bit_low_rank(x: torch.Tensor, packed: torch.Tensor, scales: BlockSca
         y = _gemm_bf16(x2d.contiguous(), packed, fp32_scales(scales), n, k, blocksize, quant_type, transposed,
                        (u.contiguous(), factor.contiguous(), scale))
         return y.reshape(*x.shape[:-1], outer)
-    y = product(x, packed, fp32_scales(scales), n, k, blocksize, quant_type, transposed)
-    add_low_rank(y.view(-1, outer), u, factor if transposed else factor.t(), scale)
-    return y
+    return add_low_rank(product(x, packed, fp32_scales(scales), n, k, blocksize, quant_type, transposed), u, factor,
+                        scale, transposed)
 
 
 def product(
@@ -580,7 +579,7 @@ def _add_in_torch(y: torch.Tensor, x2d: torch.Tensor, lora: tuple | None, bias: 
     """`y += scaling * (x2d @ A.T) @ B.T` (in the adapter's dtype) and `y += bias`, in place."""
     if lora is not None:
         a, b, scaling = lora
-        add_low_rank(y, x2d.to(a.dtype) @ a.t(), b.t(), scaling)
+        add_low_rank(y, x2d.to(a.dtype) @ a.t(), b, scaling)
     if bias is not None:
         y.add_(bias.to(y.dtype))
     return y

@@ -53,9 +53,8 @@ def matmul_4bit_low_rank(x: torch.Tensor, packed: torch.Tensor, scales: BlockSca
                          scale: float) -> torch.Tensor:
     """`matmul_4bit` plus `scale * u @ factor.T` (`scale * u @ factor` when `transposed`),
     added after the product in u's dtype."""
-    y = matmul_4bit(x, packed, scales, n, k, blocksize, quant_type, transposed)
-    add_low_rank(y.view(-1, k if transposed else n), u, factor if transposed else factor.t(), scale)
-    return y
+    return add_low_rank(matmul_4bit(x, packed, scales, n, k, blocksize, quant_type, transposed), u, factor, scale,
+                        transposed)
 
 
 def lora_linear_4bit(x: torch.Tensor, x_drop: torch.Tensor, packed: torch.Tensor, scales: BlockScales,

@@ -94,7 +94,7 @@ def _backward(ctx, grad: torch.Tensor):
                 grad, packed, scales, n, k, blocksize, quant_type, True, g_u, A, 1.0)
         else:
             grad_x = matmul.call(grad, *op_args)
-            backends.add_low_rank(grad_x.view(-1, k), g_u, A, 1.0)
+            backends.add_low_rank(grad_x, g_u, A, 1.0, transposed=True)
     elif needs_x:
         grad_x = matmul.call(grad, *op_args)
     if needs_x_drop and not ctx.x_drop_is_x:
